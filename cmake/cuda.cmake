@@ -1,0 +1,66 @@
+# Optional CUDA backend: MOEDIFFUSEQ_CUDA = AUTO | ON | OFF (environment or -D).
+# AUTO builds it when nvcc is found *and* the installed torch is a CUDA build; ON fails loudly
+# when either is missing. CUTLASS/CuTe headers come from the pinned `nvidia-cutlass` package.
+# Defines MOEDIFFUSEQ_WITH_CUDA and moediffuseq_add_cuda_sources(<target>).
+if(DEFINED ENV{MOEDIFFUSEQ_CUDA} AND NOT DEFINED MOEDIFFUSEQ_CUDA)
+  set(MOEDIFFUSEQ_CUDA "$ENV{MOEDIFFUSEQ_CUDA}")
+endif()
+set(MOEDIFFUSEQ_CUDA "AUTO" CACHE STRING "Build the CUDA kernels: AUTO, ON or OFF")
+set(MOEDIFFUSEQ_CUDA_ARCHS "90a" CACHE STRING "CUDA architectures for the CUDA kernels")
+string(TOUPPER "${MOEDIFFUSEQ_CUDA}" MOEDIFFUSEQ_CUDA)
+if(NOT MOEDIFFUSEQ_CUDA MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "MOEDIFFUSEQ_CUDA must be AUTO, ON or OFF, got '${MOEDIFFUSEQ_CUDA}'")
+endif()
+
+set(MOEDIFFUSEQ_WITH_CUDA OFF)
+if(NOT MOEDIFFUSEQ_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  set(reason "")
+  if(NOT CMAKE_CUDA_COMPILER)
+    set(reason "no nvcc found")
+  elseif(NOT MOEDIFFUSEQ_TORCH_HAS_CUDA)
+    set(reason "the installed torch is a CPU build")
+  endif()
+  if(reason STREQUAL "")
+    set(MOEDIFFUSEQ_WITH_CUDA ON)
+  elseif(MOEDIFFUSEQ_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "MOEDIFFUSEQ_CUDA=ON but ${reason}")
+  else()
+    message(STATUS "moediffuseq: CUDA kernels not built (${reason})")
+  endif()
+endif()
+
+# CUTLASS headers shipped by the nvidia-cutlass wheel (cutlass_library/source/include).
+function(moediffuseq_find_cutlass)
+  moediffuseq_python_query(root
+    "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))")
+  set(include_dir "${root}/include")
+  if(NOT EXISTS "${include_dir}/cutlass/version.h")
+    message(FATAL_ERROR "moediffuseq: CUTLASS headers not found under ${include_dir}; pip install nvidia-cutlass==4.2.0.0")
+  endif()
+  file(STRINGS "${include_dir}/cutlass/version.h" lines REGEX "#define CUTLASS_(MAJOR|MINOR|PATCH) [0-9]+")
+  foreach(part MAJOR MINOR PATCH)
+    string(REGEX MATCH "CUTLASS_${part} ([0-9]+)" _ "${lines}")
+    set(v_${part} "${CMAKE_MATCH_1}")
+  endforeach()
+  set(MOEDIFFUSEQ_CUTLASS_INCLUDE_DIR "${include_dir}" PARENT_SCOPE)
+  set(MOEDIFFUSEQ_CUTLASS_VERSION "${v_MAJOR}.${v_MINOR}.${v_PATCH}" PARENT_SCOPE)
+endfunction()
+
+# Adds csrc/cuda/*.cu (torch-free kernels, compiled by nvcc alone) and csrc/cuda/*.cpp
+# (their torch-facing glue) to <target>, with CUTLASS on the include path.
+function(moediffuseq_add_cuda_sources target)
+  enable_language(CUDA)
+  moediffuseq_find_cutlass()
+  file(GLOB cu_sources CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cu ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cpp)
+  target_sources(${target} PRIVATE ${cu_sources})
+  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "${MOEDIFFUSEQ_CUDA_ARCHS}")
+  target_include_directories(${target} PRIVATE ${MOEDIFFUSEQ_CUTLASS_INCLUDE_DIR})
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -O3>)
+  target_compile_definitions(${target} PRIVATE
+    MOEDIFFUSEQ_WITH_CUDA=1
+    MOEDIFFUSEQ_CUDA_ARCHS="${MOEDIFFUSEQ_CUDA_ARCHS}"
+    MOEDIFFUSEQ_CUTLASS_VERSION="${MOEDIFFUSEQ_CUTLASS_VERSION}")
+  message(STATUS "moediffuseq: CUDA kernels for sm_${MOEDIFFUSEQ_CUDA_ARCHS}, CUTLASS ${MOEDIFFUSEQ_CUTLASS_VERSION}")
+endfunction()

@@ -1,0 +1,36 @@
+// Plain parameters of the block-sparse attention kernels, shared by every backend.
+// No torch header here: CUDA kernels include it and compile with nvcc alone.
+#pragma once
+
+#include <cstdint>
+
+namespace moediffuseq {
+
+// allowed(i, j) = j not padded and (i global or j global or (|i - j| <= window * dilation and
+// (i - j) mod dilation == 0))   (METHOD §3). Tensors are contiguous (B, H, L, D).
+struct BlockSparseAttentionParams {
+  int64_t batch = 0;
+  int64_t heads = 0;
+  int64_t seqlen = 0;
+  int64_t head_dim = 0;
+  int64_t window = 0;    // one-sided window w, >= 0
+  int64_t dilation = 1;  // d >= 1
+  float scale = 1.f;     // multiplies q . k
+
+  const bool* global_mask = nullptr;       // (B, L), true = global token; may be null
+  const bool* key_padding_mask = nullptr;  // (B, L), true = padded key; may be null
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* out = nullptr;  // forward output (an input of the backward)
+  float* lse = nullptr;       // (B, H, L) log-sum-exp of the scaled scores, +inf if no key
+
+  void* out_mut = nullptr;          // forward: written
+  const void* grad_out = nullptr;   // backward inputs
+  void* grad_q = nullptr;           // backward outputs
+  void* grad_k = nullptr;
+  void* grad_v = nullptr;
+};
+
+}  // namespace moediffuseq

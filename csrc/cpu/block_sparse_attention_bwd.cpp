@@ -1,0 +1,234 @@
+// CPU backward of block-sparse attention (gradients of q, k and v), recomputing the
+// probabilities tile by tile from the forward's log-sum-exp, as flash attention does:
+//   P = exp(scale * q.k - lse),  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+//   dV += P^T dO,  dQ += scale * dS K,  dK += scale * dS^T Q.
+// Work items are whole heads (batch*head), so each thread owns the dK/dV rows it accumulates.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <vector>
+
+#include "cpu/block_sparse_attention_cpu.h"
+#include "cpu/block_sparse_attention_plan.h"
+#include "cpu/tile_gemm.h"
+
+namespace moediffuseq::cpu {
+namespace {
+
+// Key-side operands of one chunk of N keys.
+template <typename T>
+struct KeyChunk {
+  const T* kt;  // (D x N), leading dimension ldt: K transposed
+  const T* vt;  // (D x N), leading dimension ldt: V transposed
+  int64_t ldt;
+  const T* k;   // (N x D) rows, leading dimension ldk
+  int64_t ldk;
+  float* dk;    // (N x D) float accumulators, leading dimension ldg
+  float* dv;
+  int64_t ldg;
+};
+
+// Query-side operands of a tile of M rows.
+template <typename T>
+struct QueryTile {
+  const T* q;     // (M x D), leading dimension ld
+  const T* dout;  // (M x D), leading dimension ld
+  int64_t ld;
+  const float* lse;    // (M) log-sum-exp; +inf removes the row
+  const float* delta;  // (M) rowsum(dO * O)
+};
+
+template <typename T>
+struct BackwardScratch {
+  BackwardScratch(int64_t L, int64_t D, int64_t G, bool own_dkv)
+      : s(kBlockQ * kMaxChunk), dp(kBlockQ * kMaxChunk), op(kBlockQ * kMaxChunk),
+        opt(kMaxChunk * kBlockQ), dq(kBlockQ * D), q(kBlockQ * D), dout(kBlockQ * D),
+        lse(kBlockQ), delta_rows(kBlockQ), keep(std::max<int64_t>({G, std::min(kMaxChunk, L), 1})),
+        kt(D * L), vt(D * L), kg(G * D), kgt(D * G), vgt(D * G), dkg(G * D), dvg(G * D),
+        delta(L), dk(own_dkv ? L * D : 0), dv(own_dkv ? L * D : 0) {}
+  std::vector<float> s, dp;
+  std::vector<T> op, opt;
+  std::vector<float> dq;
+  std::vector<T> q, dout;
+  std::vector<float> lse, delta_rows;
+  std::vector<uint8_t> keep;
+  // per-head copies
+  std::vector<T> kt, vt, kg, kgt, vgt;
+  std::vector<float> dkg, dvg, delta, dk, dv;
+};
+
+// One (query tile, key chunk) step; `mask(s, lds)` sets disallowed raw scores to -inf.
+template <typename T, typename Mask>
+void tile_step(BackwardScratch<T>& w, const QueryTile<T>& qt, const KeyChunk<T>& kc, int64_t M,
+               int64_t N, int64_t D, float scale, const Mask& mask) {
+  float* s = w.s.data();
+  float* dp = w.dp.data();
+  tile_gemm<T>(M, N, D, qt.q, qt.ld, kc.kt, kc.ldt, s, kMaxChunk, false);
+  for (int64_t m = 0; m < M; ++m) scale_inplace(s + m * kMaxChunk, N, scale);
+  mask(s, kMaxChunk);
+  for (int64_t m = 0; m < M; ++m) exp_shifted(s + m * kMaxChunk, N, qt.lse[m]);
+  tile_gemm<T>(M, N, D, qt.dout, qt.ld, kc.vt, kc.ldt, dp, kMaxChunk, false);
+  using Vec = at::vec::Vectorized<float>;
+  for (int64_t m = 0; m < M; ++m) {
+    float* pr = s + m * kMaxChunk;
+    float* dr = dp + m * kMaxChunk;
+    const Vec vd(qt.delta[m]), vs(scale);
+    int64_t c = 0;
+    for (; c + Vec::size() <= N; c += Vec::size()) {
+      (Vec::loadu(pr + c) * (Vec::loadu(dr + c) - vd) * vs).store(dr + c);
+    }
+    for (; c < N; ++c) dr[c] = pr[c] * (dr[c] - qt.delta[m]) * scale;
+  }
+  // dV += P^T dO
+  transpose_to<T>(s, kMaxChunk, M, N, w.opt.data(), kBlockQ);
+  tile_gemm<T>(N, D, M, w.opt.data(), kBlockQ, qt.dout, qt.ld, kc.dv, kc.ldg, true);
+  // dQ += dS K
+  const T* ds = gemm_operand<T>(dp, kMaxChunk, M, N, w.op.data());
+  tile_gemm<T>(M, D, N, ds, kMaxChunk, kc.k, kc.ldk, w.dq.data(), D, true);
+  // dK += dS^T Q
+  transpose_to<T>(dp, kMaxChunk, M, N, w.opt.data(), kBlockQ);
+  tile_gemm<T>(N, D, M, w.opt.data(), kBlockQ, qt.q, qt.ld, kc.dk, kc.ldg, true);
+}
+
+template <typename T>
+void store_rows(const float* src, int64_t M, int64_t D, T* dst, int64_t ld, const int64_t* rows) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* o = dst + (rows ? rows[m] : m) * ld;
+    for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(src[m * D + c]);
+  }
+}
+
+template <typename T>
+void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& plan, int64_t bh,
+                   BackwardScratch<T>& w) {
+  const int64_t H = p.heads, L = p.seqlen, D = p.head_dim, b = bh / H;
+  const ResidueOrder& order = plan.order;
+  const int64_t d = order.d, Gk = plan.num_global_keys[b], Gq = plan.num_global_queries[b];
+  const T* q = static_cast<const T*>(p.q) + bh * L * D;
+  const T* k = static_cast<const T*>(p.k) + bh * L * D;
+  const T* v = static_cast<const T*>(p.v) + bh * L * D;
+  const T* o = static_cast<const T*>(p.out) + bh * L * D;
+  const T* dout = static_cast<const T*>(p.grad_out) + bh * L * D;
+  const float* lse = p.lse + bh * L;
+  T* dq_out = static_cast<T*>(p.grad_q) + bh * L * D;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  float* dk = kFloat ? reinterpret_cast<float*>(p.grad_k) + bh * L * D : w.dk.data();
+  float* dv = kFloat ? reinterpret_cast<float*>(p.grad_v) + bh * L * D : w.dv.data();
+  std::fill_n(dk, L * D, 0.f);
+  std::fill_n(dv, L * D, 0.f);
+
+  transpose_residue(k, w.kt.data(), order, D);
+  transpose_residue(v, w.vt.data(), order, D);
+  const int64_t* gkeys = plan.global_keys.data() + b * plan.max_global_keys;
+  gather_rows(k, gkeys, Gk, D, w.kg.data(), w.kgt.data(), Gk);
+  gather_rows(v, gkeys, Gk, D, static_cast<T*>(nullptr), w.vgt.data(), Gk);
+  std::fill_n(w.dkg.data(), Gk * D, 0.f);
+  std::fill_n(w.dvg.data(), Gk * D, 0.f);
+  for (int64_t i = 0; i < L; ++i) {
+    float acc = 0.f;
+    for (int64_t c = 0; c < D; ++c) acc += static_cast<float>(dout[i * D + c]) * static_cast<float>(o[i * D + c]);
+    w.delta[i] = acc;
+  }
+  std::vector<uint8_t> is_global_query(L, 0);
+  for (int64_t g = 0; g < Gq; ++g) is_global_query[plan.global_queries[b * plan.max_global_queries + g]] = 1;
+
+  // Pass 1: query blocks over their windows and the global keys outside them. Global query
+  // rows are removed here (lse = +inf) and handled densely in pass 2.
+  for (const auto& [r, t0] : plan.blocks) {
+    const int64_t Lr = order.length(r), off = order.offset(r);
+    const int64_t t1 = std::min(Lr, t0 + kBlockQ), M = t1 - t0;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t i = r + d * (t0 + m);
+      w.lse[m] = is_global_query[i] ? kInf : lse[i];
+      w.delta_rows[m] = w.delta[i];
+    }
+    const QueryTile<T> qt{q + (r + d * t0) * D, dout + (r + d * t0) * D, d * D, w.lse.data(), w.delta_rows.data()};
+    std::fill_n(w.dq.data(), M * D, 0.f);
+    const auto [lo, hi] = plan.local_range(r, t0, t1);
+    for (int64_t c0 = lo; c0 < hi; c0 += kMaxChunk) {
+      const int64_t N = std::min(kMaxChunk, hi - c0);
+      const int64_t first = r + d * c0;
+      const KeyChunk<T> kc{w.kt.data() + off + c0, w.vt.data() + off + c0, L, k + first * D, d * D,
+                           dk + first * D, dv + first * D, d * D};
+      const uint8_t* cls = plan.classes(b) + off + c0;
+      tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
+        mask_local(s, lds, M, N, t0, c0, plan.window, cls);
+      });
+    }
+    if (Gk > 0) global_keep_flags(plan, b, r, lo, hi, w.keep.data());
+    for (int64_t g0 = 0; g0 < Gk; g0 += kMaxChunk) {
+      const int64_t N = std::min(kMaxChunk, Gk - g0);
+      const KeyChunk<T> kc{w.kgt.data() + g0, w.vgt.data() + g0, Gk, w.kg.data() + g0 * D, D,
+                           w.dkg.data() + g0 * D, w.dvg.data() + g0 * D, D};
+      const uint8_t* keep = w.keep.data() + g0;
+      tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
+        mask_columns(s, lds, M, N, keep);
+      });
+    }
+    store_rows(w.dq.data(), M, D, dq_out + (r + d * t0) * D, d * D, nullptr);
+  }
+
+  // Pass 2: global query rows against every non-padded key.
+  const int64_t* gq = plan.global_queries.data() + b * plan.max_global_queries;
+  for (int64_t g0 = 0; g0 < Gq; g0 += kBlockQ) {
+    const int64_t M = std::min(kBlockQ, Gq - g0);
+    const int64_t* rows = gq + g0;
+    gather_rows(q, rows, M, D, w.q.data(), static_cast<T*>(nullptr), 0);
+    gather_rows(dout, rows, M, D, w.dout.data(), static_cast<T*>(nullptr), 0);
+    for (int64_t m = 0; m < M; ++m) {
+      w.lse[m] = lse[rows[m]];
+      w.delta_rows[m] = w.delta[rows[m]];
+    }
+    const QueryTile<T> qt{w.q.data(), w.dout.data(), D, w.lse.data(), w.delta_rows.data()};
+    std::fill_n(w.dq.data(), M * D, 0.f);
+    for (int64_t r = 0; r < std::min(d, L); ++r) {
+      const int64_t Lr = order.length(r), off = order.offset(r);
+      for (int64_t c0 = 0; c0 < Lr; c0 += kMaxChunk) {
+        const int64_t N = std::min(kMaxChunk, Lr - c0);
+        const int64_t first = r + d * c0;
+        const KeyChunk<T> kc{w.kt.data() + off + c0, w.vt.data() + off + c0, L, k + first * D, d * D,
+                             dk + first * D, dv + first * D, d * D};
+        const uint8_t* cls = plan.classes(b) + off + c0;
+        for (int64_t c = 0; c < N; ++c) w.keep[c] = cls[c] != kPaddedKey;
+        tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
+          mask_columns(s, lds, M, N, w.keep.data());
+        });
+      }
+    }
+    store_rows(w.dq.data(), M, D, dq_out, D, rows);
+  }
+
+  // Global keys' gradients back to their positions, then the output dtype.
+  for (int64_t g = 0; g < Gk; ++g) {
+    for (int64_t c = 0; c < D; ++c) {
+      dk[gkeys[g] * D + c] += w.dkg[g * D + c];
+      dv[gkeys[g] * D + c] += w.dvg[g * D + c];
+    }
+  }
+  if constexpr (!kFloat) {
+    store_rows(dk, L, D, static_cast<T*>(p.grad_k) + bh * L * D, D, nullptr);
+    store_rows(dv, L, D, static_cast<T*>(p.grad_v) + bh * L * D, D, nullptr);
+  }
+}
+
+template <typename T>
+void backward_impl(const BlockSparseAttentionParams& p) {
+  const BlockSparsePlan plan = make_plan(p);
+  const int64_t BH = p.batch * p.heads;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    BackwardScratch<T> w(p.seqlen, p.head_dim, plan.max_global_keys, !std::is_same_v<T, float>);
+    for (int64_t bh = begin; bh < end; ++bh) backward_head(p, plan, bh, w);
+  });
+}
+
+}  // namespace
+
+void block_sparse_attention_bwd_cpu(const BlockSparseAttentionParams& params, c10::ScalarType dtype) {
+  if (dtype == c10::ScalarType::Float) {
+    backward_impl<float>(params);
+  } else {
+    backward_impl<c10::BFloat16>(params);
+  }
+}
+
+}  // namespace moediffuseq::cpu

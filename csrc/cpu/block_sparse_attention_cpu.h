@@ -1,0 +1,14 @@
+// CPU kernels of block-sparse attention (csrc/cpu/block_sparse_attention_{fwd,bwd}.cpp).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include "common/block_sparse_attention_params.h"
+
+namespace moediffuseq::cpu {
+
+// dtype: Float or BFloat16. Inputs contiguous (B, H, L, D); see BlockSparseAttentionParams.
+void block_sparse_attention_fwd_cpu(const BlockSparseAttentionParams& params, c10::ScalarType dtype);
+void block_sparse_attention_bwd_cpu(const BlockSparseAttentionParams& params, c10::ScalarType dtype);
+
+}  // namespace moediffuseq::cpu

@@ -1,0 +1,208 @@
+// The iteration plan shared by the CPU forward and backward of block-sparse attention.
+//
+// Dilation d is handled as d interleaved plain windows: positions with the same residue
+// i mod d form a subsequence in which the dilated window is a plain window of half-width w.
+// Query blocks are tiles of kBlockQ consecutive positions of one residue subsequence; a block
+// visits one contiguous range of that subsequence's keys (its window, in chunks of at most
+// kMaxChunk keys, through a per-head transposed copy of K in residue order) and then the
+// global keys outside that range (through a per-head gathered copy). Global query rows are
+// recomputed densely over all keys afterwards. No L x L matrix is ever formed.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "common/block_sparse_attention_params.h"
+
+namespace moediffuseq::cpu {
+
+constexpr int64_t kBlockQ = 64;     // query rows per tile
+constexpr int64_t kMaxChunk = 1024;  // keys per score tile (S is kBlockQ x kMaxChunk floats)
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+enum KeyClass : uint8_t { kNormalKey = 0, kGlobalKey = 1, kPaddedKey = 2 };
+
+// Slot of position i in residue order: offset(i % d) + i / d.
+struct ResidueOrder {
+  int64_t L = 0;
+  int64_t d = 1;
+  int64_t length(int64_t r) const { return r < L ? (L - r + d - 1) / d : 0; }
+  int64_t offset(int64_t r) const { return r * (L / d) + std::min(r, L % d); }
+};
+
+struct BlockSparsePlan {
+  ResidueOrder order;
+  int64_t window = 0;
+  std::vector<uint8_t> key_class;            // (B, L), residue order
+  std::vector<int64_t> global_keys;          // (B, max_global_keys) natural positions
+  std::vector<int64_t> num_global_keys;      // (B)
+  std::vector<int64_t> global_queries;       // (B, max_global_queries) natural positions
+  std::vector<int64_t> num_global_queries;   // (B)
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (residue, first t) of each query block
+  int64_t max_global_keys = 0;
+  int64_t max_global_queries = 0;
+
+  // The contiguous range [lo, hi) of residue-r key slots visited by queries [t0, t1).
+  std::pair<int64_t, int64_t> local_range(int64_t r, int64_t t0, int64_t t1) const {
+    return {std::max<int64_t>(0, t0 - window), std::min(order.length(r), t1 + window)};
+  }
+  const uint8_t* classes(int64_t b) const { return key_class.data() + b * order.L; }
+};
+
+inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
+  BlockSparsePlan plan;
+  const int64_t B = p.batch, L = p.seqlen, d = p.dilation;
+  plan.order = ResidueOrder{L, d};
+  plan.window = p.window;
+  plan.key_class.assign(B * L, kNormalKey);
+  plan.num_global_keys.assign(B, 0);
+  plan.num_global_queries.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t gk = 0, gq = 0;
+    for (int64_t i = 0; i < L; ++i) {
+      const bool global = p.global_mask && p.global_mask[b * L + i];
+      const bool padded = p.key_padding_mask && p.key_padding_mask[b * L + i];
+      const int64_t slot = plan.order.offset(i % d) + i / d;
+      plan.key_class[b * L + slot] = padded ? kPaddedKey : (global ? kGlobalKey : kNormalKey);
+      gk += (global && !padded);
+      gq += global;
+    }
+    plan.num_global_keys[b] = gk;
+    plan.num_global_queries[b] = gq;
+    plan.max_global_keys = std::max(plan.max_global_keys, gk);
+    plan.max_global_queries = std::max(plan.max_global_queries, gq);
+  }
+  plan.global_keys.assign(B * plan.max_global_keys, 0);
+  plan.global_queries.assign(B * plan.max_global_queries, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t gk = 0, gq = 0;
+    for (int64_t i = 0; i < L; ++i) {
+      const bool global = p.global_mask && p.global_mask[b * L + i];
+      const bool padded = p.key_padding_mask && p.key_padding_mask[b * L + i];
+      if (global && !padded) plan.global_keys[b * plan.max_global_keys + gk++] = i;
+      if (global) plan.global_queries[b * plan.max_global_queries + gq++] = i;
+    }
+  }
+  for (int64_t r = 0; r < std::min(d, L); ++r) {
+    for (int64_t t0 = 0; t0 < plan.order.length(r); t0 += kBlockQ) plan.blocks.emplace_back(r, t0);
+  }
+  return plan;
+}
+
+// xt (D x L) = x (L x D) transposed with its columns in residue order.
+template <typename T>
+inline void transpose_residue(const T* x, T* xt, const ResidueOrder& order, int64_t D) {
+  for (int64_t r = 0; r < std::min(order.d, order.L); ++r) {
+    const int64_t off = order.offset(r), len = order.length(r);
+    for (int64_t c = 0; c < D; ++c) {
+      T* dst = xt + c * order.L + off;
+      const T* src = x + r * D + c;
+      const int64_t step = order.d * D;
+      for (int64_t t = 0; t < len; ++t) dst[t] = src[t * step];
+    }
+  }
+}
+
+// rows (n x D) = x[index[g]] ; cols (D x ld_cols) = the same rows transposed (either may be null).
+template <typename T>
+inline void gather_rows(const T* x, const int64_t* index, int64_t n, int64_t D, T* rows, T* cols,
+                        int64_t ld_cols) {
+  for (int64_t g = 0; g < n; ++g) {
+    const T* src = x + index[g] * D;
+    if (rows) std::copy(src, src + D, rows + g * D);
+    if (cols) {
+      for (int64_t c = 0; c < D; ++c) cols[c * ld_cols + g] = src[c];
+    }
+  }
+}
+
+// Scores of query rows t0.. (of one residue subsequence) against key slots c0.. of the same
+// subsequence: keeps (|t - t'| <= w and not padded) or (global and not padded); else -inf.
+inline void mask_local(float* S, int64_t lds, int64_t M, int64_t N, int64_t t0, int64_t c0,
+                       int64_t w, const uint8_t* cls) {
+  bool special = false;
+  for (int64_t c = 0; c < N; ++c) special |= (cls[c] != kNormalKey);
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = S + m * lds;
+    const int64_t lo = t0 + m - w - c0, hi = t0 + m + w - c0;  // band, inclusive
+    if (!special) {
+      for (int64_t c = 0; c < std::min(lo, N); ++c) row[c] = -kInf;
+      for (int64_t c = std::max<int64_t>(hi + 1, 0); c < N; ++c) row[c] = -kInf;
+    } else {
+      for (int64_t c = 0; c < N; ++c) {
+        const bool keep = cls[c] == kGlobalKey || (cls[c] == kNormalKey && c >= lo && c <= hi);
+        if (!keep) row[c] = -kInf;
+      }
+    }
+  }
+}
+
+// Applies a per-column keep flag to every row: -inf where keep[c] is false.
+inline void mask_columns(float* S, int64_t lds, int64_t M, int64_t N, const uint8_t* keep) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = S + m * lds;
+    for (int64_t c = 0; c < N; ++c) {
+      if (!keep[c]) row[c] = -kInf;
+    }
+  }
+}
+
+// Global keys of batch b already visited by the local range [lo, hi) of residue r get keep = 0.
+inline void global_keep_flags(const BlockSparsePlan& plan, int64_t b, int64_t r, int64_t lo,
+                              int64_t hi, uint8_t* keep) {
+  const int64_t* keys = plan.global_keys.data() + b * plan.max_global_keys;
+  const int64_t d = plan.order.d;
+  for (int64_t g = 0; g < plan.num_global_keys[b]; ++g) {
+    const int64_t j = keys[g];
+    keep[g] = !(j % d == r && j / d >= lo && j / d < hi);
+  }
+}
+
+// row[c] *= scale, vectorised.
+inline void scale_inplace(float* row, int64_t n, float scale) {
+  using Vec = at::vec::Vectorized<float>;
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(row + c) * Vec(scale)).store(row + c);
+  for (; c < n; ++c) row[c] *= scale;
+}
+
+inline float row_max(const float* row, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec vmax(-kInf);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
+  float mx = vmax.reduce_max();
+  for (; c < n; ++c) mx = std::max(mx, row[c]);
+  return mx;
+}
+
+// row[c] = exp(row[c] - shift); returns the sum. shift = +inf gives zeros.
+inline float exp_shifted(float* row, int64_t n, float shift) {
+  using Vec = at::vec::Vectorized<float>;
+  if (shift == kInf) {
+    std::fill_n(row, n, 0.f);
+    return 0.f;
+  }
+  Vec vsum(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    Vec e = (Vec::loadu(row + c) - Vec(shift)).exp_u20();
+    e.store(row + c);
+    vsum = vsum + e;
+  }
+  float sum = vsum.reduce_add();
+  for (; c < n; ++c) {
+    row[c] = std::exp(row[c] - shift);
+    sum += row[c];
+  }
+  return sum;
+}
+
+}  // namespace moediffuseq::cpu

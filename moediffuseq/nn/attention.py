@@ -1,0 +1,72 @@
+"""Multi-head self-attention over the block-sparse op, with a dense fallback for ablations."""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from moediffuseq.ops import block_sparse_attention
+
+ATTENTION_KINDS = ("sparse", "dense")
+
+
+class BlockSparseSelfAttention(nn.Module):
+    """Self-attention with Longformer-style block-sparse connectivity (METHOD §3).
+
+    Args:
+        d_model: model width; must be divisible by ``n_heads``.
+        n_heads: number of heads.
+        window: one-sided window w (default 256).
+        dilation: window dilation d (default 1).
+        dropout: dropout on the attention output (the fused kernel has no dropout on the
+            probabilities).
+        kind: "sparse" (the fused op) or "dense" (full attention over all non-padded keys
+            through scaled_dot_product_attention: the DiffuSeq baseline).
+
+    forward(x (B, L, d_model), global_mask (B, L) bool, key_padding_mask (B, L) bool)
+    -> (B, L, d_model). ``global_mask`` is ignored by "dense", where every token is global.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, window: int = 256, dilation: int = 1,
+                 dropout: float = 0.0, kind: str = "sparse") -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+        if window < 0 or dilation < 1:
+            raise ValueError(f"need window >= 0 and dilation >= 1, got window={window}, dilation={dilation}")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.window, self.dilation, self.kind = window, dilation, kind
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, global_mask: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (B, L, {self.d_model}), got {tuple(x.shape)}")
+        B, L, _ = x.shape
+        hd = self.d_model // self.n_heads
+        qkv = self.qkv(x).view(B, L, 3, self.n_heads, hd)  # (B, L, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
+        if self.kind == "sparse":
+            y = block_sparse_attention(q, k, v, window=self.window, dilation=self.dilation,
+                                       global_mask=global_mask, key_padding_mask=key_padding_mask)
+        else:
+            y = _dense_attention(q, k, v, key_padding_mask)
+        y = y.transpose(1, 2).reshape(B, L, self.d_model)  # (B, L, H*D)
+        return self.dropout(self.proj(y))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, kind={self.kind}, "
+                f"window={self.window}, dilation={self.dilation}")
+
+
+def _dense_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, L)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    # a query whose keys are all padded outputs zeros, as in the sparse op
+    return y.masked_fill(~keep.any(-1, keepdim=True), 0.0)
