@@ -43,5 +43,8 @@ elseif(MOEDIFFUSEQ_ISA_LEVEL STREQUAL "default")
 else()
   message(FATAL_ERROR "MOEDIFFUSEQ_CPU_ISA must be auto, avx512, avx2 or default, got '${MOEDIFFUSEQ_CPU_ISA}'")
 endif()
-list(APPEND MOEDIFFUSEQ_CPU_FLAGS -O3)
+# at::parallel_for is header code that expands to `#pragma omp parallel` in an OpenMP build of
+# torch (the pip wheels): compile with -fopenmp, and let the GOMP symbols resolve to the OpenMP
+# runtime libtorch_cpu already loads (linking a second runtime would start a second pool).
+list(APPEND MOEDIFFUSEQ_CPU_FLAGS -O3 -fopenmp)
 message(STATUS "moediffuseq: CPU kernels built for ${MOEDIFFUSEQ_ISA_LEVEL}")

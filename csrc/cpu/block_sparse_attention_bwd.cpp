@@ -41,10 +41,10 @@ struct QueryTile {
 template <typename T>
 struct BackwardScratch {
   BackwardScratch(int64_t L, int64_t D, int64_t G, bool own_dkv)
-      : s(kBlockQ * kMaxChunk), dp(kBlockQ * kMaxChunk), op(kBlockQ * kMaxChunk),
+      : s(kBlockQ * kLdS), dp(kBlockQ * kLdS), op(kBlockQ * kLdS),
         opt(kMaxChunk * kBlockQ), dq(kBlockQ * D), q(kBlockQ * D), dout(kBlockQ * D),
         lse(kBlockQ), delta_rows(kBlockQ), keep(std::max<int64_t>({G, std::min(kMaxChunk, L), 1})),
-        kt(D * L), vt(D * L), kg(G * D), kgt(D * G), vgt(D * G), dkg(G * D), dvg(G * D),
+        kt(D * ResidueOrder{L, 1}.ld_transposed()), vt(D * ResidueOrder{L, 1}.ld_transposed()), kg(G * D), kgt(D * G), vgt(D * G), dkg(G * D), dvg(G * D),
         delta(L), dk(own_dkv ? L * D : 0), dv(own_dkv ? L * D : 0) {}
   std::vector<float> s, dp;
   std::vector<T> op, opt;
@@ -63,15 +63,15 @@ void tile_step(BackwardScratch<T>& w, const QueryTile<T>& qt, const KeyChunk<T>&
                int64_t N, int64_t D, float scale, const Mask& mask) {
   float* s = w.s.data();
   float* dp = w.dp.data();
-  tile_gemm<T>(M, N, D, qt.q, qt.ld, kc.kt, kc.ldt, s, kMaxChunk, false);
-  for (int64_t m = 0; m < M; ++m) scale_inplace(s + m * kMaxChunk, N, scale);
-  mask(s, kMaxChunk);
-  for (int64_t m = 0; m < M; ++m) exp_shifted(s + m * kMaxChunk, N, qt.lse[m]);
-  tile_gemm<T>(M, N, D, qt.dout, qt.ld, kc.vt, kc.ldt, dp, kMaxChunk, false);
+  tile_gemm<T>(M, N, D, qt.q, qt.ld, kc.kt, kc.ldt, s, kLdS, false);
+  for (int64_t m = 0; m < M; ++m) scale_inplace(s + m * kLdS, N, scale);
+  mask(s, kLdS);
+  for (int64_t m = 0; m < M; ++m) exp_shifted(s + m * kLdS, N, qt.lse[m]);
+  tile_gemm<T>(M, N, D, qt.dout, qt.ld, kc.vt, kc.ldt, dp, kLdS, false);
   using Vec = at::vec::Vectorized<float>;
   for (int64_t m = 0; m < M; ++m) {
-    float* pr = s + m * kMaxChunk;
-    float* dr = dp + m * kMaxChunk;
+    float* pr = s + m * kLdS;
+    float* dr = dp + m * kLdS;
     const Vec vd(qt.delta[m]), vs(scale);
     int64_t c = 0;
     for (; c + Vec::size() <= N; c += Vec::size()) {
@@ -80,13 +80,13 @@ void tile_step(BackwardScratch<T>& w, const QueryTile<T>& qt, const KeyChunk<T>&
     for (; c < N; ++c) dr[c] = pr[c] * (dr[c] - qt.delta[m]) * scale;
   }
   // dV += P^T dO
-  transpose_to<T>(s, kMaxChunk, M, N, w.opt.data(), kBlockQ);
+  transpose_to<T>(s, kLdS, M, N, w.opt.data(), kBlockQ);
   tile_gemm<T>(N, D, M, w.opt.data(), kBlockQ, qt.dout, qt.ld, kc.dv, kc.ldg, true);
   // dQ += dS K
-  const T* ds = gemm_operand<T>(dp, kMaxChunk, M, N, w.op.data());
-  tile_gemm<T>(M, D, N, ds, kMaxChunk, kc.k, kc.ldk, w.dq.data(), D, true);
+  const T* ds = gemm_operand<T>(dp, kLdS, M, N, w.op.data());
+  tile_gemm<T>(M, D, N, ds, kLdS, kc.k, kc.ldk, w.dq.data(), D, true);
   // dK += dS^T Q
-  transpose_to<T>(dp, kMaxChunk, M, N, w.opt.data(), kBlockQ);
+  transpose_to<T>(dp, kLdS, M, N, w.opt.data(), kBlockQ);
   tile_gemm<T>(N, D, M, w.opt.data(), kBlockQ, qt.q, qt.ld, kc.dk, kc.ldg, true);
 }
 
@@ -148,7 +148,7 @@ void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& p
     for (int64_t c0 = lo; c0 < hi; c0 += kMaxChunk) {
       const int64_t N = std::min(kMaxChunk, hi - c0);
       const int64_t first = r + d * c0;
-      const KeyChunk<T> kc{w.kt.data() + off + c0, w.vt.data() + off + c0, L, k + first * D, d * D,
+      const KeyChunk<T> kc{w.kt.data() + off + c0, w.vt.data() + off + c0, order.ld_transposed(), k + first * D, d * D,
                            dk + first * D, dv + first * D, d * D};
       const uint8_t* cls = plan.classes(b) + off + c0;
       tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
@@ -186,7 +186,7 @@ void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& p
       for (int64_t c0 = 0; c0 < Lr; c0 += kMaxChunk) {
         const int64_t N = std::min(kMaxChunk, Lr - c0);
         const int64_t first = r + d * c0;
-        const KeyChunk<T> kc{w.kt.data() + off + c0, w.vt.data() + off + c0, L, k + first * D, d * D,
+        const KeyChunk<T> kc{w.kt.data() + off + c0, w.vt.data() + off + c0, order.ld_transposed(), k + first * D, d * D,
                              dk + first * D, dv + first * D, d * D};
         const uint8_t* cls = plan.classes(b) + off + c0;
         for (int64_t c = 0; c < N; ++c) w.keep[c] = cls[c] != kPaddedKey;

@@ -16,7 +16,7 @@ namespace {
 // Per-head copies that make every tile product a plain row-major gemm.
 template <typename T>
 struct ForwardHeadBuffers {
-  std::vector<T> kt;   // (BH, D, L): K transposed, columns in residue order
+  std::vector<T> kt;   // (BH, D, ldt): K transposed, columns in residue order
   std::vector<T> kgt;  // (BH, D, Gk): global keys transposed
   std::vector<T> vg;   // (BH, Gk, D): global values
 };
@@ -25,7 +25,7 @@ struct ForwardHeadBuffers {
 template <typename T>
 struct ForwardScratch {
   explicit ForwardScratch(int64_t D, int64_t max_global)
-      : s(kBlockQ * kMaxChunk), p(kBlockQ * kMaxChunk), acc(kBlockQ * D), q(kBlockQ * D),
+      : s(kBlockQ * kLdS), p(kBlockQ * kLdS), acc(kBlockQ * D), q(kBlockQ * D),
         row_max(kBlockQ), row_sum(kBlockQ), keep(std::max<int64_t>(max_global, 1)) {}
   std::vector<float> s;
   std::vector<T> p;
@@ -46,7 +46,7 @@ struct ForwardScratch {
 template <typename T>
 const T* softmax_update(ForwardScratch<T>& w, int64_t M, int64_t N, int64_t D) {
   for (int64_t m = 0; m < M; ++m) {
-    float* row = w.s.data() + m * kMaxChunk;
+    float* row = w.s.data() + m * kLdS;
     const float mx = row_max(row, N);
     const float m_new = std::max(w.row_max[m], mx);
     if (m_new == -kInf) {  // nothing allowed yet: probabilities are zero
@@ -58,7 +58,7 @@ const T* softmax_update(ForwardScratch<T>& w, int64_t M, int64_t N, int64_t D) {
     w.row_max[m] = m_new;
     if (alpha != 1.f) scale_inplace(w.acc.data() + m * D, D, alpha);
   }
-  return gemm_operand<T>(w.s.data(), kMaxChunk, M, N, w.p.data());
+  return gemm_operand<T>(w.s.data(), kLdS, M, N, w.p.data());
 }
 
 // Raw scores of M query rows against keys given as a (D x N) transposed block, masked later.
@@ -66,8 +66,8 @@ const T* softmax_update(ForwardScratch<T>& w, int64_t M, int64_t N, int64_t D) {
 template <typename T>
 void scores(ForwardScratch<T>& w, const T* q, int64_t ldq, int64_t M, const T* kt, int64_t ldk,
             int64_t N, int64_t D, float scale) {
-  tile_gemm<T>(M, N, D, q, ldq, kt, ldk, w.s.data(), kMaxChunk, false);
-  for (int64_t m = 0; m < M; ++m) scale_inplace(w.s.data() + m * kMaxChunk, N, scale);
+  tile_gemm<T>(M, N, D, q, ldq, kt, ldk, w.s.data(), kLdS, false);
+  for (int64_t m = 0; m < M; ++m) scale_inplace(w.s.data() + m * kLdS, N, scale);
 }
 
 // out rows (ld) = acc / row_sum; lse = row_max + log(row_sum), +inf and zeros for empty rows.
@@ -96,13 +96,14 @@ void forward_impl(const BlockSparseAttentionParams& p) {
   T* out = static_cast<T*>(p.out_mut);
 
   ForwardHeadBuffers<T> hb;
-  hb.kt.resize(BH * D * L);
+  const int64_t ldt = order.ld_transposed();
+  hb.kt.resize(BH * D * ldt);
   hb.kgt.resize(BH * D * Gk);
   hb.vg.resize(BH * Gk * D);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H;
-      transpose_residue(k + bh * L * D, hb.kt.data() + bh * D * L, order, D);
+      transpose_residue(k + bh * L * D, hb.kt.data() + bh * D * ldt, order, D);
       const int64_t* gk = plan.global_keys.data() + b * Gk;
       gather_rows(k + bh * L * D, gk, plan.num_global_keys[b], D, static_cast<T*>(nullptr),
                   hb.kgt.data() + bh * D * Gk, Gk);
@@ -121,25 +122,25 @@ void forward_impl(const BlockSparseAttentionParams& p) {
       const int64_t Lr = order.length(r), off = order.offset(r);
       const int64_t t1 = std::min(Lr, t0 + kBlockQ), M = t1 - t0;
       const T* qb = q + bh * L * D + (r + d * t0) * D;
-      const T* kt = hb.kt.data() + bh * D * L;
+      const T* kt = hb.kt.data() + bh * D * ldt;
       const T* vh = v + bh * L * D;
       w.reset(M, D);
       const auto [lo, hi] = plan.local_range(r, t0, t1);
       for (int64_t c0 = lo; c0 < hi; c0 += kMaxChunk) {
         const int64_t N = std::min(kMaxChunk, hi - c0);
-        scores(w, qb, d * D, M, kt + off + c0, L, N, D, p.scale);
-        mask_local(w.s.data(), kMaxChunk, M, N, t0, c0, plan.window, plan.classes(b) + off + c0);
+        scores(w, qb, d * D, M, kt + off + c0, ldt, N, D, p.scale);
+        mask_local(w.s.data(), kLdS, M, N, t0, c0, plan.window, plan.classes(b) + off + c0);
         const T* prob = softmax_update(w, M, N, D);
-        tile_gemm<T>(M, D, N, prob, kMaxChunk, vh + (r + d * c0) * D, d * D, w.acc.data(), D, true);
+        tile_gemm<T>(M, D, N, prob, kLdS, vh + (r + d * c0) * D, d * D, w.acc.data(), D, true);
       }
       const int64_t G = plan.num_global_keys[b];
       if (G > 0) global_keep_flags(plan, b, r, lo, hi, w.keep.data());
       for (int64_t g0 = 0; g0 < G; g0 += kMaxChunk) {
         const int64_t N = std::min(kMaxChunk, G - g0);
         scores(w, qb, d * D, M, hb.kgt.data() + bh * D * Gk + g0, Gk, N, D, p.scale);
-        mask_columns(w.s.data(), kMaxChunk, M, N, w.keep.data() + g0);
+        mask_columns(w.s.data(), kLdS, M, N, w.keep.data() + g0);
         const T* prob = softmax_update(w, M, N, D);
-        tile_gemm<T>(M, D, N, prob, kMaxChunk, hb.vg.data() + (bh * Gk + g0) * D, D, w.acc.data(), D, true);
+        tile_gemm<T>(M, D, N, prob, kLdS, hb.vg.data() + (bh * Gk + g0) * D, D, w.acc.data(), D, true);
       }
       finish_rows(w, M, D, out + bh * L * D + (r + d * t0) * D, d * D, p.lse + bh * L + r + d * t0, d);
     }
@@ -158,7 +159,7 @@ void forward_impl(const BlockSparseAttentionParams& p) {
       if (M <= 0) continue;
       const int64_t* rows = plan.global_queries.data() + b * Gq + g0;
       gather_rows(q + bh * L * D, rows, M, D, w.q.data(), static_cast<T*>(nullptr), 0);
-      const T* kt = hb.kt.data() + bh * D * L;
+      const T* kt = hb.kt.data() + bh * D * ldt;
       const T* vh = v + bh * L * D;
       w.reset(M, D);
       for (int64_t r = 0; r < std::min(d, L); ++r) {
@@ -167,10 +168,10 @@ void forward_impl(const BlockSparseAttentionParams& p) {
           const int64_t N = std::min(kMaxChunk, Lr - c0);
           const uint8_t* cls = plan.classes(b) + off + c0;
           for (int64_t c = 0; c < N; ++c) keep[c] = cls[c] != kPaddedKey;
-          scores(w, w.q.data(), D, M, kt + off + c0, L, N, D, p.scale);
-          mask_columns(w.s.data(), kMaxChunk, M, N, keep.data());
+          scores(w, w.q.data(), D, M, kt + off + c0, ldt, N, D, p.scale);
+          mask_columns(w.s.data(), kLdS, M, N, keep.data());
           const T* prob = softmax_update(w, M, N, D);
-          tile_gemm<T>(M, D, N, prob, kMaxChunk, vh + (r + d * c0) * D, d * D, w.acc.data(), D, true);
+          tile_gemm<T>(M, D, N, prob, kLdS, vh + (r + d * c0) * D, d * D, w.acc.data(), D, true);
         }
       }
       finish_rows(w, M, D, out + bh * L * D, D, p.lse + bh * L, 1, rows);

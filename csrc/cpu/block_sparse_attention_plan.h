@@ -24,7 +24,10 @@
 namespace moediffuseq::cpu {
 
 constexpr int64_t kBlockQ = 64;     // query rows per tile
-constexpr int64_t kMaxChunk = 1024;  // keys per score tile (S is kBlockQ x kMaxChunk floats)
+constexpr int64_t kMaxChunk = 512;  // keys per score tile
+// Leading dimension of score tiles: padded off a power of two so that the rows of a tile do
+// not all fall into the same cache sets.
+constexpr int64_t kLdS = kMaxChunk + 16;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 enum KeyClass : uint8_t { kNormalKey = 0, kGlobalKey = 1, kPaddedKey = 2 };
@@ -35,6 +38,8 @@ struct ResidueOrder {
   int64_t d = 1;
   int64_t length(int64_t r) const { return r < L ? (L - r + d - 1) / d : 0; }
   int64_t offset(int64_t r) const { return r * (L / d) + std::min(r, L % d); }
+  // Leading dimension of (D x L) transposed copies, padded like kLdS.
+  int64_t ld_transposed() const { return (L + 15) / 16 * 16 + 16; }
 };
 
 struct BlockSparsePlan {
@@ -96,16 +101,22 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   return plan;
 }
 
-// xt (D x L) = x (L x D) transposed with its columns in residue order.
+// xt (D x L, leading dimension order.ld_transposed()) = x (L x D) transposed, its columns in
+// residue order.
 template <typename T>
 inline void transpose_residue(const T* x, T* xt, const ResidueOrder& order, int64_t D) {
+  const int64_t ld = order.ld_transposed();
+  constexpr int64_t kRows = 32;  // source rows per step: they stay in L1 while D columns are written
   for (int64_t r = 0; r < std::min(order.d, order.L); ++r) {
     const int64_t off = order.offset(r), len = order.length(r);
-    for (int64_t c = 0; c < D; ++c) {
-      T* dst = xt + c * order.L + off;
-      const T* src = x + r * D + c;
+    for (int64_t t0 = 0; t0 < len; t0 += kRows) {
+      const int64_t t1 = std::min(len, t0 + kRows);
+      const T* src = x + (r + order.d * t0) * D;
       const int64_t step = order.d * D;
-      for (int64_t t = 0; t < len; ++t) dst[t] = src[t * step];
+      for (int64_t c = 0; c < D; ++c) {
+        T* dst = xt + c * ld + off;
+        for (int64_t t = t0; t < t1; ++t) dst[t] = src[(t - t0) * step + c];
+      }
     }
   }
 }
@@ -125,21 +136,23 @@ inline void gather_rows(const T* x, const int64_t* index, int64_t n, int64_t D, 
 
 // Scores of query rows t0.. (of one residue subsequence) against key slots c0.. of the same
 // subsequence: keeps (|t - t'| <= w and not padded) or (global and not padded); else -inf.
+// The band is applied with plain fills; the few global / padded columns are patched after.
 inline void mask_local(float* S, int64_t lds, int64_t M, int64_t N, int64_t t0, int64_t c0,
                        int64_t w, const uint8_t* cls) {
-  bool special = false;
-  for (int64_t c = 0; c < N; ++c) special |= (cls[c] != kNormalKey);
+  int64_t special[kMaxChunk];
+  int64_t nspecial = 0;
+  for (int64_t c = 0; c < N; ++c) {
+    if (cls[c] != kNormalKey) special[nspecial++] = c;
+  }
+  float saved[kMaxChunk];
   for (int64_t m = 0; m < M; ++m) {
     float* row = S + m * lds;
     const int64_t lo = t0 + m - w - c0, hi = t0 + m + w - c0;  // band, inclusive
-    if (!special) {
-      for (int64_t c = 0; c < std::min(lo, N); ++c) row[c] = -kInf;
-      for (int64_t c = std::max<int64_t>(hi + 1, 0); c < N; ++c) row[c] = -kInf;
-    } else {
-      for (int64_t c = 0; c < N; ++c) {
-        const bool keep = cls[c] == kGlobalKey || (cls[c] == kNormalKey && c >= lo && c <= hi);
-        if (!keep) row[c] = -kInf;
-      }
+    for (int64_t s = 0; s < nspecial; ++s) saved[s] = row[special[s]];
+    if (lo > 0) std::fill_n(row, std::min(lo, N), -kInf);
+    if (hi + 1 < N) std::fill(row + std::max<int64_t>(hi + 1, 0), row + N, -kInf);
+    for (int64_t s = 0; s < nspecial; ++s) {
+      row[special[s]] = cls[special[s]] == kGlobalKey ? saved[s] : -kInf;
     }
   }
 }
