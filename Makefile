@@ -1,0 +1,37 @@
+# moediffuseq: install, test and benchmark from a fresh clone.
+#   make install   virtual environment in .venv, torch (CPU build), the extension (editable)
+#   make test      install, then the whole test suite
+#   make bench     install, then the benchmarks (tables into bench/out/)
+# Override TORCH_SPEC for another torch build, e.g. on a CUDA machine with its own torch:
+#   make test VENV_FLAGS=--system-site-packages TORCH_SPEC=
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+MAX_JOBS ?= 2
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moediffuseq-installed
+SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
+	$(BIN)/python -m pip install --quiet numpy "setuptools>=68" "cmake>=3.25" ninja "pybind11>=2.12" \
+		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest
+	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench: install
+	$(BIN)/python bench/attention.py
+
+clean:
+	rm -rf build *.egg-info moediffuseq/_C*.so
