@@ -9,7 +9,7 @@ from moediffuseq import _C
 @dataclass(frozen=True)
 class BuildInfo:
     torch_version: str
-    cpu_isa: str           # vector ISA of the C++ CPU kernels: avx512, avx2 or default
+    cpu_isa: str           # vector ISA of the C++ CPU kernels: avx512_bf16, avx512, avx2 or default
     has_cuda: bool         # CUDA kernels compiled in
     cuda_archs: tuple      # e.g. ("90a",)
     cutlass_version: str   # "" without CUDA

@@ -6,7 +6,7 @@ import moediffuseq
 
 def test_build_info_fields():
     info = moediffuseq.build_info()
-    assert info.cpu_isa in ("avx512", "avx2", "default")
+    assert info.cpu_isa in ("avx512_bf16", "avx512", "avx2", "default")
     assert isinstance(info.has_cuda, bool)
     assert info.torch_version == torch.__version__
     if info.has_cuda:

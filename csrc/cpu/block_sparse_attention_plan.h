@@ -51,12 +51,14 @@ struct BlockSparsePlan {
   std::vector<int64_t> global_queries;       // (B, max_global_queries) natural positions
   std::vector<int64_t> num_global_queries;   // (B)
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (residue, first t) of each query block
+  std::vector<int64_t> pair_offset;  // (d + 1) prefix sums of ceil(length(r) / 2): packed row pairs
   int64_t max_global_keys = 0;
   int64_t max_global_queries = 0;
 
-  // The contiguous range [lo, hi) of residue-r key slots visited by queries [t0, t1).
+  // The contiguous range [lo, hi) of residue-r key slots visited by queries [t0, t1); lo is
+  // even so that chunks start on a row pair of pair-packed operands.
   std::pair<int64_t, int64_t> local_range(int64_t r, int64_t t0, int64_t t1) const {
-    return {std::max<int64_t>(0, t0 - window), std::min(order.length(r), t1 + window)};
+    return {std::max<int64_t>(0, t0 - window) / 2 * 2, std::min(order.length(r), t1 + window)};
   }
   const uint8_t* classes(int64_t b) const { return key_class.data() + b * order.L; }
 };
@@ -98,40 +100,15 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   for (int64_t r = 0; r < std::min(d, L); ++r) {
     for (int64_t t0 = 0; t0 < plan.order.length(r); t0 += kBlockQ) plan.blocks.emplace_back(r, t0);
   }
+  plan.pair_offset.assign(d + 1, 0);
+  for (int64_t r = 0; r < d; ++r) plan.pair_offset[r + 1] = plan.pair_offset[r] + (plan.order.length(r) + 1) / 2;
   return plan;
 }
 
-// xt (D x L, leading dimension order.ld_transposed()) = x (L x D) transposed, its columns in
-// residue order.
+// rows (n x D, leading dimension ld) = x[index[g]] for x (L x D).
 template <typename T>
-inline void transpose_residue(const T* x, T* xt, const ResidueOrder& order, int64_t D) {
-  const int64_t ld = order.ld_transposed();
-  constexpr int64_t kRows = 32;  // source rows per step: they stay in L1 while D columns are written
-  for (int64_t r = 0; r < std::min(order.d, order.L); ++r) {
-    const int64_t off = order.offset(r), len = order.length(r);
-    for (int64_t t0 = 0; t0 < len; t0 += kRows) {
-      const int64_t t1 = std::min(len, t0 + kRows);
-      const T* src = x + (r + order.d * t0) * D;
-      const int64_t step = order.d * D;
-      for (int64_t c = 0; c < D; ++c) {
-        T* dst = xt + c * ld + off;
-        for (int64_t t = t0; t < t1; ++t) dst[t] = src[(t - t0) * step + c];
-      }
-    }
-  }
-}
-
-// rows (n x D) = x[index[g]] ; cols (D x ld_cols) = the same rows transposed (either may be null).
-template <typename T>
-inline void gather_rows(const T* x, const int64_t* index, int64_t n, int64_t D, T* rows, T* cols,
-                        int64_t ld_cols) {
-  for (int64_t g = 0; g < n; ++g) {
-    const T* src = x + index[g] * D;
-    if (rows) std::copy(src, src + D, rows + g * D);
-    if (cols) {
-      for (int64_t c = 0; c < D; ++c) cols[c * ld_cols + g] = src[c];
-    }
-  }
+inline void gather_rows(const T* x, const int64_t* index, int64_t n, int64_t D, T* rows, int64_t ld) {
+  for (int64_t g = 0; g < n; ++g) std::copy(x + index[g] * D, x + index[g] * D + D, rows + g * ld);
 }
 
 // Scores of query rows t0.. (of one residue subsequence) against key slots c0.. of the same
