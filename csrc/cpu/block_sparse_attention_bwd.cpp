@@ -76,16 +76,19 @@ QueryTile<T> query_tile(BackwardScratch<T>& w, const T* q, const T* dout, int64_
   }
 }
 
-// One (query tile, key chunk) step; `mask(s, lds)` sets disallowed scaled scores to -inf.
+// One (query tile, key chunk) step; `mask(s, lds)` sets disallowed scores to -inf.
 template <typename T, typename Mask>
 void tile_step(BackwardScratch<T>& w, const QueryTile<T>& qt, const KeyChunk<T>& kc, int64_t M, int64_t N,
                int64_t D, float scale, const Mask& mask) {
   float* s = w.s.data();
   float* dp = w.dp.data();
   tile_gemm<T>(M, N, D, qt.q, qt.lda, kc.kt, s, kLdS, false);
-  for (int64_t m = 0; m < M; ++m) scale_inplace(s + m * kLdS, N, scale);
+  if (needs_prescale(scale)) {
+    for (int64_t m = 0; m < M; ++m) scale_inplace(s + m * kLdS, N, scale);
+  }
   mask(s, kLdS);
-  for (int64_t m = 0; m < M; ++m) exp_shifted(s + m * kLdS, N, qt.lse[m]);
+  const float es = softmax_scale(scale);
+  for (int64_t m = 0; m < M; ++m) exp_scaled(s + m * kLdS, N, es, qt.lse[m], s + m * kLdS);
   tile_gemm<T>(M, N, D, qt.dout, qt.lda, kc.vt, dp, kLdS, false);
   using Vec = at::vec::Vectorized<float>;
   for (int64_t m = 0; m < M; ++m) {

@@ -39,32 +39,34 @@ struct ForwardScratch {
   }
 };
 
-// Online-softmax update of M rows with the (already masked, scaled) scores in s (M x N):
-// rescales the accumulator and returns the probabilities as A operand.
+// Online-softmax update of M rows with the masked scores in s (M x N), to be multiplied by
+// `scale`: rescales the accumulator and returns the probabilities as A operand.
 template <typename T>
-const T* softmax_update(ForwardScratch<T>& w, int64_t M, int64_t N, int64_t D) {
+const T* softmax_update(ForwardScratch<T>& w, int64_t M, int64_t N, int64_t D, float scale) {
+  T* prob = kPairPacked<T> ? w.p.data() : reinterpret_cast<T*>(w.s.data());
   for (int64_t m = 0; m < M; ++m) {
-    float* row = w.s.data() + m * kLdS;
-    const float m_new = std::max(w.row_max[m], row_max(row, N));
+    const float* row = w.s.data() + m * kLdS;
+    const float m_new = std::max(w.row_max[m], scale * row_max(row, N));
     if (m_new == -kInf) {  // nothing allowed yet: probabilities are zero
-      exp_shifted(row, N, kInf);
+      exp_scaled(row, N, scale, kInf, prob + m * kLdS);
       continue;
     }
     const float alpha = std::exp(w.row_max[m] - m_new);
-    w.row_sum[m] = w.row_sum[m] * alpha + exp_shifted(row, N, m_new);
+    w.row_sum[m] = w.row_sum[m] * alpha + exp_scaled(row, N, scale, m_new, prob + m * kLdS);
     w.row_max[m] = m_new;
     if (alpha != 1.f) scale_inplace(w.acc.data() + m * D, D, alpha);
   }
-  return gemm_operand<T>(w.s.data(), kLdS, M, N, w.p.data());
+  return prob;
 }
 
-// Scaled scores of M query rows against N keys; masking with -inf comes after the scaling so
-// that it is sign-safe.
+// Raw scores of M query rows against N keys (prescaled when the scale is not positive).
 template <typename T>
 void scores(ForwardScratch<T>& w, const T* q, int64_t ldq, int64_t M, BMat<T> kt, int64_t N, int64_t D,
             float scale) {
   tile_gemm<T>(M, N, D, q, ldq, kt, w.s.data(), kLdS, false);
-  for (int64_t m = 0; m < M; ++m) scale_inplace(w.s.data() + m * kLdS, N, scale);
+  if (needs_prescale(scale)) {
+    for (int64_t m = 0; m < M; ++m) scale_inplace(w.s.data() + m * kLdS, N, scale);
+  }
 }
 
 // out rows = acc / row_sum; lse = row_max + log(row_sum); +inf and zeros for empty rows.
@@ -128,7 +130,7 @@ void forward_impl(const BlockSparseAttentionParams& p) {
         const int64_t N = std::min(kMaxChunk, hi - c0);
         scores(w, qb, ldq, M, w.head.kt().col(off + c0), N, D, p.scale);
         mask_local(w.s.data(), kLdS, M, N, t0, c0, plan.window, plan.classes(b) + off + c0);
-        const T* prob = softmax_update(w, M, N, D);
+        const T* prob = softmax_update(w, M, N, D, softmax_scale(p.scale));
         tile_gemm<T>(M, D, N, prob, kLdS, w.head.rows(r).row(c0), w.acc.data(), D, true);
       }
       const int64_t G = plan.num_global_keys[b];
@@ -137,7 +139,7 @@ void forward_impl(const BlockSparseAttentionParams& p) {
         const int64_t N = std::min(kMaxChunk, G - g0);
         scores(w, qb, ldq, M, w.head.global_kt().col(g0), N, D, p.scale);
         mask_columns(w.s.data(), kLdS, M, N, w.keep.data() + g0);
-        const T* prob = softmax_update(w, M, N, D);
+        const T* prob = softmax_update(w, M, N, D, softmax_scale(p.scale));
         tile_gemm<T>(M, D, N, prob, kLdS, w.head.global_rows().row(g0), w.acc.data(), D, true);
       }
       finish_rows(w, M, D, out + bh * L * D + (r + d * t0) * D, d * D, p.lse + bh * L + r + d * t0, d);
@@ -169,7 +171,7 @@ void forward_impl(const BlockSparseAttentionParams& p) {
           for (int64_t c = 0; c < N; ++c) w.keep[c] = cls[c] != kPaddedKey;
           scores(w, qb, ldq, M, w.head.kt().col(off + c0), N, D, p.scale);
           mask_columns(w.s.data(), kLdS, M, N, w.keep.data());
-          const T* prob = softmax_update(w, M, N, D);
+          const T* prob = softmax_update(w, M, N, D, softmax_scale(p.scale));
           tile_gemm<T>(M, D, N, prob, kLdS, w.head.rows(r).row(c0), w.acc.data(), D, true);
         }
       }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/block_sparse_attention_params.h"
+#include "cpu/tile_gemm.h"
 
 namespace moediffuseq::cpu {
 
@@ -165,33 +166,74 @@ inline void scale_inplace(float* row, int64_t n, float scale) {
 
 inline float row_max(const float* row, int64_t n) {
   using Vec = at::vec::Vectorized<float>;
-  Vec vmax(-kInf);
+  constexpr int64_t kV = Vec::size();
+  Vec m0(-kInf), m1(-kInf), m2(-kInf), m3(-kInf);  // independent chains
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
-  float mx = vmax.reduce_max();
+  for (; c + 4 * kV <= n; c += 4 * kV) {
+    m0 = at::vec::maximum(m0, Vec::loadu(row + c));
+    m1 = at::vec::maximum(m1, Vec::loadu(row + c + kV));
+    m2 = at::vec::maximum(m2, Vec::loadu(row + c + 2 * kV));
+    m3 = at::vec::maximum(m3, Vec::loadu(row + c + 3 * kV));
+  }
+  for (; c + kV <= n; c += kV) m0 = at::vec::maximum(m0, Vec::loadu(row + c));
+  float mx = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)).reduce_max();
   for (; c < n; ++c) mx = std::max(mx, row[c]);
   return mx;
 }
 
-// row[c] = exp(row[c] - shift); returns the sum. shift = +inf gives zeros.
-inline float exp_shifted(float* row, int64_t n, float shift) {
+// Scores are masked before they are scaled, so the scale must keep -inf at -inf: a
+// non-positive scale is applied to the scores first (prescale) and 1 is used after.
+inline bool needs_prescale(float scale) { return !(scale > 0.f); }
+inline float softmax_scale(float scale) { return scale > 0.f ? scale : 1.f; }
+
+// out[c] = exp(scale * s[c] - shift) as T (out may alias s when T is float); returns the sum
+// of the float values. shift = +inf gives zeros. For bfloat16 an odd n also zeroes out[n]
+// (the padding column of a pair-packed product).
+template <typename T>
+inline float exp_scaled(const float* s, int64_t n, float scale, float shift, T* out) {
   using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kV = Vec::size();
   if (shift == kInf) {
-    std::fill_n(row, n, 0.f);
+    std::fill_n(out, kPairPacked<T> ? (n + 1) / 2 * 2 : n, T(0.f));
     return 0.f;
   }
-  Vec vsum(0.f);
+  const Vec vscale(scale), vshift(-shift);
+  Vec vsum(0.f), vsum2(0.f);  // two chains
+  auto store = [&](const Vec& e, int64_t at) {
+    if constexpr (!kPairPacked<T>) {
+      e.store(out + at);
+    } else {
+#if MOEDIFFUSEQ_AVX512BF16
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), (__m256i)_mm512_cvtneps_pbh(e));
+#else
+      float tmp[kV];
+      e.store(tmp);
+      at::vec::convert(tmp, out + at, kV);
+#endif
+    }
+  };
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec e = (Vec::loadu(row + c) - Vec(shift)).exp_u20();
-    e.store(row + c);
+  for (; c + 2 * kV <= n; c += 2 * kV) {
+    const Vec e0 = at::vec::fmadd(Vec::loadu(s + c), vscale, vshift).exp_u20();
+    const Vec e1 = at::vec::fmadd(Vec::loadu(s + c + kV), vscale, vshift).exp_u20();
+    store(e0, c);
+    store(e1, c + kV);
+    vsum = vsum + e0;
+    vsum2 = vsum2 + e1;
+  }
+  for (; c + kV <= n; c += kV) {
+    const Vec e = at::vec::fmadd(Vec::loadu(s + c), vscale, vshift).exp_u20();
+    store(e, c);
     vsum = vsum + e;
   }
+  vsum = vsum + vsum2;
   float sum = vsum.reduce_add();
   for (; c < n; ++c) {
-    row[c] = std::exp(row[c] - shift);
-    sum += row[c];
+    const float e = std::exp(s[c] * scale - shift);
+    out[c] = static_cast<T>(e);
+    sum += e;
   }
+  if (kPairPacked<T> && n % 2 == 1) out[n] = T(0.f);
   return sum;
 }
 
