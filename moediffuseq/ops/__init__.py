@@ -1,8 +1,18 @@
 """Fused ops of moediffuseq: typed wrappers over ``torch.ops.moediffuseq.*`` and references."""
 from moediffuseq.ops.block_sparse_attention import (
+    block_sparse_allowed_mask,
     block_sparse_attention,
     block_sparse_attention_ref,
-    block_sparse_allowed_mask,
 )
+from moediffuseq.ops.moe_ffn import moe_ffn, moe_ffn_ref
+from moediffuseq.ops.moe_topk_softmax import moe_topk_softmax, moe_topk_softmax_ref
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_ref", "block_sparse_allowed_mask"]
+__all__ = [
+    "block_sparse_allowed_mask",
+    "block_sparse_attention",
+    "block_sparse_attention_ref",
+    "moe_ffn",
+    "moe_ffn_ref",
+    "moe_topk_softmax",
+    "moe_topk_softmax_ref",
+]

@@ -1,0 +1,59 @@
+"""Top-k softmax routing of a mixture-of-experts layer, METHOD §4."""
+import torch
+from torch import Tensor
+
+_OP = torch.ops.moediffuseq.moe_topk_softmax
+
+
+def moe_topk_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Picks the k experts of every token and their renormalised softmax weights.
+
+    Args:
+        logits: (T, E) router logits, any floating dtype; NaN or +inf is an error.
+        k: experts per token, 1 <= k <= E.
+
+    Returns:
+        weights: (T, k) float32, the softmax probabilities of the chosen experts renormalised
+            to sum to 1 (equal to a softmax over the chosen logits); differentiable w.r.t. logits.
+        indices: (T, k) int64, by descending weight; equal logits: the lowest expert index first.
+    """
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"moe_topk_softmax: logits must be a Tensor, got {type(logits).__name__}")
+    return _OP(logits, int(k))
+
+
+@torch.library.register_fake("moediffuseq::moe_topk_softmax")
+def _(logits, k):
+    torch._check(logits.dim() == 2, lambda: f"moe_topk_softmax: logits must be (T, E), got {logits.shape}")
+    torch._check(1 <= k <= logits.shape[1], lambda: f"moe_topk_softmax: k must be in [1, E], got {k}")
+    T = logits.shape[0]
+    return logits.new_empty((T, k), dtype=torch.float32), logits.new_empty((T, k), dtype=torch.int64)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _ = inputs
+    weights, indices = output
+    ctx.save_for_backward(weights, indices)
+    ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+
+
+def _backward(ctx, grad_weights, grad_indices):
+    # weights = softmax(logits[indices]): d logits[t, i_j] = w_j (g_j - sum_l w_l g_l)
+    weights, indices = ctx.saved_tensors
+    if grad_weights is None:
+        return None, None
+    g = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))  # (T, k)
+    grad_logits = weights.new_zeros(ctx.logits_shape).scatter_(1, indices, g)
+    return grad_logits.to(ctx.logits_dtype), None
+
+
+torch.library.register_autograd("moediffuseq::moe_topk_softmax", _backward, setup_context=_setup_context)
+
+
+def moe_topk_softmax_ref(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The contract the plain way: float32 softmax, stable descending sort, renormalise."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (T, E)
+    # sort by logit (ties keep the lower index first: stable sort), read the probabilities
+    order = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]  # (T, k)
+    chosen = probs.gather(1, order)
+    return chosen / chosen.sum(-1, keepdim=True), order
