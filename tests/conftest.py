@@ -44,17 +44,18 @@ def devices():
     return out
 
 
-def assert_close_to_reference(actual, reference, same_dtype_baseline, what=""):
+def assert_close_to_reference(actual, reference, same_dtype_baseline, what="", compute_dtype=None):
     """|actual - reference| <= 2 |baseline - reference| + floor, elementwise maximum.
 
     ``reference`` is computed in float64; ``same_dtype_baseline`` is the plain PyTorch
-    computation in the dtype of ``actual``.
+    computation in the same dtypes as ``actual``. The floor is that of ``compute_dtype``
+    (default: the dtype of ``actual``), for float32 outputs computed from bfloat16 inputs.
     """
     ref = reference.double()
     err = (actual.double() - ref).abs().max().item() if actual.numel() else 0.0
     base = (same_dtype_baseline.double() - ref).abs().max().item() if ref.numel() else 0.0
     scale = max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-    bound = 2.0 * base + ERROR_FLOOR[actual.dtype] * scale
+    bound = 2.0 * base + ERROR_FLOOR[compute_dtype or actual.dtype] * scale
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (same-dtype baseline error {base:.3e})"
 
 

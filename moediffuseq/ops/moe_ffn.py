@@ -30,6 +30,8 @@ def moe_ffn(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
     for name, t in (("x", x), ("weights", weights), ("indices", indices), ("w1", w1), ("w2", w2)):
         if not isinstance(t, Tensor):
             raise TypeError(f"moe_ffn: {name} must be a Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"moe_ffn: {name} must be on the device of x ({x.device}), got {t.device}")
     y, _, _ = _OP(x, weights, indices, w1, w2, activation)
     return y
 

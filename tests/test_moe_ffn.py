@@ -1,0 +1,152 @@
+"""moe_ffn against the HF-style loop reference: forward, all gradients, registration, errors."""
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from conftest import assert_close_to_reference
+from moediffuseq.ops import moe_ffn, moe_ffn_ref, moe_topk_softmax
+
+ACTIVATIONS = ["gelu", "silu", "swiglu"]
+
+
+def make_problem(T, D, F, E, k, activation, dtype, routing, seed, drop=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    if routing == "one_expert":
+        logits = torch.randn(T, E, generator=gen) * 0.1
+        logits[:, 0] += 10
+    elif routing == "skewed":  # the last experts get (almost) nothing
+        logits = torch.randn(T, E, generator=gen) + torch.linspace(3, -6, E)
+    elif routing == "ties":
+        logits = torch.randint(0, 2, (T, E), generator=gen).float()
+    else:
+        logits = torch.randn(T, E, generator=gen)
+    weights, indices = moe_topk_softmax(logits, k)
+    if drop > 0:
+        indices = torch.where(torch.rand(T, k, generator=gen) < drop, -1, indices)
+    width1 = 2 * F if activation == "swiglu" else F
+    w1 = torch.randn(E, D, width1, generator=gen) / D**0.5
+    w2 = torch.randn(E, F, D, generator=gen) / F**0.5
+    grad = torch.randn(T, D, generator=gen)
+    return x.to(dtype), weights, indices, w1.to(dtype), w2.to(dtype), grad.to(dtype)
+
+
+def run(fn, x, weights, indices, w1, w2, grad, activation, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weights, w1, w2)]
+    y = fn(leaves[0], leaves[1], indices, leaves[2], leaves[3], activation, **kw)
+    if not y.requires_grad:  # the reference builds no graph when every slot is dropped
+        return y.detach(), tuple(torch.zeros_like(t) for t in leaves)
+    return y.detach(), torch.autograd.grad(y, leaves, grad, allow_unused=True, materialize_grads=True)
+
+
+def check(problem, activation):
+    x, weights, indices, w1, w2, grad = problem
+    y, grads = run(moe_ffn, x, weights, indices, w1, w2, grad, activation)
+    ref, ref_grads = run(moe_ffn_ref, x, weights, indices, w1, w2, grad, activation)
+    base, base_grads = run(moe_ffn_ref, x, weights, indices, w1, w2, grad, activation, upcast=False)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close_to_reference(y, ref, base, "y")
+    for name, g, rg, bg in zip(["x", "weights", "w1", "w2"], grads, ref_grads, base_grads):
+        assert g.shape == rg.shape
+        assert_close_to_reference(g, rg, bg, f"grad_{name}", compute_dtype=x.dtype)
+
+
+@st.composite
+def moe_problems(draw):
+    E = draw(st.integers(1, 16))
+    T = draw(st.one_of(st.integers(1, 64), st.integers(65, 700)))
+    return dict(T=T, D=draw(st.sampled_from([1, 8, 17, 40, 64, 72])), F=draw(st.sampled_from([1, 5, 24, 33, 96])),
+                E=E, k=draw(st.integers(1, E)), activation=draw(st.sampled_from(ACTIVATIONS)),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+                routing=draw(st.sampled_from(["normal", "one_expert", "skewed", "ties"])),
+                drop=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@given(moe_problems())
+@example(dict(T=1, D=8, F=5, E=1, k=1, activation="gelu", dtype=torch.float32, routing="normal", drop=0.0, seed=0))
+@example(dict(T=700, D=72, F=96, E=16, k=2, activation="swiglu", dtype=torch.bfloat16, routing="skewed",
+              drop=0.0, seed=1))
+@example(dict(T=97, D=40, F=33, E=8, k=8, activation="silu", dtype=torch.float32, routing="one_expert",
+              drop=0.3, seed=2))
+def test_matches_reference(p):
+    p = dict(p)
+    activation = p.pop("activation")
+    check(make_problem(**p, activation=activation), activation)
+
+
+def test_empty_experts_get_zero_weight_gradients():
+    x, weights, indices, w1, w2, grad = make_problem(50, 16, 8, 6, 1, "gelu", torch.float32, "one_expert", 3)
+    used = set(indices.unique().tolist())
+    _, (_, _, gw1, gw2) = run(moe_ffn, x, weights, indices, w1, w2, grad, "gelu")
+    for e in range(6):
+        if e not in used:
+            assert torch.equal(gw1[e], torch.zeros_like(gw1[e])) and torch.equal(gw2[e], torch.zeros_like(gw2[e]))
+    assert len(used) < 6
+
+
+def test_dropped_slots_contribute_nothing():
+    x, weights, indices, w1, w2, _ = make_problem(30, 16, 8, 4, 2, "silu", torch.float32, "normal", 4)
+    all_dropped = torch.full_like(indices, -1)
+    assert torch.equal(moe_ffn(x, weights, all_dropped, w1, w2, "silu"), torch.zeros_like(x))
+    one_dropped = indices.clone()
+    one_dropped[:, 1] = -1
+    only_first = moe_ffn(x, weights[:, :1].contiguous(), indices[:, :1].contiguous(), w1, w2, "silu")
+    torch.testing.assert_close(moe_ffn(x, weights, one_dropped, w1, w2, "silu"), only_first)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(activation, dtype):
+    x, weights, indices, w1, w2, _ = make_problem(37, 16, 12, 5, 2, activation, dtype, "skewed", 5, drop=0.1)
+    args = (x.requires_grad_(), weights.requires_grad_(), indices, w1.requires_grad_(), w2.requires_grad_(),
+            activation)
+    torch.library.opcheck(torch.ops.moediffuseq.moe_ffn.default, args)
+
+
+def test_torch_compile_fullgraph():
+    from moediffuseq.nn import MoEFeedForward
+
+    torch.manual_seed(0)
+    layer = MoEFeedForward(32, 24, num_experts=4, top_k=2, capacity_factor=1.25)
+    x = torch.randn(2, 45, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    (y_e, aux_e), (y_c, aux_c) = layer(x), compiled(x)
+    torch.testing.assert_close(y_c, y_e)
+    torch.testing.assert_close(aux_c.loss, aux_e.loss)
+    assert torch.equal(aux_c.expert_counts, aux_e.expert_counts)
+    (g_e,) = torch.autograd.grad(y_e.sum() + aux_e.loss, x)
+    (g_c,) = torch.autograd.grad(y_c.sum() + aux_c.loss, x)
+    torch.testing.assert_close(g_c, g_e)
+
+
+def _good():
+    x, weights, indices, w1, w2, _ = make_problem(10, 8, 6, 4, 2, "gelu", torch.float32, "normal", 6)
+    return dict(x=x, weights=weights, indices=indices, w1=w1, w2=w2, activation="gelu")
+
+
+BAD_INPUTS = [
+    ("x rank", lambda a: a.update(x=a["x"][None]), r"x must be \(T, D\)"),
+    ("x dtype", lambda a: a.update(x=a["x"].double()), r"x must be float32 or bfloat16"),
+    ("T mismatch", lambda a: a.update(indices=a["indices"][:5], weights=a["weights"][:5]),
+     r"indices must be \(T, k\) with T = 10"),
+    ("weights shape", lambda a: a.update(weights=a["weights"][:, :1]), r"weights must be \(T, k\)"),
+    ("weights dtype", lambda a: a.update(weights=a["weights"].double()), r"weights must be float32"),
+    ("indices dtype", lambda a: a.update(indices=a["indices"].int()), r"indices must be int64"),
+    ("index too large", lambda a: a["indices"].__setitem__((3, 1), 4), r"indices must lie in \[0, 4\)"),
+    ("index negative", lambda a: a["indices"].__setitem__((0, 0), -2), r"indices must lie in \[0, 4\)"),
+    ("w1 D", lambda a: a.update(w1=a["w1"][:, :7]), r"w1 must be \(E, D, F\) with D = 8"),
+    ("w2 shape", lambda a: a.update(w2=a["w2"][:3]), r"w2 must be \(E, F, D\) = \(4, 6, 8\)"),
+    ("w2 dtype", lambda a: a.update(w2=a["w2"].bfloat16()), r"w2 must have the dtype of x"),
+    ("swiglu odd width", lambda a: a.update(activation="swiglu", w1=a["w1"][:, :, :5]), r"w1 must be \(E, D, 2F\)"),
+    ("activation", lambda a: a.update(activation="relu"), r"activation must be one of"),
+    ("device", lambda a: a.update(w1=a["w1"].to("meta")), r"w1 must be on the device of x"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_named(case, mutate, message):
+    args = _good()
+    mutate(args)
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        moe_ffn(**args)
