@@ -12,45 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "cpu/moe_activation.h"
 #include "cpu/moe_routing.h"
 
 namespace moediffuseq::cpu {
 namespace {
-
-enum class Activation { kGelu, kSilu, kSwiglu };
-
-Activation parse_activation(const std::string& name, const char* op) {
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "swiglu") return Activation::kSwiglu;
-  TORCH_CHECK(false, op, ": activation must be \"gelu\", \"silu\" or \"swiglu\", got \"", name, "\"");
-}
-
-// gelu uses the tanh approximation (as GPT-2 / BERT implementations commonly do).
-at::Tensor activate(const at::Tensor& h, Activation act) {
-  switch (act) {
-    case Activation::kGelu: return at::gelu(h, "tanh");
-    case Activation::kSilu: return at::silu(h);
-    case Activation::kSwiglu: {
-      const int64_t F = h.size(1) / 2;
-      return at::silu(h.narrow(1, 0, F)) * h.narrow(1, F, F);  // gate half, up half
-    }
-  }
-  return h;
-}
-
-at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& h, Activation act) {
-  switch (act) {
-    case Activation::kGelu: return at::gelu_backward(grad, h, "tanh");
-    case Activation::kSilu: return at::silu_backward(grad, h);
-    case Activation::kSwiglu: {
-      const int64_t F = h.size(1) / 2;
-      const at::Tensor gate = h.narrow(1, 0, F), up = h.narrow(1, F, F);
-      return at::cat({at::silu_backward(grad * up, gate), grad * at::silu(gate)}, 1);
-    }
-  }
-  return grad;
-}
 
 struct MoeShapes {
   int64_t T, D, k, E, F1, F;
@@ -89,24 +55,59 @@ MoeShapes check_moe_inputs(const at::Tensor& x, const at::Tensor& weights, const
   return {T, D, k, E, F1, F};
 }
 
-// dst[row] = src[slot_of_row[row] / k] for every grouped row (optionally scaled by the slot's
-// routing weight).
-void gather_rows(const at::Tensor& src, const MoeRouting& r, int64_t k, at::Tensor& dst, const float* scale) {
+// sum_c a[c] * b[c] in float32, vectorised.
+template <typename T>
+float dot_float(const T* a, const T* b, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kV = Vec::size();
+  float fa[kV], fb[kV];
+  Vec acc(0.f);
+  int64_t c = 0;
+  for (; c + kV <= n; c += kV) {
+    at::vec::convert(a + c, fa, kV);
+    at::vec::convert(b + c, fb, kV);
+    acc = at::vec::fmadd(Vec::loadu(fa), Vec::loadu(fb), acc);
+  }
+  float sum = acc.reduce_add();
+  for (; c < n; ++c) sum += static_cast<float>(a[c]) * static_cast<float>(b[c]);
+  return sum;
+}
+
+// dst (n x D) = src[slot_of_row[row] / k] for grouped rows [row0, row0 + n), optionally scaled
+// by the slot's routing weight.
+void gather_rows(const at::Tensor& src, const MoeRouting& r, int64_t k, int64_t row0, int64_t n, at::Tensor& dst,
+                 const float* scale) {
   const int64_t D = src.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "moe_gather", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, r.num_valid(), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t slot = r.slot_of_row[row];
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t slot = r.slot_of_row[row0 + i];
         const scalar_t* in = s + (slot / k) * D;
-        scalar_t* out = d + row * D;
+        scalar_t* out = d + i * D;
         if (scale) {
           const float w = scale[slot];
           for (int64_t c = 0; c < D; ++c) out[c] = static_cast<scalar_t>(w * static_cast<float>(in[c]));
         } else {
           std::copy(in, in + D, out);
         }
+      }
+    });
+  });
+}
+
+// acc[token of grouped row row0 + i] += rows[i] (float32 accumulators (T x D)). The rows of one
+// expert belong to distinct tokens, so rows run in parallel without conflicts.
+void scatter_add_rows(const at::Tensor& rows, const MoeRouting& r, int64_t k, int64_t row0, float* acc) {
+  const int64_t n = rows.size(0), D = rows.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows.scalar_type(), "moe_scatter_add", [&] {
+    const scalar_t* in = rows.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float* dst = acc + (r.slot_of_row[row0 + i] / k) * D;
+        const scalar_t* src = in + i * D;
+        for (int64_t c = 0; c < D; ++c) dst[c] += static_cast<float>(src[c]);
       }
     });
   });
@@ -136,15 +137,10 @@ void combine_rows(const at::Tensor& rows, const MoeRouting& r, int64_t T, int64_
   });
 }
 
-// out rows of expert e = a rows of expert e @ b(e) for every non-empty expert.
-template <typename B>
-void grouped_mm(const at::Tensor& a, const MoeRouting& r, const B& b_of, at::Tensor& out) {
-  for (int64_t e = 0; e + 1 < static_cast<int64_t>(r.offsets.size()); ++e) {
-    const int64_t n = r.rows_of(e);
-    if (n == 0) continue;
-    at::Tensor dst = out.narrow(0, r.offsets[e], n);
-    at::mm_out(dst, a.narrow(0, r.offsets[e], n), b_of(e));
-  }
+int64_t largest_group(const MoeRouting& r) {
+  int64_t n = 0;
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(r.offsets.size()); ++e) n = std::max(n, r.rows_of(e));
+  return n;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_ffn_cpu(const at::Tensor& x_in, const at::Tensor& weights_in,
@@ -158,13 +154,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_ffn_cpu(const at::Tensor& x_i
   const MoeRouting r = route_slots(indices, s.E, op);
   const int64_t N = s.T * s.k, V = r.num_valid();
 
-  at::Tensor xg = at::empty({V, s.D}, x.options());
-  gather_rows(x, r, s.k, xg, nullptr);
-  at::Tensor hidden = at::zeros({N, s.F1}, x.options());  // rows past V: dropped slots
-  grouped_mm(xg, r, [&](int64_t e) { return w1[e]; }, hidden);
-  const at::Tensor a = activate(hidden.narrow(0, 0, V), act);
-  at::Tensor expert_out = at::zeros({N, s.D}, x.options());
-  grouped_mm(a, r, [&](int64_t e) { return w2[e]; }, expert_out);
+  // One expert at a time through buffers sized for the largest group: the gathered rows and
+  // the activations never exist for all T*k slots at once.
+  const int64_t max_rows = largest_group(r);
+  at::Tensor xg = at::empty({max_rows, s.D}, x.options());
+  at::Tensor a = at::empty({max_rows, s.F}, x.options());
+  at::Tensor hidden = at::empty({N, s.F1}, x.options());
+  at::Tensor expert_out = at::empty({N, s.D}, x.options());
+  hidden.narrow(0, V, N - V).zero_();  // rows past V: dropped slots
+  expert_out.narrow(0, V, N - V).zero_();
+  for (int64_t e = 0; e < s.E; ++e) {
+    const int64_t n = r.rows_of(e), row0 = r.offsets[e];
+    if (n == 0) continue;
+    at::Tensor xg_e = xg.narrow(0, 0, n), a_e = a.narrow(0, 0, n);
+    at::Tensor h_e = hidden.narrow(0, row0, n), out_e = expert_out.narrow(0, row0, n);
+    gather_rows(x, r, s.k, row0, n, xg_e, nullptr);
+    at::mm_out(h_e, xg_e, w1[e]);
+    activation_forward(h_e, act, a_e);
+    at::mm_out(out_e, a_e, w2[e]);
+  }
   at::Tensor y = at::empty({s.T, s.D}, x.options());
   combine_rows(expert_out, r, s.T, s.k, weights.data_ptr<float>(), y);
   return {y, hidden, expert_out};
@@ -189,7 +197,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cpu(
   const at::Tensor indices = indices_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor hidden = hidden_in.contiguous(), expert_out = expert_out_in.contiguous();
   const MoeRouting r = route_slots(indices, s.E, op);
-  const int64_t V = r.num_valid();
   const float* w = weights.data_ptr<float>();
 
   // grad of the routing weights: <dy[t], out[row(t, j)]>
@@ -204,40 +211,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cpu(
         if (row < 0) continue;
         const scalar_t* a = dy + (slot / s.k) * s.D;
         const scalar_t* b = out + row * s.D;
-        float acc = 0.f;
-        for (int64_t c = 0; c < s.D; ++c) acc += static_cast<float>(a[c]) * static_cast<float>(b[c]);
-        gw[slot] = acc;
+        gw[slot] = dot_float(a, b, s.D);
       }
     });
   });
 
-  at::Tensor dy_g = at::empty({V, s.D}, x.options());  // weight * dy, grouped
-  gather_rows(grad_y, r, s.k, dy_g, w);
-  const at::Tensor h = hidden.narrow(0, 0, V);
-  const at::Tensor a = activate(h, act);
-  at::Tensor da = at::empty({V, s.F}, x.options());
-  grouped_mm(dy_g, r, [&](int64_t e) { return w2[e].t(); }, da);
-  at::Tensor grad_w2 = at::zeros_like(w2);
-  at::Tensor grad_w1 = at::zeros_like(w1);
+  // Expert by expert, through buffers sized for the largest group (as the forward).
+  const int64_t max_rows = largest_group(r);
+  at::Tensor dyg = at::empty({max_rows, s.D}, x.options());  // weight * dy of the expert's slots
+  at::Tensor xg = at::empty({max_rows, s.D}, x.options());
+  at::Tensor dxg = at::empty({max_rows, s.D}, x.options());
+  at::Tensor a = at::empty({max_rows, s.F}, x.options());
+  at::Tensor da = at::empty({max_rows, s.F}, x.options());
+  at::Tensor dh = at::empty({max_rows, s.F1}, x.options());
+  at::Tensor grad_w1 = at::empty_like(w1);
+  at::Tensor grad_w2 = at::empty_like(w2);
+  at::Tensor grad_x_acc = at::zeros({s.T, s.D}, x.options().dtype(at::kFloat));
   for (int64_t e = 0; e < s.E; ++e) {
-    const int64_t n = r.rows_of(e);
-    if (n == 0) continue;
-    at::Tensor dst = grad_w2[e];
-    at::mm_out(dst, a.narrow(0, r.offsets[e], n).t(), dy_g.narrow(0, r.offsets[e], n));
+    const int64_t n = r.rows_of(e), row0 = r.offsets[e];
+    if (n == 0) {
+      grad_w1[e].zero_();
+      grad_w2[e].zero_();
+      continue;
+    }
+    at::Tensor dyg_e = dyg.narrow(0, 0, n), xg_e = xg.narrow(0, 0, n), dxg_e = dxg.narrow(0, 0, n);
+    at::Tensor a_e = a.narrow(0, 0, n), da_e = da.narrow(0, 0, n), dh_e = dh.narrow(0, 0, n);
+    const at::Tensor h_e = hidden.narrow(0, row0, n);
+    gather_rows(grad_y, r, s.k, row0, n, dyg_e, w);
+    at::mm_out(da_e, dyg_e, w2[e].t());
+    activation_forward(h_e, act, a_e);
+    at::Tensor gw2 = grad_w2[e];
+    at::mm_out(gw2, a_e.t(), dyg_e);
+    activation_backward(da_e, h_e, act, dh_e);
+    gather_rows(x, r, s.k, row0, n, xg_e, nullptr);
+    at::Tensor gw1 = grad_w1[e];
+    at::mm_out(gw1, xg_e.t(), dh_e);
+    at::mm_out(dxg_e, dh_e, w1[e].t());
+    scatter_add_rows(dxg_e, r, s.k, row0, grad_x_acc.data_ptr<float>());
   }
-  const at::Tensor dh = activate_backward(da, h, act);
-  at::Tensor xg = at::empty({V, s.D}, x.options());
-  gather_rows(x, r, s.k, xg, nullptr);
-  for (int64_t e = 0; e < s.E; ++e) {
-    const int64_t n = r.rows_of(e);
-    if (n == 0) continue;
-    at::Tensor dst = grad_w1[e];
-    at::mm_out(dst, xg.narrow(0, r.offsets[e], n).t(), dh.narrow(0, r.offsets[e], n));
-  }
-  at::Tensor dxg = at::empty({V, s.D}, x.options());
-  grouped_mm(dh, r, [&](int64_t e) { return w1[e].t(); }, dxg);
-  at::Tensor grad_x = at::empty_like(x);
-  combine_rows(dxg, r, s.T, s.k, nullptr, grad_x);
+  const at::Tensor grad_x = grad_x_acc.to(x.scalar_type());
   return {grad_x, grad_weights, grad_w1, grad_w2};
 }
 

@@ -54,6 +54,7 @@ def _setup_context(ctx, inputs, output):
     _, hidden, expert_out = output
     ctx.save_for_backward(x, weights, indices, w1, w2, hidden, expert_out)
     ctx.activation = activation
+    ctx.set_materialize_grads(False)  # hidden and expert_out are saved state, never differentiated
 
 
 def _backward(ctx, grad_y, grad_hidden, grad_expert_out):

@@ -1,0 +1,155 @@
+"""Shared timing and reporting helpers for the scripts in bench/.
+
+Scripts run as ``python bench/<name>.py`` import this module with ``from common import ...``
+after putting bench/ on ``sys.path``.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, TypedDict, Union
+
+import torch
+
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "out"
+
+Cell = Union[str, int, float, None]
+
+
+class Timing(TypedDict):
+    """Result of :func:`measure`: wall-clock seconds per call."""
+
+    median_s: float
+    min_s: float
+    repeats: int
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    max_seconds: Optional[float] = None,
+    slow_call_seconds: Optional[float] = None,
+) -> Timing:
+    """Time ``fn()`` with ``time.perf_counter``.
+
+    Runs ``warmup`` untimed calls, then up to ``repeats`` timed calls, stopping early once
+    ``max_seconds`` of timed calls have been spent (always at least one timed call). When
+    ``slow_call_seconds`` is set and the first warm-up call takes longer than that, its time
+    is returned as the only sample and ``fn`` is not called again.
+    """
+    for index in range(warmup):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if index == 0 and slow_call_seconds is not None and elapsed > slow_call_seconds:
+            return Timing(median_s=elapsed, min_s=elapsed, repeats=1)
+    samples: list[float] = []
+    while len(samples) < max(1, repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        if max_seconds is not None and sum(samples) >= max_seconds:
+            break
+    return Timing(median_s=statistics.median(samples), min_s=min(samples), repeats=len(samples))
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
+    """GFLOP/s of an ``n x n @ n x n`` ``torch.matmul`` in ``dtype`` (2 n^3 flops, median)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    timing = measure(lambda: torch.matmul(a, b), warmup=2, repeats=5)
+    return 2.0 * n**3 / timing["median_s"] / 1e9
+
+
+def copy_bandwidth() -> float:
+    """GB/s of copying a 256 MiB float32 tensor, counting bytes read plus bytes written."""
+    src = torch.ones(256 * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), warmup=1, repeats=5)
+    return 2.0 * src.numel() * src.element_size() / timing["median_s"] / 1e9
+
+
+def machine_description() -> str:
+    """CPU model name (``/proc/cpuinfo``, else ``platform.processor()``) and logical CPU count."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{model}, {_cpu_count()} logical CPUs"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_header() -> str:
+    """One line naming the date (UTC), the machine, the torch version and the thread count."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"{now} | {machine_description()} | torch {torch.__version__} | "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def format_cell(value: Cell) -> str:
+    """Human-readable cell: floats to 3 significant digits (integers above 1000), None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return str(value)
+
+
+def write_table(
+    rows: Sequence[Mapping[str, Cell]],
+    columns: Sequence[str],
+    name: str,
+    *,
+    out_dir: Optional[Path] = None,
+    title: Optional[str] = None,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Print ``rows`` as an aligned Markdown table and save ``<name>.md`` and ``<name>.csv``.
+
+    The Markdown file holds the title, the :func:`run_header` line, the table and ``notes``;
+    the CSV file holds the raw cell values in ``columns`` order. Missing cells are empty.
+    Returns the output directory (``bench/out/`` by default, created if missing).
+    """
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    text = [[format_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in text]) for i, column in enumerate(columns)]
+
+    def render(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+    table = [render(columns), "|" + "|".join("-" * (width + 2) for width in widths) + "|"]
+    table += [render(line) for line in text]
+
+    document = ([f"# {title}", ""] if title else []) + [run_header(), ""] + table
+    if notes:
+        document += [""] + [f"- {note}" for note in notes]
+    markdown = "\n".join(document) + "\n"
+    print(markdown, end="")
+
+    (out_dir / f"{name}.md").write_text(markdown, encoding="utf-8")
+    with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows([["" if row.get(column) is None else row.get(column) for column in columns] for row in rows])
+    return out_dir
