@@ -29,4 +29,25 @@ TORCH_LIBRARY(moediffuseq, m) {
       "moe_ffn_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor indices, Tensor w1, Tensor w2, "
       "Tensor hidden, Tensor expert_out, str activation) "
       "-> (Tensor grad_x, Tensor grad_weights, Tensor grad_w1, Tensor grad_w2)");
+
+  // Forward process with the soft absorbing state (METHOD §5). x0, noise: (B, L, d); m: (d);
+  // target_mask: (B, L) bool, true on target positions; sqrt_ab, sqrt_1mab, uniform: float32
+  // (B), (B), (B, L). Target positions: replaced by m where uniform < gamma * sqrt_1mab, else
+  // sqrt_ab (x0 - m) + sqrt_1mab noise + m. Source positions: x0.
+  m.def(
+      "soft_absorb_q_sample(Tensor x0, Tensor m, Tensor target_mask, Tensor sqrt_ab, Tensor sqrt_1mab, "
+      "Tensor noise, Tensor uniform, float gamma) -> Tensor");
+  m.def(
+      "soft_absorb_q_sample_backward(Tensor grad, Tensor target_mask, Tensor sqrt_ab, Tensor sqrt_1mab, "
+      "Tensor uniform, float gamma) -> (Tensor grad_x0, Tensor grad_m)");  // grad_m: float32 (d)
+  // One sampler update on the target positions, the source re-anchored, in one pass (METHOD §6):
+  //   target: x = a x_t + b x0_hat + c x0_prev + s noise + (1 - a - b - c) m;  source: x = anchor.
+  // a, b, c, s: float32 (B); x0_prev and noise may be absent (their coefficient is then unused).
+  m.def(
+      "denoise_step(Tensor x_t, Tensor x0_hat, Tensor? x0_prev, Tensor? noise, Tensor anchor, "
+      "Tensor target_mask, Tensor m, Tensor coef_xt, Tensor coef_x0, Tensor coef_x0_prev, "
+      "Tensor coef_noise) -> Tensor");
+  // For each row of x (N, d), the index of the nearest row of emb (V, d) in Euclidean distance
+  // (ties: the lowest index), computed in chunks of the vocabulary.
+  m.def("nearest_embedding(Tensor x, Tensor emb) -> Tensor");
 }

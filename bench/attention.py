@@ -1,0 +1,475 @@
+"""Benchmark ``moediffuseq.ops.block_sparse_attention`` against PyTorch baselines on CPU.
+
+For every sequence length it times the forward pass and the forward+backward pass of the op
+(float32 and bfloat16), dense SDPA, SDPA with the allowed pattern as a boolean mask, compiled
+FlexAttention with the same pattern, and the dense pure-PyTorch reference. Throughput is in
+useful GFLOP/s: every method is credited only with the FLOPs of the allowed (query, key) pairs.
+The table goes to ``<out>/attention.md`` and ``<out>/attention.csv``; a Targets section follows.
+
+    python bench/attention.py --quick        # smoke run, L in {1024, 4096}
+    python bench/attention.py                # full run, L up to 32768
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    DEFAULT_OUT_DIR,
+    Cell,
+    Timing,
+    copy_bandwidth,
+    matmul_rate,
+    measure,
+    write_table,
+)
+
+from moediffuseq.ops import (  # noqa: E402
+    block_sparse_allowed_mask,
+    block_sparse_attention,
+    block_sparse_attention_ref,
+)
+
+Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+FWD = "fwd"
+FWD_BWD = "fwd+bwd"
+PASSES = (FWD, FWD_BWD)
+BACKWARD_FLOP_FACTOR = 3.5  # forward + backward ~ (1 + 2.5) x forward
+CHECK_MAX_LENGTH = 4096  # sanity checks against the dense reference up to this length
+CHECK_TOLERANCE = 1e-4
+
+OURS_FP32 = "ours fp32"
+OURS_BF16 = "ours bf16"
+SDPA_DENSE = "sdpa dense fp32"
+SDPA_MASK = "sdpa bool-mask fp32"
+FLEX = "flex compiled fp32"
+REFERENCE = "reference fp32"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Problem shape and benchmark settings, from the command line."""
+
+    batch: int
+    heads: int
+    dim: int
+    window: int
+    dilation: int
+    n_global: int
+    lengths: tuple[int, ...]
+    repeats: int
+    cell_seconds: float
+    slow_call_seconds: float
+    seed: int
+    out: Path
+
+
+@dataclass
+class Problem:
+    """Inputs at one sequence length (float32, no grad) and the allowed-pair count."""
+
+    length: int
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    grad: Tensor
+    global_positions: Tensor
+    global_mask: Tensor  # (B, L) bool
+    pairs: int
+
+
+@dataclass
+class Built:
+    """An attention callable set up for one problem.
+
+    ``first_call_s`` is set when building already made a forward call at this length (for a
+    compiled method, compile plus one run), so the timed forward needs no warm-up call.
+    """
+
+    attend: Attention
+    setup_note: Optional[str] = None
+    first_call_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One implementation to time: ``build`` sets it up outside the timed region, and it runs
+    only at lengths up to ``max_length`` (larger ones would not fit in memory)."""
+
+    name: str
+    dtype: torch.dtype
+    build: Callable[[Problem, Config], Built]
+    max_length: Optional[int] = None
+
+
+def forward_flops(cfg: Config, pairs: int) -> float:
+    """Useful forward FLOPs: QK^T and PV over the allowed pairs, 2 x 2 x D per pair and head."""
+    return 4.0 * cfg.heads * cfg.dim * pairs
+
+
+def allowed_pairs(
+    length: int, window: int, dilation: int, global_positions: Sequence[int] | Tensor, batch: int
+) -> int:
+    """Number of allowed (query, key) pairs over the batch, without an L x L matrix.
+
+    Every batch element has global tokens at ``global_positions`` and no padding. A pair is
+    allowed when either side is global or it lies in the dilated band; by inclusion-exclusion
+    that is (pairs touching a global token) + (band pairs with neither side global).
+    """
+    g = torch.unique(torch.as_tensor(global_positions, dtype=torch.long))
+    offsets = torch.arange(-window, window + 1)
+    band_total = int((length - offsets.abs() * dilation).clamp(min=0).sum())
+    # Band partners of position p: offsets k in [-w, w] with 0 <= p + k * d < L.
+    band_of_globals = int(
+        ((g // dilation).clamp(max=window) + ((length - 1 - g) // dilation).clamp(max=window) + 1).sum()
+    )
+    diff = g[:, None] - g[None, :]
+    band_both_global = int(((diff.abs() <= window * dilation) & (diff.remainder(dilation) == 0)).sum())
+    band_no_global = band_total - 2 * band_of_globals + band_both_global
+    touching_global = length * length - (length - g.numel()) ** 2
+    return batch * (touching_global + band_no_global)
+
+
+def make_problem(length: int, cfg: Config) -> Problem:
+    """Seeded inputs at ``length`` (independent of which other lengths are run)."""
+    gen = torch.Generator().manual_seed(cfg.seed + length)
+    shape = (cfg.batch, cfg.heads, length, cfg.dim)
+    q, k, v, grad = (torch.randn(shape, generator=gen) for _ in range(4))
+    positions = torch.randperm(length, generator=gen)[: cfg.n_global]
+    global_mask = torch.zeros(cfg.batch, length, dtype=torch.bool)
+    global_mask[:, positions] = True
+    pairs = allowed_pairs(length, cfg.window, cfg.dilation, positions, cfg.batch)
+    return Problem(length, q, k, v, grad, positions, global_mask, pairs)
+
+
+def dense_allowed(problem: Problem, cfg: Config) -> Tensor:
+    """The (B, 1, L, L) allowed mask, as SDPA takes it."""
+    mask = block_sparse_allowed_mask(
+        problem.length, window=cfg.window, dilation=cfg.dilation,
+        global_mask=problem.global_mask, batch=cfg.batch,
+    )
+    return mask[:, None].contiguous()
+
+
+def check_close(name: str, got: Tensor, expected: Tensor) -> None:
+    """Raise if ``got`` differs from ``expected`` by more than CHECK_TOLERANCE anywhere."""
+    error = (got.double() - expected.double()).abs().max().item()
+    if not error <= CHECK_TOLERANCE:
+        raise RuntimeError(f"{name}: max abs error {error:.3g} vs the reference exceeds {CHECK_TOLERANCE}")
+
+
+def sanity_check(problem: Problem, cfg: Config) -> None:
+    """Check the pair count and the op's float32 output against the dense reference."""
+    mask = dense_allowed(problem, cfg)
+    if int(mask.sum()) != problem.pairs:
+        raise RuntimeError(f"allowed_pairs gives {problem.pairs}, the dense mask {int(mask.sum())}")
+    kwargs = dict(window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask)
+    with torch.no_grad():
+        ours = block_sparse_attention(problem.q, problem.k, problem.v, **kwargs)
+        reference = block_sparse_attention_ref(problem.q, problem.k, problem.v, **kwargs)
+    check_close(f"{OURS_FP32} at L={problem.length}", ours, reference)
+
+
+def build_ours(problem: Problem, cfg: Config) -> Built:
+    """The fused op."""
+    return Built(lambda q, k, v: block_sparse_attention(
+        q, k, v, window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask
+    ))
+
+
+def build_sdpa_dense(problem: Problem, cfg: Config) -> Built:
+    """SDPA without a mask: all L^2 pairs."""
+    return Built(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+
+
+def build_sdpa_mask(problem: Problem, cfg: Config) -> Built:
+    """SDPA with the allowed pattern as a dense boolean mask."""
+    mask = dense_allowed(problem, cfg)
+    return Built(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def build_reference(problem: Problem, cfg: Config) -> Built:
+    """The dense pure-PyTorch reference in the input dtype."""
+    return Built(lambda q, k, v: block_sparse_attention_ref(
+        q, k, v, window=cfg.window, dilation=cfg.dilation,
+        global_mask=problem.global_mask, upcast=False,
+    ))
+
+
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
+_compiled_block_mask = torch.compile(create_block_mask)
+
+
+def build_flex(problem: Problem, cfg: Config) -> Built:
+    """Compiled FlexAttention with a block mask of the same pattern; makes the first call."""
+    is_global = problem.global_mask
+    reach = cfg.window * cfg.dilation
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        diff = q_idx - kv_idx
+        band = (diff.abs() <= reach) & (diff % cfg.dilation == 0)
+        return band | is_global[b, q_idx] | is_global[b, kv_idx]
+
+    length = problem.length
+    start = time.perf_counter()
+    block_mask = _compiled_block_mask(mask_mod, cfg.batch, None, length, length, device="cpu")
+    mask_seconds = time.perf_counter() - start
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = attend(problem.q, problem.k, problem.v)
+    first_seconds = time.perf_counter() - start
+    if length <= CHECK_MAX_LENGTH:
+        with torch.no_grad():
+            ours = build_ours(problem, cfg).attend(problem.q, problem.k, problem.v)
+        check_close(f"{FLEX} at L={length}", out, ours)
+    note = (f"create_block_mask (compiled) {mask_seconds:.1f} s, "
+            f"{block_mask.sparsity():.1f}% of 128x128 blocks skipped")
+    return Built(attend, setup_note=note, first_call_s=first_seconds)
+
+
+METHODS = (
+    Method(OURS_FP32, torch.float32, build_ours),
+    Method(OURS_BF16, torch.bfloat16, build_ours),
+    Method(SDPA_DENSE, torch.float32, build_sdpa_dense, max_length=16384),
+    Method(SDPA_MASK, torch.float32, build_sdpa_mask, max_length=8192),
+    Method(FLEX, torch.float32, build_flex),
+    Method(REFERENCE, torch.float32, build_reference, max_length=8192),
+)
+
+
+def time_forward(method: Method, built: Built, problem: Problem, cfg: Config) -> Timing:
+    """Median forward time under no_grad."""
+    q, k, v = (t.to(method.dtype) for t in (problem.q, problem.k, problem.v))
+    with torch.no_grad():
+        return measure(
+            lambda: built.attend(q, k, v),
+            warmup=0 if built.first_call_s is not None else 1,
+            repeats=cfg.repeats,
+            max_seconds=cfg.cell_seconds,
+            slow_call_seconds=cfg.slow_call_seconds,
+        )
+
+
+def time_forward_backward(method: Method, attend: Attention, problem: Problem, cfg: Config) -> Timing:
+    """Median time of forward plus ``out.backward(grad)``, with grads reset before each call."""
+    leaves = [t.detach().to(method.dtype).requires_grad_() for t in (problem.q, problem.k, problem.v)]
+    grad = problem.grad.to(method.dtype)
+
+    def step() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        attend(*leaves).backward(grad)
+
+    return measure(
+        step, warmup=1, repeats=cfg.repeats,
+        max_seconds=cfg.cell_seconds, slow_call_seconds=cfg.slow_call_seconds,
+    )
+
+
+Key = tuple[int, str, str]  # (L, method, pass)
+
+
+def run(cfg: Config, notes: list[str]) -> tuple[dict[Key, Timing], dict[Key, str], dict[int, int]]:
+    """Time every (L, method, pass); returns timings, statuses of untimed cells and the
+    allowed-pair count per L. Appends setup and compile observations to ``notes``."""
+    timings: dict[Key, Timing] = {}
+    statuses: dict[Key, str] = {}
+    pairs: dict[int, int] = {}
+    unsupported: dict[str, str] = {}  # method -> status of the backward it cannot run
+    for length in cfg.lengths:
+        problem = make_problem(length, cfg)
+        pairs[length] = problem.pairs
+        if length <= CHECK_MAX_LENGTH:
+            sanity_check(problem, cfg)
+        for method in METHODS:
+            if method.max_length is not None and length > method.max_length:
+                for pass_ in PASSES:
+                    statuses[(length, method.name, pass_)] = "skipped (memory)"
+                continue
+            built = method.build(problem, cfg)
+            forward = timings[(length, method.name, FWD)] = time_forward(method, built, problem, cfg)
+            report_progress(length, method.name, FWD, forward)
+            observations = [built.setup_note] if built.setup_note else []
+            if built.first_call_s is not None:
+                observations.insert(0, f"first call {built.first_call_s:.1f} s, "
+                                       f"so compile ~ {built.first_call_s - forward['median_s']:.1f} s")
+            if observations:
+                notes.append(f"{method.name} at L={length}: " + "; ".join(observations))
+            key = (length, method.name, FWD_BWD)
+            if method.name in unsupported:
+                statuses[key] = unsupported[method.name]
+            else:
+                try:
+                    timings[key] = time_forward_backward(method, built.attend, problem, cfg)
+                    report_progress(length, method.name, FWD_BWD, timings[key])
+                except NotImplementedError as error:
+                    statuses[key] = unsupported[method.name] = "n/a (no backward)"
+                    notes.append(f"{method.name} backward: {str(error).splitlines()[0]}")
+            del built
+            gc.collect()
+        del problem
+        gc.collect()
+    return timings, statuses, pairs
+
+
+def report_progress(length: int, method: str, pass_: str, timing: Timing) -> None:
+    """One line per timed cell on stderr, so long runs show where they are."""
+    print(
+        f"[L={length}] {method} {pass_}: {timing['median_s'] * 1e3:.1f} ms ({timing['repeats']} runs)",
+        file=sys.stderr, flush=True,
+    )
+
+
+def table_rows(
+    cfg: Config,
+    timings: dict[Key, Timing],
+    statuses: dict[Key, str],
+    pairs: dict[int, int],
+    rates: dict[torch.dtype, float],
+) -> list[dict[str, Cell]]:
+    """One row per (L, method, pass) with time, useful GFLOP/s, % of matmul rate, speed-up."""
+    rows: list[dict[str, Cell]] = []
+    for length in cfg.lengths:
+        for method in METHODS:
+            for pass_ in PASSES:
+                key = (length, method.name, pass_)
+                row: dict[str, Cell] = {"L": length, "method": method.name, "pass": pass_}
+                timing = timings.get(key)
+                if timing is None:
+                    row["status"] = statuses.get(key, "not run")
+                    rows.append(row)
+                    continue
+                flops = forward_flops(cfg, pairs[length]) * (BACKWARD_FLOP_FACTOR if pass_ == FWD_BWD else 1.0)
+                seconds = timing["median_s"]
+                gflops = flops / seconds / 1e9
+                row.update({
+                    "median ms": seconds * 1e3,
+                    "runs": timing["repeats"],
+                    "useful GFLOP/s": gflops,
+                    "% matmul": 100.0 * gflops / rates[method.dtype],
+                    "status": "ok" if timing["repeats"] > 1 else "ok (1 run)",
+                })
+                ours = timings.get((length, OURS_FP32, pass_))
+                if ours is not None:
+                    row["ours fp32 speed-up"] = seconds / ours["median_s"]
+                rows.append(row)
+    return rows
+
+
+def target_lines(
+    cfg: Config, timings: dict[Key, Timing], pairs: dict[int, int], rates: dict[torch.dtype, float]
+) -> list[str]:
+    """PASS/FAIL lines for the performance targets, from this run's timings."""
+
+    def seconds(length: int, method: str, pass_: str) -> Optional[float]:
+        timing = timings.get((length, method, pass_))
+        return None if timing is None else timing["median_s"]
+
+    def verdict(label: str, value: Optional[float], threshold: float, higher_is_better: bool, unit: str) -> str:
+        if value is None:
+            return f"{label}: not run"
+        ok = value >= threshold if higher_is_better else value <= threshold
+        sign = ">=" if higher_is_better else "<="
+        return f"{label}: {'PASS' if ok else 'FAIL'} (measured {value:.2f}{unit}, target {sign} {threshold:g}{unit})"
+
+    def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+        return None if num is None or den is None else num / den
+
+    ours_fwd = seconds(8192, OURS_FP32, FWD)
+    matmul_pct = None
+    if ours_fwd is not None:
+        matmul_pct = 100.0 * forward_flops(cfg, pairs[8192]) / ours_fwd / 1e9 / rates[torch.float32]
+    return [
+        verdict("fp32 forward vs compiled FlexAttention at L=8192 (t_flex / t_ours)",
+                ratio(seconds(8192, FLEX, FWD), ours_fwd), 5.0, True, "x"),
+        verdict("fp32 forward useful GFLOP/s vs fp32 matmul rate at L=8192",
+                matmul_pct, 50.0, True, "%"),
+        verdict("fp32 fwd+bwd vs SDPA with bool mask at L=8192 (t_sdpa / t_ours)",
+                ratio(seconds(8192, SDPA_MASK, FWD_BWD), seconds(8192, OURS_FP32, FWD_BWD)), 5.0, True, "x"),
+        verdict("linearity, fp32 forward t(32768) / t(8192)",
+                ratio(seconds(32768, OURS_FP32, FWD), ours_fwd), 4.5, False, "x"),
+        verdict("linearity, fp32 fwd+bwd t(32768) / t(8192)",
+                ratio(seconds(32768, OURS_FP32, FWD_BWD), seconds(8192, OURS_FP32, FWD_BWD)), 4.5, False, "x"),
+        verdict("bf16 forward vs fp32 forward at L=8192 (t_fp32 / t_bf16)",
+                ratio(ours_fwd, seconds(8192, OURS_BF16, FWD)), 2.0, True, "x"),
+    ]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Config, int]:
+    """Command-line flags -> (Config, thread count)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--dilation", type=int, default=1)
+    parser.add_argument("--globals", type=int, default=64, dest="n_global", help="number of global tokens")
+    parser.add_argument("--lengths", type=int, nargs="+", help="default 1024 4096 8192 16384 32768")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, help="timed calls per cell (default 5, 2 with --quick)")
+    parser.add_argument("--cell-seconds", type=float, default=15.0,
+                        help="stop repeating a cell once its timed calls reach this many seconds")
+    parser.add_argument("--slow-call-seconds", type=float, default=20.0,
+                        help="a cell whose first call takes longer is recorded from that one call")
+    parser.add_argument("--quick", action="store_true", help="L in {1024, 4096} and fewer repeats")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
+    args = parser.parse_args(argv)
+    lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 4096, 8192, 16384, 32768])
+    repeats = args.repeats or (2 if args.quick else 5)
+    cfg = Config(
+        batch=args.batch, heads=args.heads, dim=args.dim, window=args.window, dilation=args.dilation,
+        n_global=args.n_global, lengths=tuple(lengths), repeats=repeats, cell_seconds=args.cell_seconds,
+        slow_call_seconds=args.slow_call_seconds, seed=args.seed, out=args.out,
+    )
+    return cfg, args.threads
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg, threads = parse_args(argv)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(threads)
+    rates = {dtype: matmul_rate(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    bandwidth = copy_bandwidth()
+    notes = [
+        f"B={cfg.batch}, H={cfg.heads}, D={cfg.dim}, window={cfg.window}, dilation={cfg.dilation}, "
+        f"{cfg.n_global} global tokens (seeded randperm), no padding; repeats={cfg.repeats}, "
+        f"cell budget {cfg.cell_seconds:g} s, single call above {cfg.slow_call_seconds:g} s",
+        f"2048^3 matmul: fp32 {rates[torch.float32]:.1f} GFLOP/s, bf16 {rates[torch.bfloat16]:.1f} GFLOP/s; "
+        f"copy bandwidth {bandwidth:.1f} GB/s",
+        "useful FLOPs: forward 4*H*D*(allowed pairs), fwd+bwd 3.5x forward; "
+        "% matmul is against the fp32 rate for fp32 rows, bf16 rate for bf16 rows",
+        "ours fp32 speed-up = t_method / t_ours_fp32 for the same L and pass",
+    ]
+    timings, statuses, pairs = run(cfg, notes)
+    for length, count in pairs.items():
+        notes.append(f"L={length}: {count} allowed pairs ({100 * count / (cfg.batch * length**2):.2f}% of B*L^2)")
+    columns = ["L", "method", "pass", "median ms", "runs", "useful GFLOP/s", "% matmul",
+               "ours fp32 speed-up", "status"]
+    rows = table_rows(cfg, timings, statuses, pairs, rates)
+    write_table(rows, columns, "attention", out_dir=cfg.out,
+                title="block_sparse_attention CPU benchmark", notes=notes)
+    print("\n## Targets\n")
+    for line in target_lines(cfg, timings, pairs, rates):
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()
