@@ -9,10 +9,13 @@ _OP = torch.ops.moediffuseq.denoise_step
 Coef = Union[float, Tensor]
 
 
-def _per_batch(c: Optional[Coef], B: int, device) -> Tensor:
+def _per_batch(c: Optional[Coef], B: int, device, name: str = "coefficient") -> Tensor:
     if c is None:
         return torch.zeros(B, dtype=torch.float32, device=device)
-    return torch.as_tensor(c, dtype=torch.float32, device=device).expand(B).contiguous()
+    t = torch.as_tensor(c, dtype=torch.float32, device=device)
+    if t.numel() not in (1, B) or t.dim() > 1:
+        raise ValueError(f"denoise_step: {name} must be a float or a (B,) = ({B},) tensor, got shape {tuple(t.shape)}")
+    return t.expand(B).contiguous()
 
 
 def denoise_step(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: Tensor, m: Tensor,
@@ -33,9 +36,10 @@ def denoise_step(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: Tenso
         raise ValueError("denoise_step: x0_prev and coef_x0_prev go together")
     if (noise is None) != (coef_noise is None):
         raise ValueError("denoise_step: noise and coef_noise go together")
-    return _OP(x_t, x0_hat, x0_prev, noise, anchor, target_mask, m, _per_batch(coef_xt, B, x_t.device),
-               _per_batch(coef_x0, B, x_t.device), _per_batch(coef_x0_prev, B, x_t.device),
-               _per_batch(coef_noise, B, x_t.device))
+    return _OP(x_t, x0_hat, x0_prev, noise, anchor, target_mask, m,
+               _per_batch(coef_xt, B, x_t.device, "coef_xt"), _per_batch(coef_x0, B, x_t.device, "coef_x0"),
+               _per_batch(coef_x0_prev, B, x_t.device, "coef_x0_prev"),
+               _per_batch(coef_noise, B, x_t.device, "coef_noise"))
 
 
 @torch.library.register_fake("moediffuseq::denoise_step")

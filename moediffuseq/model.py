@@ -1,0 +1,213 @@
+"""The MoE-DiffuSeq denoiser (METHOD §2): embeddings, a transformer of block-sparse attention and
+mixture-of-experts layers, and the soft absorbing vector m. The diffusion process, the loss and
+the samplers live in moediffuseq/diffusion/ and only call ``denoise``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, MoEFeedForward
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class MoEDiffuSeqConfig:
+    """Every hyper-parameter of the model and its diffusion process. METHOD's defaults."""
+
+    vocab_size: int = 8192
+    max_len: int = 512            # sequence length L, [CLS] src [SEP] trg [SEP] [PAD]...
+    d_emb: int = 128              # word embedding width (the diffusion space)
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    attention: str = "sparse"     # "sparse" (block-sparse) or "dense"
+    window: int = 256
+    dilation: int = 1
+    global_target_max: int = 512  # the target span is global when at most this long
+    ffn: str = "moe"              # "moe" or "dense"
+    num_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 1536
+    d_ff: int = 3072              # width of the dense feed-forward
+    activation: str = "gelu"
+    capacity_factor: Optional[float] = None
+    dropout: float = 0.1
+    pre_ln: bool = False
+    soft_absorbing: bool = True   # learned m and absorbing replacement (DiffuSeq-v2)
+    gamma: float = 0.5
+    schedule: str = "sqrt"
+    diffusion_steps: int = 2000
+    mse_target_only: bool = False  # False: mean over all positions, as the reference code
+    m_weight: float = 0.01        # weight of ||m||_2 in the loss
+    special_ids: tuple = (1, 2)   # token ids that are always global ([CLS], [SEP])
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.attention not in ("sparse", "dense"):
+            raise ValueError(f"attention must be 'sparse' or 'dense', got {self.attention!r}")
+        if self.ffn not in ("moe", "dense"):
+            raise ValueError(f"ffn must be 'moe' or 'dense', got {self.ffn!r}")
+        self.special_ids = tuple(self.special_ids)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MoEDiffuSeqConfig":
+        """"tiny" (CPU demos and tests), "base" (12 x 768, E=8, k=2, expert width 1536) or
+        "diffuseq" (the dense DiffuSeq baseline: dense attention, dense FFN 3072, no soft
+        absorbing state), with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        fields = dict(PRESETS[name])
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        fields.update(overrides)
+        return cls(**fields)
+
+
+PRESETS = {
+    "tiny": dict(max_len=128, d_emb=64, d_model=128, n_layers=2, n_heads=4, window=32, num_experts=4,
+                 top_k=2, d_expert=128, d_ff=256, dropout=0.1),
+    "base": dict(),
+    "diffuseq": dict(attention="dense", ffn="dense", d_ff=3072, soft_absorbing=False, gamma=0.0),
+}
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (B, dim) of integer or real steps t (B,)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
+
+
+class DenoiserLayer(nn.Module):
+    """Attention then feed-forward, each with a residual and LayerNorm (post-LN by default)."""
+
+    def __init__(self, cfg: MoEDiffuSeqConfig) -> None:
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.attn = BlockSparseSelfAttention(cfg.d_model, cfg.n_heads, window=cfg.window, dilation=cfg.dilation,
+                                             dropout=cfg.dropout, kind=cfg.attention)
+        if cfg.ffn == "moe":
+            self.ffn = MoEFeedForward(cfg.d_model, cfg.d_expert, cfg.num_experts, cfg.top_k, cfg.activation,
+                                      cfg.capacity_factor)
+        else:
+            self.ffn = DenseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: Tensor, global_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        if self.pre_ln:
+            h = h + self.attn(self.ln1(h), global_mask)
+            y, aux = self.ffn(self.ln2(h))
+            return h + self.dropout(y), aux.loss
+        h = self.ln1(h + self.attn(h, global_mask))
+        y, aux = self.ffn(h)
+        return self.ln2(h + self.dropout(y)), aux.loss
+
+
+class MoEDiffuSeq(nn.Module):
+    """The denoiser: ``denoise(x_t, t, global_mask) -> (x0_hat, aux_loss)`` (METHOD §2)."""
+
+    def __init__(self, config: MoEDiffuSeqConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.word_embedding = nn.Embedding(cfg.vocab_size, cfg.d_emb)
+        nn.init.normal_(self.word_embedding.weight, std=1.0)  # unit-scale embeddings, as DiffuSeq
+        self.lm_head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # weight tied to the embedding
+        self.input_up = nn.Sequential(nn.Linear(cfg.d_emb, cfg.d_model), nn.Tanh(),
+                                      nn.Linear(cfg.d_model, cfg.d_model))
+        self.position_embedding = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.time_embed = nn.Sequential(nn.Linear(cfg.d_emb, 4 * cfg.d_emb), nn.SiLU(),
+                                        nn.Linear(4 * cfg.d_emb, cfg.d_model))
+        self.ln_in = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(DenoiserLayer(cfg) for _ in range(cfg.n_layers))
+        self.ln_out = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else nn.Identity()
+        self.output_down = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.Tanh(),
+                                         nn.Linear(cfg.d_model, cfg.d_emb))
+        if cfg.soft_absorbing:  # the learned absorbing vector, N(0, 1/d_emb)
+            self.m = nn.Parameter(torch.randn(cfg.d_emb) / math.sqrt(cfg.d_emb))
+        else:
+            self.register_buffer("m", torch.zeros(cfg.d_emb))
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Emb(w): (B, L) -> (B, L, d_emb)."""
+        return self.word_embedding(ids)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """lm_head(x) with the tied embedding: (..., d_emb) -> (..., V)."""
+        return x @ self.word_embedding.weight.T + self.lm_head_bias
+
+    def global_mask(self, src_ids: Tensor, target_mask: Tensor) -> Tensor:
+        """(B, L) bool: special tokens of the source, plus the whole target span when it is at
+        most ``global_target_max`` long (METHOD §3)."""
+        special = torch.zeros_like(target_mask)
+        for token in self.config.special_ids:
+            special |= (src_ids == token) & ~target_mask
+        short = target_mask.sum(-1, keepdim=True) <= self.config.global_target_max  # (B, 1)
+        return special | (target_mask & short)
+
+    def denoise(self, x_t: Tensor, t: Tensor, global_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """x0_hat (B, L, d_emb) from x_t (B, L, d_emb) at steps t (B,); and the summed MoE aux loss."""
+        B, L, _ = x_t.shape
+        if L > self.config.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len {self.config.max_len}")
+        h = self.input_up(x_t)  # (B, L, H)
+        h = h + self.position_embedding.weight[:L][None]
+        h = h + self.time_embed(timestep_embedding(t, self.config.d_emb))[:, None]  # (B, 1, H)
+        h = self.dropout(self.ln_in(h))
+        aux = h.new_zeros((), dtype=torch.float32)
+        attn_global = global_mask if self.config.attention == "sparse" else None
+        for layer in self.layers:
+            h, layer_aux = layer(h, attn_global)
+            aux = aux + layer_aux
+        return self.output_down(self.ln_out(h)), aux
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json + model.safetensors (no pickle)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "MoEDiffuSeq":
+        directory = Path(directory)
+        try:
+            fields = json.loads((directory / CONFIG_FILE).read_text())
+            config = MoEDiffuSeqConfig(**fields)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}") from e
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{directory / CONFIG_FILE} is not a valid MoE-DiffuSeq config: {e}") from e
+        model = cls(config)
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}") from e
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise ValueError(f"{directory / WEIGHTS_FILE} is corrupt or not a safetensors file: {e}") from e
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not match the config: {e}") from e
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not match the config: missing {missing}, "
+                             f"unexpected {unexpected}")
+        return model

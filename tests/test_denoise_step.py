@@ -1,0 +1,70 @@
+"""denoise_step against its reference; nearest_embedding against a dense argmin."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moediffuseq.ops import denoise_step, denoise_step_ref, nearest_embedding, nearest_embedding_ref
+
+
+@given(B=st.integers(1, 4), L=st.integers(1, 200), d=st.sampled_from([1, 5, 64, 130]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_prev=st.booleans(), with_noise=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_denoise_step_matches_reference(B, L, d, dtype, with_prev, with_noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    x_t, x0, anchor, prev, noise = (torch.randn(B, L, d, generator=g).to(dtype) for _ in range(5))
+    tm = torch.rand(B, L, generator=g) < 0.6
+    m = torch.randn(d, generator=g).to(dtype)
+    a, b, c, s = (torch.rand(B, generator=g) for _ in range(4))
+    kw = dict(x0_prev=prev if with_prev else None, coef_x0_prev=c if with_prev else None,
+              noise=noise if with_noise else None, coef_noise=s if with_noise else None)
+    out = denoise_step(x_t, x0, anchor, tm, m, a, b, **kw)
+    ref = denoise_step_ref(x_t.double(), x0.double(), anchor.double(), tm, m.double(), a, b,
+                           **{k: (v.double() if isinstance(v, torch.Tensor) and v.dim() == 3 else v) for k, v in kw.items()})
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(out.double(), ref.to(dtype).double(), **tol)
+    assert torch.equal(out[~tm], anchor[~tm])  # source re-anchored bit-exactly
+
+
+def test_denoise_step_opcheck():
+    x = torch.randn(2, 9, 4)
+    args = (x, x + 1, x - 1, torch.randn_like(x), x * 2, torch.rand(2, 9) < 0.5, torch.randn(4),
+            torch.rand(2), torch.rand(2), torch.rand(2), torch.rand(2))
+    torch.library.opcheck(torch.ops.moediffuseq.denoise_step.default, args)
+
+
+def test_denoise_step_bad_inputs():
+    x = torch.randn(2, 9, 4)
+    tm = torch.rand(2, 9) < 0.5
+    with pytest.raises(ValueError, match=r"coef_xt must be a float or a \(B,\) = \(2,\) tensor"):
+        denoise_step(x, x, x, tm, torch.zeros(4), torch.rand(3), 0.5)
+    with pytest.raises(RuntimeError, match=r"x0_hat must have the shape of x_t"):
+        denoise_step(x, x[:, :3], x, tm, torch.zeros(4), 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"x0_prev and coef_x0_prev go together"):
+        denoise_step(x, x, x, tm, torch.zeros(4), 0.5, 0.5, x0_prev=x)
+
+
+@given(N=st.integers(1, 700), V=st.integers(1, 9000), d=st.sampled_from([1, 16, 33]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_nearest_embedding_matches_dense_argmin(N, V, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(V, d, generator=g).to(dtype)
+    pick = torch.randint(0, V, (N,), generator=g)
+    x = (emb[pick].float() + 0.01 * torch.randn(N, d, generator=g)).to(dtype)  # well-separated nearest rows
+    got = nearest_embedding(x, emb)
+    ref = nearest_embedding_ref(x, emb)
+    sq = torch.cdist(x.double(), emb.double()).square()
+    # the chosen row is at the minimum squared distance, up to the float32 rounding of
+    # ||e||^2 - 2 x.e (which may then pick another row at the same distance)
+    scale = 1 + x.double().square().sum(-1, keepdim=True) + emb.double().square().sum(-1).max()
+    assert (sq.gather(1, got[:, None]) - sq.gather(1, ref[:, None]) <= 1e-6 * scale).all()
+
+
+def test_nearest_embedding_ties_and_shape():
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    x = torch.tensor([[[0.9, 0.1], [0.5, 0.5]]])
+    assert nearest_embedding(x, emb).tolist() == [[0, 0]]
+    with pytest.raises(RuntimeError, match="x contains NaN"):
+        nearest_embedding(torch.tensor([[float("nan"), 0.0]]), emb)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 2\), got \(4, 3\)"):
+        nearest_embedding(torch.randn(4, 3), emb)
