@@ -1,0 +1,112 @@
+"""The MoE-DiffuSeq model: shapes, gradients everywhere, learning, save/load."""
+import json
+
+import pytest
+import torch
+
+from moediffuseq.diffusion import NoiseSchedule, diffusion_loss
+from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
+
+
+def tiny(**kw):
+    return MoEDiffuSeqConfig.preset("tiny", vocab_size=120, max_len=48, window=8, **kw)
+
+
+def batch(B=4, L=48, V=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, L), generator=g)
+    ids[:, 0] = 1
+    ids[:, 20] = 2
+    target = torch.zeros(B, L, dtype=torch.bool)
+    target[:, 21:] = True
+    return ids, target
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attention="dense"), dict(ffn="dense"), dict(pre_ln=True),
+                                       dict(soft_absorbing=False, gamma=0.0)])
+def test_shapes_and_every_parameter_gets_a_gradient(overrides):
+    torch.manual_seed(0)
+    model = MoEDiffuSeq(tiny(**overrides))
+    ids, target = batch()
+    schedule = NoiseSchedule.create("sqrt", 2000)
+    terms = diffusion_loss(model, schedule, ids, target, torch.tensor([0, 5, 999, 1999]))
+    assert terms.per_example.shape == (4,) and terms.loss.dim() == 0
+    terms.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    if model.config.soft_absorbing:
+        assert isinstance(model.m, torch.nn.Parameter)
+
+
+def test_denoise_shapes_and_global_mask():
+    model = MoEDiffuSeq(tiny())
+    ids, target = batch(B=2)
+    g = model.global_mask(ids, target)
+    assert g[:, 0].all() and g[:, 20].all() and g[:, 21:].all() and not g[:, 5].any()
+    x0, aux = model.denoise(torch.randn(2, 48, 64), torch.tensor([3, 7]), g)
+    assert x0.shape == (2, 48, 64) and aux.dim() == 0
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        model.denoise(torch.randn(1, 49, 64), torch.tensor([0]))
+
+
+def test_a_few_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = MoEDiffuSeq(tiny(dropout=0.0))
+    ids, target = batch(B=8)
+    schedule = NoiseSchedule.create("sqrt", 2000)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    t = torch.arange(8) * 250
+
+    def loss():
+        return diffusion_loss(model, schedule, ids, target, t, generator=torch.Generator().manual_seed(1)).loss
+
+    first = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.7 * first
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MoEDiffuSeq(tiny()).eval()
+    model.save_pretrained(tmp_path)
+    loaded = MoEDiffuSeq.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    x, t = torch.randn(2, 48, 64), torch.tensor([1, 2])
+    assert torch.equal(model.denoise(x, t)[0], loaded.denoise(x, t)[0])
+
+
+def test_corrupt_checkpoints_are_named(tmp_path):
+    MoEDiffuSeq(tiny()).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt or not a safetensors file"):
+        MoEDiffuSeq.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a valid MoE-DiffuSeq config"):
+        MoEDiffuSeq.from_pretrained(tmp_path)
+    other = tmp_path / "other"
+    MoEDiffuSeq(tiny()).save_pretrained(other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["d_model"] = 64
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match the config"):
+        MoEDiffuSeq.from_pretrained(other)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        MoEDiffuSeq.from_pretrained(tmp_path / "missing")
+
+
+def test_presets_and_bad_config():
+    base = MoEDiffuSeqConfig.preset("base")
+    assert (base.n_layers, base.d_model, base.n_heads, base.num_experts, base.top_k, base.d_expert) == (12, 768, 12, 8, 2, 1536)
+    dense = MoEDiffuSeqConfig.preset("diffuseq")
+    assert dense.attention == "dense" and dense.ffn == "dense" and dense.d_ff == 3072 and not dense.soft_absorbing
+    with pytest.raises(ValueError, match="preset must be one of"):
+        MoEDiffuSeqConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown config fields"):
+        MoEDiffuSeqConfig.preset("tiny", layers=3)
+    with pytest.raises(ValueError, match="divisible"):
+        MoEDiffuSeqConfig(d_model=100, n_heads=12)
