@@ -209,8 +209,10 @@ def build_reference(problem: Problem, cfg: Config) -> Built:
     ))
 
 
+# Static shapes for both: compiled with dynamic shapes, create_block_mask materialises the
+# L x L mask (about 7 GiB peak at L=8192), which does not fit at L=16384.
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
-_compiled_block_mask = torch.compile(create_block_mask)
+_compiled_block_mask = torch.compile(create_block_mask, dynamic=False)
 
 
 def build_flex(problem: Problem, cfg: Config) -> Built:

@@ -24,6 +24,9 @@ def test_denoise_step_matches_reference(B, L, d, dtype, with_prev, with_noise, s
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
     torch.testing.assert_close(out.double(), ref.to(dtype).double(), **tol)
     assert torch.equal(out[~tm], anchor[~tm])  # source re-anchored bit-exactly
+    in_place = x_t.clone()
+    denoise_step(in_place, x0, anchor, tm, m, a, b, **kw, out=in_place)
+    assert torch.equal(in_place, out)
 
 
 def test_denoise_step_opcheck():
@@ -31,6 +34,7 @@ def test_denoise_step_opcheck():
     args = (x, x + 1, x - 1, torch.randn_like(x), x * 2, torch.rand(2, 9) < 0.5, torch.randn(4),
             torch.rand(2), torch.rand(2), torch.rand(2), torch.rand(2))
     torch.library.opcheck(torch.ops.moediffuseq.denoise_step.default, args)
+    torch.library.opcheck(torch.ops.moediffuseq.denoise_step.out, args, {"out": torch.empty_like(x)})
 
 
 def test_denoise_step_bad_inputs():

@@ -55,7 +55,7 @@ def test_starting_noise_is_centred_on_m():
     starts = []
 
     def recorder(x, t):
-        starts.append(x)
+        starts.append(x.clone())  # the sampler updates x in place
         return exact_denoiser(x, t)
 
     sample(recorder, SCHEDULE, anchor, target, M, SamplerConfig("ddim", 2), generator=torch.Generator().manual_seed(3))

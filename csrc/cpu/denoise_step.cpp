@@ -3,20 +3,48 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
 
 #include "cpu/diffusion_checks.h"
 
 namespace moediffuseq::cpu {
 namespace {
 
+// A float32 accumulator row and the conversions around it (vectorised loops over d).
+template <typename T>
+struct RowMath {
+  explicit RowMath(int64_t d) : acc(d), tmp(d) {}
+  std::vector<float> acc, tmp;
+  void load(const T* src, float* dst) const {
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(src, src + acc.size(), dst);
+    } else {
+      at::vec::convert(src, dst, static_cast<int64_t>(acc.size()));
+    }
+  }
+  void axpy(float w, const T* src) {  // acc += w * src
+    const int64_t d = static_cast<int64_t>(acc.size());
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t c = 0; c < d; ++c) acc[c] += w * src[c];
+    } else {
+      load(src, tmp.data());
+      for (int64_t c = 0; c < d; ++c) acc[c] += w * tmp[c];
+    }
+  }
+  void store(T* dst) const { at::vec::convert(acc.data(), dst, static_cast<int64_t>(acc.size())); }
+};
+
 constexpr const char* kOp = "denoise_step";
 
-at::Tensor denoise_step_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_hat_in,
-                            const std::optional<at::Tensor>& x0_prev_in, const std::optional<at::Tensor>& noise_in,
-                            const at::Tensor& anchor_in, const at::Tensor& mask_in, const at::Tensor& m_in,
-                            const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& c_in,
-                            const at::Tensor& s_in) {
+void denoise_step_out_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_hat_in,
+                                 const std::optional<at::Tensor>& x0_prev_in, const std::optional<at::Tensor>& noise_in,
+                                 const at::Tensor& anchor_in, const at::Tensor& mask_in, const at::Tensor& m_in,
+                                 const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& c_in,
+                                 const at::Tensor& s_in, at::Tensor& out) {
   check_bld(x_t_in, kOp, "x_t");
   check_like(x0_hat_in, x_t_in, kOp, "x0_hat", "x_t");
   check_like(anchor_in, x_t_in, kOp, "anchor", "x_t");
@@ -33,42 +61,59 @@ at::Tensor denoise_step_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_hat_i
   const at::Tensor noise = noise_in ? noise_in->contiguous() : at::Tensor();
   const at::Tensor mask = mask_in.contiguous(), m = m_in.contiguous();
   const at::Tensor ca = a_in.contiguous(), cb = b_in.contiguous(), cc = c_in.contiguous(), cs = s_in.contiguous();
-  at::Tensor out = at::empty_like(x_t);
+  check_like(out, x_t_in, kOp, "out", "x_t");
+  TORCH_CHECK(out.is_contiguous(), kOp, ": out must be contiguous");
+  const float* pa = ca.data_ptr<float>();
+  const float* pb = cb.data_ptr<float>();
+  const float* pc = cc.data_ptr<float>();
+  const float* ps = cs.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x_t.scalar_type(), kOp, [&] {
     const scalar_t* xt = x_t.data_ptr<scalar_t>();
     const scalar_t* x0 = x0_hat.data_ptr<scalar_t>();
     const scalar_t* xp = x0_prev.defined() ? x0_prev.data_ptr<scalar_t>() : nullptr;
     const scalar_t* np = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
     const scalar_t* an = anchor.data_ptr<scalar_t>();
-    const scalar_t* mp = m.data_ptr<scalar_t>();
     const bool* tp = mask.data_ptr<bool>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    std::vector<float> mf(d);
+    at::vec::convert(m.data_ptr<scalar_t>(), mf.data(), d);
     at::parallel_for(0, B * L, 64, [&](int64_t begin, int64_t end) {
+      RowMath<scalar_t> rm(d);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / L, base = row * d;
-        scalar_t* o = op + base;
         if (!tp[row]) {
-          std::copy(an + base, an + base + d, o);
+          std::copy(an + base, an + base + d, op + base);
           continue;
         }
-        const float a = ca.data_ptr<float>()[b], w0 = cb.data_ptr<float>()[b];
-        const float wp = xp ? cc.data_ptr<float>()[b] : 0.f, s = np ? cs.data_ptr<float>()[b] : 0.f;
-        const float wm = 1.f - a - w0 - wp;
-        for (int64_t c = 0; c < d; ++c) {
-          float v = a * static_cast<float>(xt[base + c]) + w0 * static_cast<float>(x0[base + c]) +
-                    wm * static_cast<float>(mp[c]);
-          if (xp) v += wp * static_cast<float>(xp[base + c]);
-          if (np) v += s * static_cast<float>(np[base + c]);
-          o[c] = static_cast<scalar_t>(v);
-        }
+        const float wp = xp ? pc[b] : 0.f;
+        const float wm = 1.f - pa[b] - pb[b] - wp;
+        // acc = a x_t + b x0_hat + (1 - a - b - c) m [+ c x0_prev] [+ s noise]
+        float* acc = rm.acc.data();
+        rm.load(xt + base, rm.tmp.data());
+        for (int64_t c = 0; c < d; ++c) acc[c] = pa[b] * rm.tmp[c] + wm * mf[c];
+        rm.axpy(pb[b], x0 + base);
+        if (xp) rm.axpy(wp, xp + base);
+        if (np) rm.axpy(ps[b], np + base);
+        rm.store(op + base);
       }
     });
   });
+}
+
+at::Tensor denoise_step_cpu(const at::Tensor& x_t, const at::Tensor& x0_hat, const std::optional<at::Tensor>& x0_prev,
+                            const std::optional<at::Tensor>& noise, const at::Tensor& anchor, const at::Tensor& mask,
+                            const at::Tensor& m, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                            const at::Tensor& s) {
+  at::Tensor out = at::empty(x_t.sizes(), x_t.options());
+  denoise_step_out_cpu(x_t, x0_hat, x0_prev, noise, anchor, mask, m, a, b, c, s, out);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moediffuseq, CPU, m) { m.impl("denoise_step", &denoise_step_cpu); }
+TORCH_LIBRARY_IMPL(moediffuseq, CPU, m) {
+  m.impl("denoise_step", &denoise_step_cpu);
+  m.impl("denoise_step.out", &denoise_step_out_cpu);
+}
 
 }  // namespace moediffuseq::cpu

@@ -89,11 +89,12 @@ class _Reverse:
 
     def step(self, x: Tensor, x0: Tensor, a: float, b: float, *, x0_prev: Optional[Tensor] = None,
              c: float = 0.0, noise: Optional[Tensor] = None, s: float = 0.0) -> Tensor:
+        """The update, written over x (the loop keeps no other reference to it)."""
         B = x.shape[0]
         return denoise_step(
             x, x0, self.anchor, self.target_mask, self.m, _batch(a, B, x.device), _batch(b, B, x.device),
             x0_prev=x0_prev, coef_x0_prev=None if x0_prev is None else _batch(c, B, x.device),
-            noise=noise, coef_noise=None if noise is None else _batch(s, B, x.device))
+            noise=noise, coef_noise=None if noise is None else _batch(s, B, x.device), out=x)
 
 
 def dpm_solver_timesteps(num_steps: int, steps: int) -> list[int]:
@@ -117,7 +118,7 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, anchor: Tensor, target_m
     """
     rev = _Reverse(denoiser, anchor, target_mask, m.to(anchor.dtype), cfg, embedding, logits_fn)
     start = torch.randn(anchor.shape, generator=generator, device=anchor.device).to(anchor.dtype)
-    x = torch.where(target_mask[..., None], start + rev.m, anchor)  # target ~ N(m, I)
+    x = torch.where(target_mask[..., None], start + rev.m, anchor).contiguous()  # target ~ N(m, I)
     if cfg.method == "dpm++":
         return _dpm_solver_pp(rev, schedule, x)
     return _ancestral(rev, schedule.respace(cfg.steps), x, cfg.method, generator)
