@@ -21,7 +21,7 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install --quiet numpy "setuptools>=68" "cmake>=3.25" ninja "pybind11>=2.12" \
+	$(BIN)/python -m pip install --quiet numpy safetensors "setuptools>=68" "cmake>=3.25" ninja "pybind11>=2.12" \
 		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest
 	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
@@ -32,6 +32,9 @@ test: install
 
 bench: install
 	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/moe.py
+	$(BIN)/python bench/denoise_step.py
+	$(BIN)/python bench/sampling.py
 
 clean:
 	rm -rf build *.egg-info moediffuseq/_C*.so
