@@ -12,6 +12,7 @@ The table goes to ``<out>/attention.md`` and ``<out>/attention.csv``; a Targets 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -97,11 +99,13 @@ class Built:
 
     ``first_call_s`` is set when building already made a forward call at this length (for a
     compiled method, compile plus one run), so the timed forward needs no warm-up call.
+    ``no_backward`` is set, to the reason, when the method cannot run a backward pass.
     """
 
     attend: Attention
     setup_note: Optional[str] = None
     first_call_s: Optional[float] = None
+    no_backward: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -209,10 +213,29 @@ def build_reference(problem: Problem, cfg: Config) -> Built:
     ))
 
 
+# Compile from scratch so that the reported first-call time includes the real compile time
+# rather than a hit in inductor's on-disk cache from an earlier run.
+torch._inductor.config.force_disable_caches = True
 # Static shapes for both: compiled with dynamic shapes, create_block_mask materialises the
 # L x L mask (about 7 GiB peak at L=8192), which does not fit at L=16384.
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
 _compiled_block_mask = torch.compile(create_block_mask, dynamic=False)
+
+
+@functools.cache
+def flex_backward_error() -> Optional[str]:
+    """Why FlexAttention cannot run a CPU backward (None if it can), probed on tiny inputs.
+
+    The probe calls the eager ``flex_attention``: an error raised while the compiled one is
+    tracing makes torch.compile fall back to eager for every later call, and eager
+    FlexAttention on CPU materialises the dense B x H x L x L scores.
+    """
+    q, k, v = (torch.randn(1, 1, 128, 16, requires_grad=True) for _ in range(3))
+    try:
+        flex_attention(q, k, v).sum().backward()
+    except NotImplementedError as error:
+        return str(error).splitlines()[0]
+    return None
 
 
 def build_flex(problem: Problem, cfg: Config) -> Built:
@@ -243,7 +266,7 @@ def build_flex(problem: Problem, cfg: Config) -> Built:
         check_close(f"{FLEX} at L={length}", out, ours)
     note = (f"create_block_mask (compiled) {mask_seconds:.1f} s, "
             f"{block_mask.sparsity():.1f}% of 128x128 blocks skipped")
-    return Built(attend, setup_note=note, first_call_s=first_seconds)
+    return Built(attend, setup_note=note, first_call_s=first_seconds, no_backward=flex_backward_error())
 
 
 METHODS = (
@@ -294,7 +317,6 @@ def run(cfg: Config, notes: list[str]) -> tuple[dict[Key, Timing], dict[Key, str
     timings: dict[Key, Timing] = {}
     statuses: dict[Key, str] = {}
     pairs: dict[int, int] = {}
-    unsupported: dict[str, str] = {}  # method -> status of the backward it cannot run
     for length in cfg.lengths:
         problem = make_problem(length, cfg)
         pairs[length] = problem.pairs
@@ -315,15 +337,14 @@ def run(cfg: Config, notes: list[str]) -> tuple[dict[Key, Timing], dict[Key, str
             if observations:
                 notes.append(f"{method.name} at L={length}: " + "; ".join(observations))
             key = (length, method.name, FWD_BWD)
-            if method.name in unsupported:
-                statuses[key] = unsupported[method.name]
+            if built.no_backward is not None:
+                statuses[key] = "n/a (no backward)"
+                note = f"{method.name} backward: {built.no_backward}"
+                if note not in notes:
+                    notes.append(note)
             else:
-                try:
-                    timings[key] = time_forward_backward(method, built.attend, problem, cfg)
-                    report_progress(length, method.name, FWD_BWD, timings[key])
-                except NotImplementedError as error:
-                    statuses[key] = unsupported[method.name] = "n/a (no backward)"
-                    notes.append(f"{method.name} backward: {str(error).splitlines()[0]}")
+                timings[key] = time_forward_backward(method, built.attend, problem, cfg)
+                report_progress(length, method.name, FWD_BWD, timings[key])
             del built
             gc.collect()
         del problem

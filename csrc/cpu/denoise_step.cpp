@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/diffusion_checks.h"
+#include "cpu/vec_convert.h"
 
 namespace moediffuseq::cpu {
 namespace {
@@ -19,13 +20,7 @@ template <typename T>
 struct RowMath {
   explicit RowMath(int64_t d) : acc(d), tmp(d) {}
   std::vector<float> acc, tmp;
-  void load(const T* src, float* dst) const {
-    if constexpr (std::is_same_v<T, float>) {
-      std::copy(src, src + acc.size(), dst);
-    } else {
-      at::vec::convert(src, dst, static_cast<int64_t>(acc.size()));
-    }
-  }
+  void load(const T* src, float* dst) const { to_float(src, dst, static_cast<int64_t>(acc.size())); }
   void axpy(float w, const T* src) {  // acc += w * src
     const int64_t d = static_cast<int64_t>(acc.size());
     if constexpr (std::is_same_v<T, float>) {
@@ -35,7 +30,7 @@ struct RowMath {
       for (int64_t c = 0; c < d; ++c) acc[c] += w * tmp[c];
     }
   }
-  void store(T* dst) const { at::vec::convert(acc.data(), dst, static_cast<int64_t>(acc.size())); }
+  void store(T* dst) const { from_float(acc.data(), dst, static_cast<int64_t>(acc.size())); }
 };
 
 constexpr const char* kOp = "denoise_step";
@@ -76,7 +71,7 @@ void denoise_step_out_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_hat_in,
     const bool* tp = mask.data_ptr<bool>();
     scalar_t* op = out.data_ptr<scalar_t>();
     std::vector<float> mf(d);
-    at::vec::convert(m.data_ptr<scalar_t>(), mf.data(), d);
+    to_float(m.data_ptr<scalar_t>(), mf.data(), d);
     at::parallel_for(0, B * L, 64, [&](int64_t begin, int64_t end) {
       RowMath<scalar_t> rm(d);
       for (int64_t row = begin; row < end; ++row) {

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/vec_convert.h"
+
 namespace moediffuseq::cpu {
 
 enum class Activation { kGelu, kSilu, kSwiglu };
@@ -84,7 +86,7 @@ inline void activation_forward(const at::Tensor& h, Activation act, at::Tensor& 
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> in(F1), out(F);
       for (int64_t r = begin; r < end; ++r) {
-        at::vec::convert(hp + r * F1, in.data(), F1);
+        to_float(hp + r * F1, in.data(), F1);
         if (act == Activation::kGelu) {
           map1(in.data(), out.data(), F, [](auto x) { return gelu(x); });
         } else if (act == Activation::kSilu) {
@@ -92,7 +94,7 @@ inline void activation_forward(const at::Tensor& h, Activation act, at::Tensor& 
         } else {
           map2(in.data(), in.data() + F, out.data(), F, [](auto g, auto u) { return silu(g) * u; });
         }
-        at::vec::convert(out.data(), ap + r * F, F);
+        from_float(out.data(), ap + r * F, F);
       }
     });
   });
@@ -109,8 +111,8 @@ inline void activation_backward(const at::Tensor& da, const at::Tensor& h, Activ
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> in(F1), g(F), out(F1), tmp(F);
       for (int64_t r = begin; r < end; ++r) {
-        at::vec::convert(hp + r * F1, in.data(), F1);
-        at::vec::convert(dap + r * F, g.data(), F);
+        to_float(hp + r * F1, in.data(), F1);
+        to_float(dap + r * F, g.data(), F);
         if (act == Activation::kGelu) {
           map2(in.data(), g.data(), out.data(), F, [](auto x, auto d) { return d * gelu_grad(x); });
         } else if (act == Activation::kSilu) {
@@ -122,7 +124,7 @@ inline void activation_backward(const at::Tensor& da, const at::Tensor& h, Activ
           map2(tmp.data(), up, out.data(), F, [](auto a, auto b) { return a * b; });          // d gate
           map2(gate, g.data(), out.data() + F, F, [](auto x, auto d) { return d * silu(x); });  // d up
         }
-        at::vec::convert(out.data(), dhp + r * F1, F1);
+        from_float(out.data(), dhp + r * F1, F1);
       }
     });
   });

@@ -14,6 +14,7 @@
 
 #include "cpu/moe_activation.h"
 #include "cpu/moe_routing.h"
+#include "cpu/vec_convert.h"
 
 namespace moediffuseq::cpu {
 namespace {
@@ -64,8 +65,8 @@ float dot_float(const T* a, const T* b, int64_t n) {
   Vec acc(0.f);
   int64_t c = 0;
   for (; c + kV <= n; c += kV) {
-    at::vec::convert(a + c, fa, kV);
-    at::vec::convert(b + c, fb, kV);
+    to_float(a + c, fa, kV);
+    to_float(b + c, fb, kV);
     acc = at::vec::fmadd(Vec::loadu(fa), Vec::loadu(fb), acc);
   }
   float sum = acc.reduce_add();
