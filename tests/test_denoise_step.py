@@ -72,3 +72,7 @@ def test_nearest_embedding_ties_and_shape():
         nearest_embedding(torch.tensor([[float("nan"), 0.0]]), emb)
     with pytest.raises(ValueError, match=r"x must be \(\.\.\., 2\), got \(4, 3\)"):
         nearest_embedding(torch.randn(4, 3), emb)
+
+
+def test_nearest_embedding_opcheck():
+    torch.library.opcheck(torch.ops.moediffuseq.nearest_embedding.default, (torch.randn(37, 8), torch.randn(50, 8)))
