@@ -57,24 +57,21 @@ class HeadOperands {
       }
     }
     if (G == 0) return;
+    auto keep_rows = [&] {  // the gathered rows as the row-wise global operand
+      if constexpr (kPairPacked<T>) {
+        pack_rows(gathered_.data(), D, G, D, grows_.data(), packed_ld<T>(D));
+      } else {
+        std::copy(gathered_.begin(), gathered_.begin() + G * D, grows_.begin());
+      }
+    };
     gather_rows(k, gkeys, G, D, gathered_.data(), D);
     pack_transposed(gathered_.data(), D, G, D, kgt_.data(), ldg_);
+    if (set_ == kBackwardOperands) keep_rows();  // global K rows, for dQ
+    gather_rows(v, gkeys, G, D, gathered_.data(), D);
     if (set_ == kBackwardOperands) {
-      // global k rows (for dQ) from the gathered keys, then overwrite with values for vgt
-      if constexpr (kPairPacked<T>) {
-        pack_rows(gathered_.data(), D, G, D, grows_.data(), packed_ld<T>(D));
-      } else {
-        std::copy(gathered_.begin(), gathered_.begin() + G * D, grows_.begin());
-      }
-      gather_rows(v, gkeys, G, D, gathered_.data(), D);
       pack_transposed(gathered_.data(), D, G, D, vgt_.data(), ldg_);
     } else {
-      gather_rows(v, gkeys, G, D, gathered_.data(), D);
-      if constexpr (kPairPacked<T>) {
-        pack_rows(gathered_.data(), D, G, D, grows_.data(), packed_ld<T>(D));
-      } else {
-        std::copy(gathered_.begin(), gathered_.begin() + G * D, grows_.begin());
-      }
+      keep_rows();  // global V rows, for P V
     }
   }
 
