@@ -15,23 +15,28 @@
 namespace moediffuseq::cpu {
 namespace {
 
-// A float32 accumulator row and the conversions around it (vectorised loops over d).
-template <typename T>
-struct RowMath {
-  explicit RowMath(int64_t d) : acc(d), tmp(d) {}
-  std::vector<float> acc, tmp;
-  void load(const T* src, float* dst) const { to_float(src, dst, static_cast<int64_t>(acc.size())); }
-  void axpy(float w, const T* src) {  // acc += w * src
-    const int64_t d = static_cast<int64_t>(acc.size());
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t c = 0; c < d; ++c) acc[c] += w * src[c];
-    } else {
-      load(src, tmp.data());
-      for (int64_t c = 0; c < d; ++c) acc[c] += w * tmp[c];
-    }
+// One target row: out = a x_t + b x0_hat + wm m [+ c x0_prev] [+ s noise], float32 math,
+// Vectorized<float>::size() values at a time.
+template <typename T, bool kPrev, bool kNoise>
+void update_row(const T* xt, const T* x0, const T* xp, const T* np, const float* mf, float a, float b, float c,
+                float s, float wm, int64_t d, T* out) {
+  using Vec = FloatVec;
+  const Vec va(a), vb(b), vc(c), vs(s), vm(wm);
+  int64_t i = 0;
+  for (; i + Vec::size() <= d; i += Vec::size()) {
+    Vec acc = at::vec::fmadd(va, load_float(xt + i), vm * Vec::loadu(mf + i));
+    acc = at::vec::fmadd(vb, load_float(x0 + i), acc);
+    if constexpr (kPrev) acc = at::vec::fmadd(vc, load_float(xp + i), acc);
+    if constexpr (kNoise) acc = at::vec::fmadd(vs, load_float(np + i), acc);
+    store_float(acc, out + i);
   }
-  void store(T* dst) const { from_float(acc.data(), dst, static_cast<int64_t>(acc.size())); }
-};
+  for (; i < d; ++i) {
+    float v = a * static_cast<float>(xt[i]) + b * static_cast<float>(x0[i]) + wm * mf[i];
+    if constexpr (kPrev) v += c * static_cast<float>(xp[i]);
+    if constexpr (kNoise) v += s * static_cast<float>(np[i]);
+    out[i] = static_cast<T>(v);
+  }
+}
 
 constexpr const char* kOp = "denoise_step";
 
@@ -72,8 +77,9 @@ void denoise_step_out_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_hat_in,
     scalar_t* op = out.data_ptr<scalar_t>();
     std::vector<float> mf(d);
     to_float(m.data_ptr<scalar_t>(), mf.data(), d);
+    auto row_fn = xp ? (np ? &update_row<scalar_t, true, true> : &update_row<scalar_t, true, false>)
+                     : (np ? &update_row<scalar_t, false, true> : &update_row<scalar_t, false, false>);
     at::parallel_for(0, B * L, 64, [&](int64_t begin, int64_t end) {
-      RowMath<scalar_t> rm(d);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / L, base = row * d;
         if (!tp[row]) {
@@ -81,15 +87,8 @@ void denoise_step_out_cpu(const at::Tensor& x_t_in, const at::Tensor& x0_hat_in,
           continue;
         }
         const float wp = xp ? pc[b] : 0.f;
-        const float wm = 1.f - pa[b] - pb[b] - wp;
-        // acc = a x_t + b x0_hat + (1 - a - b - c) m [+ c x0_prev] [+ s noise]
-        float* acc = rm.acc.data();
-        rm.load(xt + base, rm.tmp.data());
-        for (int64_t c = 0; c < d; ++c) acc[c] = pa[b] * rm.tmp[c] + wm * mf[c];
-        rm.axpy(pb[b], x0 + base);
-        if (xp) rm.axpy(wp, xp + base);
-        if (np) rm.axpy(ps[b], np + base);
-        rm.store(op + base);
+        row_fn(xt + base, x0 + base, xp ? xp + base : nullptr, np ? np + base : nullptr, mf.data(), pa[b], pb[b],
+               wp, ps[b], 1.f - pa[b] - pb[b] - wp, d, op + base);
       }
     });
   });
