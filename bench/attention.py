@@ -88,7 +88,6 @@ class Problem:
     k: Tensor
     v: Tensor
     grad: Tensor
-    global_positions: Tensor
     global_mask: Tensor  # (B, L) bool
     pairs: int
 
@@ -156,7 +155,7 @@ def make_problem(length: int, cfg: Config) -> Problem:
     global_mask = torch.zeros(cfg.batch, length, dtype=torch.bool)
     global_mask[:, positions] = True
     pairs = allowed_pairs(length, cfg.window, cfg.dilation, positions, cfg.batch)
-    return Problem(length, q, k, v, grad, positions, global_mask, pairs)
+    return Problem(length, q, k, v, grad, global_mask, pairs)
 
 
 def dense_allowed(problem: Problem, cfg: Config) -> Tensor:
