@@ -27,7 +27,21 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
 	touch $(STAMP)
 
-test: install
+# Compiles every csrc/cuda/*.cu with nvcc for sm_90a (no torch, nothing run): the CUDA check
+# of machines without a GPU; skipped when nvcc is missing.
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA_ARCHS ?= 90a
+.PHONY: cuda-check
+cuda-check: install
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, CUDA compile check skipped"; else \
+		start=$$(date +%s) && \
+		PATH="$(abspath $(BIN)):$$PATH" cmake -S cmake/cuda_compile_check -B build/cuda-check -GNinja \
+			-DPython_EXECUTABLE=$(abspath $(BIN)/python) -DCMAKE_CUDA_COMPILER=$(NVCC) \
+			-DMOEDIFFUSEQ_CUDA_ARCHS=$(CUDA_ARCHS) >/dev/null && \
+		PATH="$(abspath $(BIN)):$$PATH" cmake --build build/cuda-check --parallel $(MAX_JOBS) && \
+		echo "cuda-check: CUDA kernels compiled for sm_$(CUDA_ARCHS) in $$(( $$(date +%s) - start )) s"; fi
+
+test: install cuda-check
 	$(BIN)/python -m pytest tests
 
 bench: install

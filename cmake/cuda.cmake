@@ -31,22 +31,7 @@ if(NOT MOEDIFFUSEQ_CUDA STREQUAL "OFF")
   endif()
 endif()
 
-# CUTLASS headers shipped by the nvidia-cutlass wheel (cutlass_library/source/include).
-function(moediffuseq_find_cutlass)
-  moediffuseq_python_query(root
-    "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))")
-  set(include_dir "${root}/include")
-  if(NOT EXISTS "${include_dir}/cutlass/version.h")
-    message(FATAL_ERROR "moediffuseq: CUTLASS headers not found under ${include_dir}; pip install nvidia-cutlass==4.2.0.0")
-  endif()
-  file(STRINGS "${include_dir}/cutlass/version.h" lines REGEX "#define CUTLASS_(MAJOR|MINOR|PATCH) [0-9]+")
-  foreach(part MAJOR MINOR PATCH)
-    string(REGEX MATCH "CUTLASS_${part} ([0-9]+)" _ "${lines}")
-    set(v_${part} "${CMAKE_MATCH_1}")
-  endforeach()
-  set(MOEDIFFUSEQ_CUTLASS_INCLUDE_DIR "${include_dir}" PARENT_SCOPE)
-  set(MOEDIFFUSEQ_CUTLASS_VERSION "${v_MAJOR}.${v_MINOR}.${v_PATCH}" PARENT_SCOPE)
-endfunction()
+include(cutlass)  # moediffuseq_find_cutlass(), MOEDIFFUSEQ_CUDA_FLAGS
 
 # Adds csrc/cuda/*.cu (torch-free kernels, compiled by nvcc alone) and csrc/cuda/*.cpp
 # (their torch-facing glue) to <target>, with CUTLASS on the include path.
@@ -55,9 +40,14 @@ function(moediffuseq_add_cuda_sources target)
   moediffuseq_find_cutlass()
   file(GLOB cu_sources CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cu ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cpp)
   target_sources(${target} PRIVATE ${cu_sources})
-  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "${MOEDIFFUSEQ_CUDA_ARCHS}")
+  # Shared cudart: the kernels and torch then use one runtime (one set of streams and contexts).
+  set_target_properties(${target} PROPERTIES
+    CUDA_ARCHITECTURES "${MOEDIFFUSEQ_CUDA_ARCHS}"
+    CUDA_STANDARD 17
+    CUDA_STANDARD_REQUIRED ON
+    CUDA_RUNTIME_LIBRARY Shared)
   target_include_directories(${target} PRIVATE ${MOEDIFFUSEQ_CUTLASS_INCLUDE_DIR})
-  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -O3>)
+  target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:${MOEDIFFUSEQ_CUDA_FLAGS}>")
   target_compile_definitions(${target} PRIVATE
     MOEDIFFUSEQ_WITH_CUDA=1
     MOEDIFFUSEQ_CUDA_ARCHS="${MOEDIFFUSEQ_CUDA_ARCHS}"
