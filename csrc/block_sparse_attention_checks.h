@@ -38,8 +38,14 @@ inline void check_bsa_inputs(const at::Tensor& q, const at::Tensor& k, const at:
                              int64_t dilation, const std::optional<at::Tensor>& global_mask,
                              const std::optional<at::Tensor>& key_padding_mask, double scale) {
   TORCH_CHECK(q.dim() == 4, "block_sparse_attention: q must be (B, H, L, D), got shape ", q.sizes());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "block_sparse_attention: q, k, v must be float32 or bfloat16, got ", q.scalar_type());
+  if (q.is_cuda()) {
+    // The CUDA kernels run on bfloat16 / float16 tensor cores (float32 accumulation).
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+                "block_sparse_attention: q, k, v on CUDA must be bfloat16 or float16, got ", q.scalar_type());
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+                "block_sparse_attention: q, k, v must be float32 or bfloat16, got ", q.scalar_type());
+  }
   TORCH_CHECK(q.size(3) > 0, "block_sparse_attention: head dimension D must be positive, got q shape ",
               q.sizes());
   check_bsa_tensor(k, "k", q);

@@ -1,4 +1,8 @@
-"""block_sparse_attention against its reference: forward, gradients, registration, errors."""
+"""block_sparse_attention against its reference: forward, gradients, registration, errors.
+
+Every test runs on CPU and, where a GPU and the CUDA kernels are present, on CUDA (bfloat16 and
+float16 there, head dimensions 64 and 128; the float64 reference runs on the same device).
+"""
 import math
 
 import pytest
@@ -6,10 +10,23 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import assert_close_to_reference
+from conftest import DEVICES, assert_close_to_reference, skip_unless_ready
 from moediffuseq.ops import block_sparse_allowed_mask, block_sparse_attention, block_sparse_attention_ref
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16]  # CPU
+DEVICE_DTYPES = {"cpu": DTYPES, "cuda": [torch.bfloat16, torch.float16]}
+DEVICE_HEAD_DIMS = {"cpu": [1, 8, 16, 40, 64, 72, 128], "cuda": [64, 128]}
+DEVICE_DTYPE_CASES = [(d, t) for d in DEVICES for t in DEVICE_DTYPES[d]]
+DEVICE_DTYPE_IDS = [f"{d}-{str(t).removeprefix('torch.')}" for d, t in DEVICE_DTYPE_CASES]
+
+
+def head_dim(device, cpu_dim):
+    """``cpu_dim`` on CPU; on CUDA the nearest head dimension the kernels support."""
+    return cpu_dim if device == "cpu" else (64 if cpu_dim <= 64 else 128)
+
+
+def default_dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
 
 
 def make_inputs(B, H, L, D, dtype, seed, p_global=0.0, p_pad=0.0, pad_batch=False, device="cpu"):
@@ -19,6 +36,7 @@ def make_inputs(B, H, L, D, dtype, seed, p_global=0.0, p_pad=0.0, pad_batch=Fals
     key_padding_mask = (torch.rand(B, L, generator=gen) < p_pad).to(device) if p_pad > 0 else None
     if pad_batch:  # the last batch element has every key padded
         key_padding_mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, L, dtype=torch.bool)
+        key_padding_mask = key_padding_mask.to(device)
         key_padding_mask[-1] = True
     grad = torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
     return q, k, v, global_mask, key_padding_mask, grad
@@ -48,41 +66,71 @@ lengths = st.one_of(st.integers(1, 160), st.sampled_from([255, 256, 257, 513, 10
 
 
 @st.composite
-def problems(draw):
+def problems(draw, device="cpu"):
     L = draw(lengths)
     small = L <= 300
     return dict(
         B=draw(st.integers(1, 2 if small else 1)),
         H=draw(st.integers(1, 3 if small else 2)),
         L=L,
-        D=draw(st.sampled_from([1, 8, 16, 40, 64, 72, 128])),
+        D=draw(st.sampled_from(DEVICE_HEAD_DIMS[device])),
         window=draw(st.one_of(st.integers(0, 8), st.integers(0, L + 2))),
         dilation=draw(st.integers(1, 4)),
         p_global=draw(st.sampled_from([0.0, 0.02, 0.1, 1.0])),
         p_pad=draw(st.sampled_from([0.0, 0.1, 0.5])),
         pad_batch=draw(st.booleans()),
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=draw(st.sampled_from(DEVICE_DTYPES[device])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
-@given(problems())
-@example(dict(B=1, H=1, L=1, D=16, window=0, dilation=1, p_global=0.0, p_pad=0.0, pad_batch=False,
-              dtype=torch.float32, seed=0))
-@example(dict(B=1, H=2, L=1025, D=64, window=256, dilation=1, p_global=0.02, p_pad=0.1, pad_batch=False,
-              dtype=torch.float32, seed=1))
-@example(dict(B=2, H=1, L=97, D=40, window=3, dilation=4, p_global=0.1, p_pad=0.1, pad_batch=True,
-              dtype=torch.bfloat16, seed=2))
-def test_matches_reference(problem):
-    p = dict(problem)
+# Explicit examples (kept failing cases and edge cases), per device.
+EXAMPLES = {
+    "cpu": [
+        dict(B=1, H=1, L=1, D=16, window=0, dilation=1, p_global=0.0, p_pad=0.0, pad_batch=False,
+             dtype=torch.float32, seed=0),
+        dict(B=1, H=2, L=1025, D=64, window=256, dilation=1, p_global=0.02, p_pad=0.1, pad_batch=False,
+             dtype=torch.float32, seed=1),
+        dict(B=2, H=1, L=97, D=40, window=3, dilation=4, p_global=0.1, p_pad=0.1, pad_batch=True,
+             dtype=torch.bfloat16, seed=2),
+    ],
+    "cuda": [
+        dict(B=1, H=1, L=1, D=64, window=0, dilation=1, p_global=0.0, p_pad=0.0, pad_batch=False,
+             dtype=torch.bfloat16, seed=0),
+        dict(B=1, H=2, L=1025, D=128, window=256, dilation=1, p_global=0.02, p_pad=0.1, pad_batch=False,
+             dtype=torch.bfloat16, seed=1),
+        dict(B=2, H=1, L=97, D=64, window=3, dilation=4, p_global=0.1, p_pad=0.1, pad_batch=True,
+             dtype=torch.float16, seed=2),
+        dict(B=1, H=1, L=300, D=128, window=70, dilation=3, p_global=1.0, p_pad=0.5, pad_batch=False,
+             dtype=torch.float16, seed=3),
+    ],
+}
+
+
+def check_problem(p, device):
     q, k, v, g, kp, grad = make_inputs(p["B"], p["H"], p["L"], p["D"], p["dtype"], p["seed"],
-                                       p["p_global"], p["p_pad"], p["pad_batch"])
+                                       p["p_global"], p["p_pad"], p["pad_batch"], device=device)
     check_against_reference(q, k, v, g, kp, grad, p["window"], p["dilation"])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_explicit_scale_and_long_window(dtype):
-    q, k, v, g, kp, grad = make_inputs(1, 2, 2100, 40, dtype, seed=3, p_global=0.01, p_pad=0.05)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference(device):
+    skip_unless_ready(device)
+
+    @given(problems(device))
+    def matches(problem):
+        check_problem(problem, device)
+
+    for case in EXAMPLES[device]:
+        matches = example(case)(matches)
+    matches()
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPE_CASES, ids=DEVICE_DTYPE_IDS)
+def test_explicit_scale_and_long_window(device, dtype):
+    skip_unless_ready(device)
+    q, k, v, g, kp, grad = make_inputs(1, 2, 2100, head_dim(device, 40), dtype, seed=3, p_global=0.01, p_pad=0.05,
+                                       device=device)
     check_against_reference(q, k, v, g, kp, grad, window=1500, dilation=1, scale=0.3)
 
 
@@ -100,8 +148,9 @@ def test_allowed_mask_is_the_contract():
                 assert bool(mask[b, i, j]) == expect, (b, i, j)
 
 
-def test_rows_without_keys_are_zero_with_zero_grads():
-    q, k, v, g, kp, grad = make_inputs(2, 2, 50, 16, torch.float32, seed=4, pad_batch=True)
+def test_rows_without_keys_are_zero_with_zero_grads(device):
+    q, k, v, g, kp, grad = make_inputs(2, 2, 50, head_dim(device, 16), default_dtype(device), seed=4, pad_batch=True,
+                                       device=device)
     out, (dq, dk, dv) = run_with_grads(block_sparse_attention, q, k, v, grad, window=3,
                                        key_padding_mask=kp)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -110,24 +159,29 @@ def test_rows_without_keys_are_zero_with_zero_grads():
     assert out[0].abs().sum() > 0
 
 
-def test_global_query_attends_to_every_key():
-    q, k, v, _, _, _ = make_inputs(1, 1, 300, 16, torch.float32, seed=5)
-    g = torch.zeros(1, 300, dtype=torch.bool)
+def test_global_query_attends_to_every_key(device):
+    D, dtype = head_dim(device, 16), default_dtype(device)
+    q, k, v, _, _, _ = make_inputs(1, 1, 300, D, dtype, seed=5, device=device)
+    g = torch.zeros(1, 300, dtype=torch.bool, device=device)
     g[0, 150] = True
     out = block_sparse_attention(q, k, v, window=2, global_mask=g)
-    dense = torch.softmax(q[0, 0, 150] @ k[0, 0].T / 4.0, dim=-1) @ v[0, 0]
-    torch.testing.assert_close(out[0, 0, 150], dense, atol=2e-5, rtol=2e-5)
+    q32, k32, v32 = (t[0, 0].float() for t in (q, k, v))
+    dense = torch.softmax(q32[150] @ k32.T / math.sqrt(D), dim=-1) @ v32
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[0, 0, 150].float(), dense, atol=tol, rtol=tol)
 
 
-def test_default_scale_is_inverse_sqrt_head_dim():
-    q, k, v, _, _, _ = make_inputs(1, 2, 70, 24, torch.float32, seed=6)
+def test_default_scale_is_inverse_sqrt_head_dim(device):
+    D = head_dim(device, 24)
+    q, k, v, _, _, _ = make_inputs(1, 2, 70, D, default_dtype(device), seed=6, device=device)
     a = block_sparse_attention(q, k, v, window=5)
-    b = block_sparse_attention(q, k, v, window=5, scale=1 / math.sqrt(24))
+    b = block_sparse_attention(q, k, v, window=5, scale=1 / math.sqrt(D))
     assert torch.equal(a, b)
 
 
-def test_non_contiguous_inputs():
-    q, k, v, g, kp, grad = make_inputs(2, 3, 90, 32, torch.float32, seed=7, p_global=0.05, p_pad=0.1)
+def test_non_contiguous_inputs(device):
+    q, k, v, g, kp, grad = make_inputs(2, 3, 90, head_dim(device, 32), default_dtype(device), seed=7, p_global=0.05,
+                                       p_pad=0.1, device=device)
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert not qt.is_contiguous()
     a = block_sparse_attention(qt, kt, vt, window=4, global_mask=g, key_padding_mask=kp)
@@ -135,8 +189,8 @@ def test_non_contiguous_inputs():
     assert torch.equal(a, b)
 
 
-def test_nan_propagates_like_the_reference():
-    q, k, v, _, _, _ = make_inputs(1, 1, 40, 8, torch.float32, seed=8)
+def test_nan_propagates_like_the_reference(device):
+    q, k, v, _, _, _ = make_inputs(1, 1, 40, head_dim(device, 8), default_dtype(device), seed=8, device=device)
     v[0, 0, 10, 3] = float("nan")
     out = block_sparse_attention(q, k, v, window=2)
     ref = block_sparse_attention_ref(q, k, v, window=2)
@@ -146,32 +200,35 @@ def test_nan_propagates_like_the_reference():
 
 
 @pytest.mark.parametrize("masks", ["none", "global", "padding", "both"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck(masks, dtype):
-    q, k, v, g, kp, _ = make_inputs(2, 2, 37, 16, dtype, seed=9,
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPE_CASES, ids=DEVICE_DTYPE_IDS)
+def test_opcheck(masks, device, dtype):
+    skip_unless_ready(device)
+    q, k, v, g, kp, _ = make_inputs(2, 2, 37, head_dim(device, 16), dtype, seed=9,
                                     p_global=0.1 if masks in ("global", "both") else 0.0,
-                                    p_pad=0.2 if masks in ("padding", "both") else 0.0)
+                                    p_pad=0.2 if masks in ("padding", "both") else 0.0, device=device)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 3, 2, g, kp, 0.25)
     torch.library.opcheck(torch.ops.moediffuseq.block_sparse_attention.default, args)
 
 
-def test_opcheck_backward_op():
-    q, k, v, g, kp, grad = make_inputs(1, 2, 45, 8, torch.float32, seed=10, p_global=0.1, p_pad=0.1)
+def test_opcheck_backward_op(device):
+    q, k, v, g, kp, grad = make_inputs(1, 2, 45, head_dim(device, 8), default_dtype(device), seed=10, p_global=0.1,
+                                       p_pad=0.1, device=device)
     out, lse = torch.ops.moediffuseq.block_sparse_attention(q, k, v, 4, 1, g, kp, 0.35)
     args = (grad, q, k, v, out, lse, 4, 1, g, kp, 0.35)
     torch.library.opcheck(torch.ops.moediffuseq.block_sparse_attention_backward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     from moediffuseq.nn import BlockSparseSelfAttention
 
     torch.manual_seed(0)
-    attn = BlockSparseSelfAttention(48, 3, window=4, dilation=2)
-    x = torch.randn(2, 61, 48, requires_grad=True)
-    g = torch.zeros(2, 61, dtype=torch.bool)
+    width, heads = (48, 3) if device == "cpu" else (128, 2)  # head dimension 16 / 64
+    attn = BlockSparseSelfAttention(width, heads, window=4, dilation=2).to(device, default_dtype(device))
+    x = torch.randn(2, 61, width).to(device, default_dtype(device)).requires_grad_()
+    g = torch.zeros(2, 61, dtype=torch.bool, device=device)
     g[:, 0] = True
-    kp = torch.zeros(2, 61, dtype=torch.bool)
+    kp = torch.zeros(2, 61, dtype=torch.bool, device=device)
     kp[1, 50:] = True
     compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
     y_eager = attn(x, g, kp)
@@ -180,6 +237,23 @@ def test_torch_compile_fullgraph():
     (gx_eager,) = torch.autograd.grad(y_eager.sum(), x)
     (gx_comp,) = torch.autograd.grad(y_comp.sum(), x)
     torch.testing.assert_close(gx_comp, gx_eager)
+
+
+def test_torch_compile_inductor_on_cuda():
+    """The op inside an inductor-compiled CUDA function (no graph breaks), forward and backward."""
+    skip_unless_ready("cuda")
+    q, k, v, g, kp, grad = make_inputs(1, 2, 200, 64, torch.bfloat16, seed=12, p_global=0.05, p_pad=0.1,
+                                       device="cuda")
+
+    def attend(q, k, v):
+        return block_sparse_attention(q * 1.5, k, v, window=16, dilation=2, global_mask=g, key_padding_mask=kp)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    out_eager, grads_eager = run_with_grads(attend, q, k, v, grad)
+    out_comp, grads_comp = run_with_grads(compiled, q, k, v, grad)
+    torch.testing.assert_close(out_comp, out_eager)
+    for a, b in zip(grads_comp, grads_eager):
+        torch.testing.assert_close(a, b)
 
 
 def _good():
@@ -221,9 +295,30 @@ def test_bad_input_is_named(case, mutate, message):
         block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
-def test_empty_batch_and_sequence():
+CUDA_BAD_INPUTS = [
+    ("float32 on CUDA", lambda a: a.update(q=a["q"].float(), k=a["k"].float(), v=a["v"].float()),
+     r"on CUDA must be bfloat16 or float16"),
+    ("head dim 40 on CUDA", lambda a: a.update(q=a["q"][..., :40], k=a["k"][..., :40], v=a["v"][..., :40]),
+     r"support head dimensions 64 and 128"),
+    ("mask on CPU", lambda a: a.update(global_mask=torch.zeros(2, 16, dtype=torch.bool)),
+     r"global_mask must be on the device of q"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,message", CUDA_BAD_INPUTS, ids=[c[0] for c in CUDA_BAD_INPUTS])
+def test_bad_input_is_named_on_cuda(case, mutate, message):
+    skip_unless_ready("cuda")
+    q, k, v, _, _, _ = make_inputs(2, 2, 16, 64, torch.bfloat16, seed=11, device="cuda")
+    args = dict(q=q, k=k, v=v, window=2)
+    mutate(args)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_empty_batch_and_sequence(device):
     for shape in [(0, 2, 5, 8), (1, 2, 0, 8)]:
-        q = torch.randn(shape, requires_grad=True)
+        shape = shape[:3] + (head_dim(device, shape[3]),)
+        q = torch.randn(shape).to(device, default_dtype(device)).requires_grad_()
         out = block_sparse_attention(q, q, q, window=1)
         assert out.shape == shape
         out.sum().backward()

@@ -1,0 +1,149 @@
+// CUDA host entry points of block_sparse_attention: validation (shared with the CPU backend),
+// contiguity and alignment, outputs and workspace, device guard and current stream, and the
+// dispatcher registration. Built only against a CUDA build of torch; the kernels themselves
+// are torch-free (block_sparse_attention_cuda.h).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "block_sparse_attention_checks.h"
+#include "cuda/block_sparse_attention_cuda.h"
+
+namespace moediffuseq::cuda {
+namespace {
+
+// Contiguous, with a 16-byte aligned start (the kernels move 16-byte pieces).
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+void check_cuda_inputs(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "block_sparse_attention: expected CUDA tensors, got ", q.device());
+  TORCH_CHECK(bsa_cuda_supports_head_dim(q.size(3)),
+              "block_sparse_attention: the CUDA kernels support head dimensions 64 and 128, got D = ", q.size(3));
+  TORCH_CHECK(q.size(2) < (int64_t(1) << 30), "block_sparse_attention: sequence length too large for the CUDA "
+              "kernels, got L = ", q.size(2));
+}
+
+BsaDtype dtype_of(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 ? BsaDtype::kBFloat16 : BsaDtype::kFloat16;
+}
+
+BlockSparseAttentionParams make_params(const at::Tensor& q, int64_t window, int64_t dilation,
+                                       const std::optional<at::Tensor>& global_mask,
+                                       const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  BlockSparseAttentionParams p;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.seqlen = q.size(2);
+  p.head_dim = q.size(3);
+  p.window = window;
+  p.dilation = dilation;
+  p.scale = static_cast<float>(scale);
+  p.global_mask = global_mask ? global_mask->data_ptr<bool>() : nullptr;
+  p.key_padding_mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
+  return p;
+}
+
+// The global lists: (B, L) int32 each and the (2 B) counts, only when there is a global mask.
+struct Lists {
+  at::Tensor queries, keys, counts;
+  void fill(BsaWorkspace& ws, const at::Tensor& q, bool has_global) {
+    if (!has_global) return;
+    const auto opts = q.options().dtype(at::kInt);
+    queries = at::empty({q.size(0), q.size(2)}, opts);
+    keys = at::empty({q.size(0), q.size(2)}, opts);
+    counts = at::empty({2 * q.size(0)}, opts);
+    ws.global_queries = queries.data_ptr<int>();
+    ws.global_keys = keys.data_ptr<int>();
+    ws.num_global = counts.data_ptr<int>();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t window, int64_t dilation,
+    const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
+    double scale) {
+  check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
+  check_cuda_inputs(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
+  const auto global_mask = contiguous(global_mask_in), key_padding_mask = contiguous(key_padding_mask_in);
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  BlockSparseAttentionParams p = make_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out_mut = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  BsaWorkspace ws;
+  Lists lists;
+  lists.fill(ws, q, p.global_mask != nullptr);
+  C10_CUDA_CHECK(block_sparse_attention_fwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, int64_t window, int64_t dilation,
+    const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
+    double scale) {
+  check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
+  check_bsa_tensor(grad_out_in, "grad_out", q_in);
+  check_bsa_tensor(out_in, "out", q_in);
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
+                  lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2) && lse_in.device() == q_in.device(),
+              "block_sparse_attention_backward: lse must be float32 (B, H, L) = (", q_in.size(0), ", ", q_in.size(1),
+              ", ", q_in.size(2), ") on ", q_in.device(), ", got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ",
+              lse_in.device());
+  check_cuda_inputs(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
+  const at::Tensor grad_out = contiguous_aligned(grad_out_in), out = contiguous_aligned(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const auto global_mask = contiguous(global_mask_in), key_padding_mask = contiguous(key_padding_mask_in);
+  at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor grad_v = at::empty_like(v, at::MemoryFormat::Contiguous);
+  if (q.numel() == 0) return {grad_q, grad_k, grad_v};
+  BlockSparseAttentionParams p = make_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.grad_out = grad_out.data_ptr();
+  p.grad_q = grad_q.data_ptr();
+  p.grad_k = grad_k.data_ptr();
+  p.grad_v = grad_v.data_ptr();
+  at::Tensor grad_q_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  BsaWorkspace ws;
+  ws.grad_q_accum = grad_q_accum.data_ptr<float>();
+  ws.delta = delta.data_ptr<float>();
+  Lists lists;
+  lists.fill(ws, q, p.global_mask != nullptr);
+  C10_CUDA_CHECK(block_sparse_attention_bwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moediffuseq, CUDA, m) {
+  m.impl("block_sparse_attention", &block_sparse_attention_cuda);
+  m.impl("block_sparse_attention_backward", &block_sparse_attention_backward_cuda);
+}
+
+}  // namespace moediffuseq::cuda
