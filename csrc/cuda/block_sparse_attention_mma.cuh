@@ -40,7 +40,7 @@ using LdsmT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Elem>;  // MN-major opera
 // A operand of the next product, (((2, 2), 2), M, N / 2): A's k-block kk is the pair of
 // C n-blocks 2 kk and 2 kk + 1 (same rows, columns 8 apart).
 template <class Layout>
-__device__ __forceinline__ auto accumulator_as_a(Layout layout) {
+CUTE_HOST_DEVICE auto accumulator_as_a(Layout layout) {
   using namespace cute;
   static_assert(rank(Layout{}) == 3 && size<0>(Layout{}) == 4 && size<2>(Layout{}) % 2 == 0);
   auto split = logical_divide(layout, Shape<Underscore, Underscore, _2>{});  // ((2,2), M, (2, N/2))
@@ -50,14 +50,14 @@ __device__ __forceinline__ auto accumulator_as_a(Layout layout) {
 // The accumulator ((2, 2), M, N) seen as (rows, columns) = ((2, M), (2, N)): mode 0 of the
 // m16n8 C layout is (2 adjacent columns, rows r and r + 8).
 template <class Layout>
-__device__ __forceinline__ auto accumulator_rowcol(Layout layout) {
+CUTE_HOST_DEVICE auto accumulator_rowcol(Layout layout) {
   using namespace cute;
   static_assert(rank(Layout{}) == 3 && size<0>(Layout{}) == 4);
   return make_layout(make_layout(get<0, 1>(layout), get<1>(layout)), make_layout(get<0, 0>(layout), get<2>(layout)));
 }
 
 template <class Tensor>
-__device__ __forceinline__ auto rowcol_view(Tensor&& t) {
+CUTE_HOST_DEVICE auto rowcol_view(Tensor&& t) {
   return cute::make_tensor(t.data(), accumulator_rowcol(t.layout()));
 }
 
