@@ -9,7 +9,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/diffusion_checks.h"
+#include "diffusion_checks.h"
 #include "cpu/vec_convert.h"
 
 namespace moediffuseq::cpu {

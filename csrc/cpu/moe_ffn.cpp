@@ -15,46 +15,10 @@
 #include "cpu/moe_activation.h"
 #include "cpu/moe_routing.h"
 #include "cpu/vec_convert.h"
+#include "moe_checks.h"
 
 namespace moediffuseq::cpu {
 namespace {
-
-struct MoeShapes {
-  int64_t T, D, k, E, F1, F;
-};
-
-MoeShapes check_moe_inputs(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& indices,
-                           const at::Tensor& w1, const at::Tensor& w2, Activation act, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be (T, D), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float32 or bfloat16, got ", x.scalar_type());
-  const int64_t T = x.size(0), D = x.size(1);
-  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == T, op, ": indices must be (T, k) with T = ", T,
-              ", got shape ", indices.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
-  const int64_t k = indices.size(1);
-  TORCH_CHECK(weights.sizes() == indices.sizes(), op, ": weights must be (T, k) = ", indices.sizes(),
-              " like indices, got ", weights.sizes());
-  TORCH_CHECK(weights.scalar_type() == at::kFloat, op, ": weights must be float32, got ", weights.scalar_type());
-  TORCH_CHECK(w1.dim() == 3 && w1.size(1) == D, op, ": w1 must be (E, D, F) with D = ", D, ", got shape ",
-              w1.sizes());
-  const int64_t E = w1.size(0), F1 = w1.size(2);
-  const int64_t F = act == Activation::kSwiglu ? F1 / 2 : F1;
-  TORCH_CHECK(act != Activation::kSwiglu || F1 % 2 == 0, op,
-              ": with swiglu, w1 must be (E, D, 2F) (gate and up halves), got odd width ", F1);
-  TORCH_CHECK(w2.dim() == 3 && w2.size(0) == E && w2.size(1) == F && w2.size(2) == D, op,
-              ": w2 must be (E, F, D) = (", E, ", ", F, ", ", D, "), got shape ", w2.sizes());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"w1", &w1}, {"w2", &w2}}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (",
-                x.scalar_type(), "), got ", t->scalar_type());
-  }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"weights", &weights},
-                                {"indices", &indices}, {"w1", &w1}, {"w2", &w2}}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
-                t->device());
-  }
-  return {T, D, k, E, F1, F};
-}
 
 // sum_c a[c] * b[c] in float32, vectorised.
 template <typename T>
@@ -149,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_ffn_cpu(const at::Tensor& x_i
                                                            const at::Tensor& w2_in, c10::string_view activation) {
   const char* op = "moe_ffn";
   const Activation act = parse_activation(std::string(activation), op);
-  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act, op);
+  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == Activation::kSwiglu, op);
   const at::Tensor x = x_in.contiguous(), weights = weights_in.contiguous(), indices = indices_in.contiguous();
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const MoeRouting r = route_slots(indices, s.E, op);
@@ -185,15 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cpu(
     c10::string_view activation) {
   const char* op = "moe_ffn_backward";
   const Activation act = parse_activation(std::string(activation), op);
-  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act, op);
+  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == Activation::kSwiglu, op);
   const int64_t N = s.T * s.k;
-  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes() && grad_y_in.scalar_type() == x_in.scalar_type(), op,
-              ": grad_y must match x ", x_in.sizes(), " ", x_in.scalar_type(), ", got ", grad_y_in.sizes(), " ",
-              grad_y_in.scalar_type());
-  TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.size(0) == N && hidden_in.size(1) == s.F1, op,
-              ": hidden must be (T*k, F1) = (", N, ", ", s.F1, "), got ", hidden_in.sizes());
-  TORCH_CHECK(expert_out_in.dim() == 2 && expert_out_in.size(0) == N && expert_out_in.size(1) == s.D, op,
-              ": expert_out must be (T*k, D) = (", N, ", ", s.D, "), got ", expert_out_in.sizes());
+  check_moe_backward_inputs(grad_y_in, x_in, hidden_in, expert_out_in, s, op);
   const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), weights = weights_in.contiguous();
   const at::Tensor indices = indices_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor hidden = hidden_in.contiguous(), expert_out = expert_out_in.contiguous();

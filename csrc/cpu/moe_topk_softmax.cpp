@@ -10,16 +10,14 @@
 #include <cmath>
 #include <vector>
 
+#include "moe_checks.h"
+
 namespace moediffuseq::cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cpu(const at::Tensor& logits_in, int64_t k) {
-  TORCH_CHECK(logits_in.dim() == 2, "moe_topk_softmax: logits must be (T, E), got shape ", logits_in.sizes());
-  TORCH_CHECK(at::isFloatingType(logits_in.scalar_type()),
-              "moe_topk_softmax: logits must be a floating tensor, got ", logits_in.scalar_type());
+  check_moe_topk_inputs(logits_in, k);
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  TORCH_CHECK(E >= 1, "moe_topk_softmax: logits need at least one expert column, got shape ", logits_in.sizes());
-  TORCH_CHECK(k >= 1 && k <= E, "moe_topk_softmax: k must be in [1, E] = [1, ", E, "], got ", k);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({T, k}, logits.options().dtype(at::kLong));

@@ -8,6 +8,8 @@
 #include <limits>
 #include <vector>
 
+#include "diffusion_checks.h"
+
 namespace moediffuseq::cpu {
 namespace {
 
@@ -15,16 +17,7 @@ constexpr int64_t kRowBlock = 512;
 constexpr int64_t kVocabChunk = 4096;
 
 at::Tensor nearest_embedding_cpu(const at::Tensor& x_in, const at::Tensor& emb_in) {
-  TORCH_CHECK(x_in.dim() == 2, "nearest_embedding: x must be (N, d), got shape ", x_in.sizes());
-  TORCH_CHECK(emb_in.dim() == 2 && emb_in.size(1) == x_in.size(1),
-              "nearest_embedding: emb must be (V, d) with d = ", x_in.size(1), ", got shape ", emb_in.sizes());
-  TORCH_CHECK(emb_in.size(0) >= 1, "nearest_embedding: emb must have at least one row");
-  for (const auto* t : {&x_in, &emb_in}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16,
-                "nearest_embedding: x and emb must be float32 or bfloat16, got ", t->scalar_type());
-  }
-  TORCH_CHECK(x_in.device() == emb_in.device(), "nearest_embedding: emb must be on the device of x (",
-              x_in.device(), "), got ", emb_in.device());
+  check_nearest_embedding_inputs(x_in, emb_in);
   const at::Tensor x = x_in.to(at::kFloat).contiguous(), emb = emb_in.to(at::kFloat).contiguous();
   TORCH_CHECK(!x.isnan().any().item<bool>(), "nearest_embedding: x contains NaN");
   TORCH_CHECK(!emb.isnan().any().item<bool>(), "nearest_embedding: emb contains NaN");

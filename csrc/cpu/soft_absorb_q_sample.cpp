@@ -6,24 +6,12 @@
 
 #include <vector>
 
-#include "cpu/diffusion_checks.h"
+#include "diffusion_checks.h"
 
 namespace moediffuseq::cpu {
 namespace {
 
 constexpr const char* kOp = "soft_absorb_q_sample";
-
-void check_schedule_inputs(const at::Tensor& x, const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1mab,
-                           const at::Tensor& uniform, double gamma) {
-  const int64_t B = x.size(0), L = x.size(1);
-  check_per_batch(sqrt_ab, B, kOp, "sqrt_ab");
-  check_per_batch(sqrt_1mab, B, kOp, "sqrt_1mab");
-  TORCH_CHECK(uniform.scalar_type() == at::kFloat && uniform.dim() == 2 && uniform.size(0) == B &&
-                  uniform.size(1) == L,
-              kOp, ": uniform must be float32 (B, L) = (", B, ", ", L, "), got ", uniform.scalar_type(), " ",
-              uniform.sizes());
-  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, kOp, ": gamma must be in [0, 1], got ", gamma);
-}
 
 at::Tensor soft_absorb_q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& m_in, const at::Tensor& mask_in,
                                     const at::Tensor& sqrt_ab_in, const at::Tensor& sqrt_1mab_in,
@@ -31,7 +19,7 @@ at::Tensor soft_absorb_q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& m
   check_bld(x0_in, kOp, "x0");
   check_like(noise_in, x0_in, kOp, "noise", "x0");
   check_mask_and_m(x0_in, mask_in, m_in, kOp);
-  check_schedule_inputs(x0_in, sqrt_ab_in, sqrt_1mab_in, uniform_in, gamma);
+  check_q_sample_schedule(x0_in, sqrt_ab_in, sqrt_1mab_in, uniform_in, gamma, kOp);
   const at::Tensor x0 = x0_in.contiguous(), m = m_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor sab = sqrt_ab_in.contiguous(), s1 = sqrt_1mab_in.contiguous();
   const at::Tensor noise = noise_in.contiguous(), uniform = uniform_in.contiguous();
@@ -75,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> soft_absorb_q_sample_backward_cpu(const at::T
                                                                      const at::Tensor& sqrt_1mab_in,
                                                                      const at::Tensor& uniform_in, double gamma) {
   check_bld(grad_in, kOp, "grad");
-  check_schedule_inputs(grad_in, sqrt_ab_in, sqrt_1mab_in, uniform_in, gamma);
+  check_q_sample_schedule(grad_in, sqrt_ab_in, sqrt_1mab_in, uniform_in, gamma, kOp);
   const at::Tensor grad = grad_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor sab = sqrt_ab_in.contiguous(), s1 = sqrt_1mab_in.contiguous(), uniform = uniform_in.contiguous();
   const int64_t B = grad.size(0), L = grad.size(1), d = grad.size(2);
