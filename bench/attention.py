@@ -1,4 +1,4 @@
-"""Benchmark ``moediffuseq.ops.block_sparse_attention`` against PyTorch baselines on CPU.
+"""Benchmark ``moediffuseq.ops.block_sparse_attention`` against PyTorch baselines (CPU or CUDA).
 
 For every sequence length it times the forward pass and the forward+backward pass of the op
 (float32 and bfloat16), dense SDPA, SDPA with the allowed pattern as a boolean mask, compiled
@@ -8,6 +8,7 @@ The table goes to ``<out>/attention.md`` and ``<out>/attention.csv``; a Targets 
 
     python bench/attention.py --quick        # smoke run, L in {1024, 4096}
     python bench/attention.py                # full run, L up to 32768
+    python bench/attention.py --device cuda  # GPU run (see run_cuda), L in {8k, 32k, 128k}
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 import torch._inductor.config
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -434,16 +436,18 @@ def target_lines(
     ]
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Config, int]:
-    """Command-line flags -> (Config, thread count)."""
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Config, int, str]:
+    """Command-line flags -> (Config, thread count, device)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--heads", type=int, help="default 8 (cpu), 16 (cuda)")
+    parser.add_argument("--dim", type=int, help="default 64 (cpu), 128 (cuda)")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--dilation", type=int, default=1)
     parser.add_argument("--globals", type=int, default=64, dest="n_global", help="number of global tokens")
-    parser.add_argument("--lengths", type=int, nargs="+", help="default 1024 4096 8192 16384 32768")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="default 1024 4096 8192 16384 32768 (cpu), 8192 32768 131072 (cuda)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, help="timed calls per cell (default 5, 2 with --quick)")
     parser.add_argument("--cell-seconds", type=float, default=15.0,
@@ -454,18 +458,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Config, int]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
-    lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 4096, 8192, 16384, 32768])
-    repeats = args.repeats or (2 if args.quick else 5)
+    cuda = args.device == "cuda"
+    if cuda:
+        lengths = args.lengths or ([8192] if args.quick else list(CUDA_LENGTHS))
+        repeats = args.repeats or (3 if args.quick else 10)
+    else:
+        lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 4096, 8192, 16384, 32768])
+        repeats = args.repeats or (2 if args.quick else 5)
+    heads = args.heads or (16 if cuda else 8)
+    dim = args.dim or (128 if cuda else 64)
     cfg = Config(
-        batch=args.batch, heads=args.heads, dim=args.dim, window=args.window, dilation=args.dilation,
+        batch=args.batch, heads=heads, dim=dim, window=args.window, dilation=args.dilation,
         n_global=args.n_global, lengths=tuple(lengths), repeats=repeats, cell_seconds=args.cell_seconds,
         slow_call_seconds=args.slow_call_seconds, seed=args.seed, out=args.out,
     )
-    return cfg, args.threads
+    return cfg, args.threads, args.device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cfg, threads = parse_args(argv)
+    cfg, threads, device = parse_args(argv)
+    if device == "cuda":
+        run_cuda(cfg)
+        return
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(threads)
     rates = {dtype: matmul_rate(dtype) for dtype in (torch.float32, torch.bfloat16)}
@@ -491,6 +505,163 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print("\n## Targets\n")
     for line in target_lines(cfg, timings, pairs, rates):
         print(f"- {line}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA mode: bfloat16, the op against dense SDPA on its flash backend and compiled FlexAttention
+# with the same block mask, forward and forward+backward, timed with CUDA events.
+
+CUDA_LENGTHS = (8192, 32768, 131072)
+CUDA_OURS = "ours bf16"
+CUDA_SDPA = "sdpa flash dense bf16"
+CUDA_FLEX = "flex compiled bf16"
+CUDA_CHECK_TOLERANCE = 3e-2  # bfloat16 outputs of two fused kernels, |v| ~ 1
+
+
+def measure_cuda(fn: Callable[[], object], *, warmup: int, repeats: int, max_seconds: float) -> Timing:
+    """Median over ``repeats`` calls of the GPU time of ``fn()`` between two CUDA events each;
+    stops early once ``max_seconds`` of timed calls have been spent."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    while len(samples) < max(1, repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+        if sum(samples) >= max_seconds:
+            break
+    samples.sort()
+    return Timing(median_s=samples[len(samples) // 2], min_s=samples[0], repeats=len(samples))
+
+
+def cuda_problem(length: int, cfg: Config) -> Problem:
+    """The CPU problem's seeded inputs, in bfloat16 on the GPU."""
+    problem = make_problem(length, cfg)
+    move = lambda t: t.to("cuda", torch.bfloat16)  # noqa: E731
+    return Problem(length, move(problem.q), move(problem.k), move(problem.v), move(problem.grad),
+                   problem.global_mask.cuda(), problem.pairs)
+
+
+def cuda_methods(problem: Problem, cfg: Config, notes: list[str]) -> dict[str, Attention]:
+    """The three attention callables for one problem (FlexAttention compiled on its first call)."""
+    kwargs = dict(window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask)
+    is_global = problem.global_mask
+    reach = cfg.window * cfg.dilation
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        diff = q_idx - kv_idx
+        band = (diff.abs() <= reach) & (diff % cfg.dilation == 0)
+        return band | is_global[b, q_idx] | is_global[b, kv_idx]
+
+    start = time.perf_counter()
+    block_mask = _compiled_block_mask(mask_mod, cfg.batch, None, problem.length, problem.length, device="cuda")
+    torch.cuda.synchronize()
+    notes.append(f"{CUDA_FLEX} at L={problem.length}: create_block_mask {time.perf_counter() - start:.1f} s, "
+                 f"{block_mask.sparsity():.1f}% of 128x128 blocks skipped")
+
+    def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return {
+        CUDA_OURS: lambda q, k, v: block_sparse_attention(q, k, v, **kwargs),
+        CUDA_SDPA: sdpa,
+        CUDA_FLEX: lambda q, k, v: _compiled_flex(q, k, v, block_mask=block_mask),
+    }
+
+
+def cuda_check(problem: Problem, methods: dict[str, Attention], notes: list[str]) -> str:
+    """Compares the op with FlexAttention (same pattern) on this problem, output and gradients."""
+    outs = {}
+    for name in (CUDA_OURS, CUDA_FLEX):
+        leaves = [t.detach().clone().requires_grad_() for t in (problem.q, problem.k, problem.v)]
+        out = methods[name](*leaves)
+        outs[name] = (out.detach(), *torch.autograd.grad(out, leaves, problem.grad))
+    errors = [(a.float() - b.float()).abs().max().item() for a, b in zip(outs[CUDA_OURS], outs[CUDA_FLEX])]
+    verdict = "ok" if all(e <= CUDA_CHECK_TOLERANCE * max(1.0, b.abs().max().item())
+                          for e, b in zip(errors, outs[CUDA_FLEX])) else "MISMATCH"
+    notes.append(f"check at L={problem.length}, ours vs FlexAttention max abs difference: out {errors[0]:.3g}, "
+                 f"grad q {errors[1]:.3g}, grad k {errors[2]:.3g}, grad v {errors[3]:.3g} -> {verdict}")
+    return verdict
+
+
+def run_cuda(cfg: Config) -> None:
+    """Times every (L, method, pass) on the GPU and writes ``attention_cuda.{md,csv}``."""
+    torch.manual_seed(cfg.seed)
+    notes = [
+        f"{torch.cuda.get_device_name()}; B={cfg.batch}, H={cfg.heads}, D={cfg.dim}, window={cfg.window}, "
+        f"dilation={cfg.dilation}, {cfg.n_global} global tokens (seeded randperm), no padding, bfloat16; "
+        f"median of up to {cfg.repeats} calls timed with CUDA events",
+        "TFLOP/s counts the FLOPs each method performs (dense L^2 for SDPA, allowed pairs for the others); "
+        "useful TFLOP/s counts allowed pairs only; fwd+bwd = 3.5x forward FLOPs",
+        "% flash = useful TFLOP/s / SDPA flash TFLOP/s at the same L and pass; x flex = t_flex / t_method",
+    ]
+    timings: dict[Key, Timing] = {}
+    pairs: dict[int, int] = {}
+    verdicts: dict[int, str] = {}
+    for length in cfg.lengths:
+        problem = cuda_problem(length, cfg)
+        pairs[length] = problem.pairs
+        methods = cuda_methods(problem, cfg, notes)
+        if length == min(cfg.lengths):
+            verdicts[length] = cuda_check(problem, methods, notes)
+        for name, attend in methods.items():
+            q, k, v = problem.q, problem.k, problem.v
+            with torch.no_grad():
+                start = time.perf_counter()
+                attend(q, k, v)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                timings[(length, name, FWD)] = measure_cuda(lambda: attend(q, k, v), warmup=1,
+                                                            repeats=cfg.repeats, max_seconds=cfg.cell_seconds)
+            if name == CUDA_FLEX:
+                notes.append(f"{name} at L={length}: first forward call (compile) {first:.1f} s")
+            report_progress(length, name, FWD, timings[(length, name, FWD)])
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+            def step() -> None:
+                for leaf in leaves:
+                    leaf.grad = None
+                attend(*leaves).backward(problem.grad)
+
+            timings[(length, name, FWD_BWD)] = measure_cuda(step, warmup=1, repeats=cfg.repeats,
+                                                            max_seconds=cfg.cell_seconds)
+            report_progress(length, name, FWD_BWD, timings[(length, name, FWD_BWD)])
+            del leaves
+        del problem, methods
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    rows: list[dict[str, Cell]] = []
+    for length in cfg.lengths:
+        useful = forward_flops(cfg, pairs[length])
+        dense = 4.0 * cfg.batch * cfg.heads * cfg.dim * length * length
+        for name in (CUDA_OURS, CUDA_SDPA, CUDA_FLEX):
+            for pass_ in PASSES:
+                factor = BACKWARD_FLOP_FACTOR if pass_ == FWD_BWD else 1.0
+                seconds = timings[(length, name, pass_)]["median_s"]
+                done = (dense if name == CUDA_SDPA else useful) * factor
+                sdpa_seconds = timings[(length, CUDA_SDPA, pass_)]["median_s"]
+                flex_seconds = timings[(length, CUDA_FLEX, pass_)]["median_s"]
+                rows.append({
+                    "L": length, "method": name, "pass": pass_, "median ms": seconds * 1e3,
+                    "TFLOP/s": done / seconds / 1e12,
+                    "useful TFLOP/s": useful * factor / seconds / 1e12,
+                    "% flash": 100.0 * (useful * factor / seconds) / (dense * factor / sdpa_seconds),
+                    "x flex": flex_seconds / seconds,
+                    "x sdpa": sdpa_seconds / seconds,
+                    "check": verdicts.get(length, ""),
+                })
+    for length, count in pairs.items():
+        notes.append(f"L={length}: {count} allowed pairs ({100 * count / (cfg.batch * length**2):.2f}% of B*L^2)")
+    columns = ["L", "method", "pass", "median ms", "TFLOP/s", "useful TFLOP/s", "% flash", "x flex", "x sdpa",
+               "check"]
+    write_table(rows, columns, "attention_cuda", out_dir=cfg.out,
+                title="block_sparse_attention CUDA benchmark", notes=notes)
 
 
 if __name__ == "__main__":

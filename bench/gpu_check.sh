@@ -31,7 +31,7 @@ export PYTHONUNBUFFERED=1 PYTHON WHEEL_DIR MAX_JOBS RESULTS_DIR SITE_DIR
 # ---------------------------------------------------------------------------------------------
 # Steps, run in this order; each one's output goes to $RESULTS_DIR/<name>.log and the console.
 STEPS=(environment install_wheels build test_attention bench_attention)
-declare -A LIMITS=([environment]=60 [install_wheels]=60 [build]=240 [test_attention]=150 [bench_attention]=150)
+declare -A LIMITS=([environment]=30 [install_wheels]=30 [build]=180 [test_attention]=100 [bench_attention]=170)
 # Steps whose failure stops the run (everything after them needs what they make).
 REQUIRED=(install_wheels build)
 
@@ -94,11 +94,15 @@ done
 echo
 echo "## GPU check summary"
 echo
-if [ -f "$RESULTS_DIR/attention.md" ]; then
-  echo "Attention (from $RESULTS_DIR/attention.md):"
-  grep -E '^\| *(L|[0-9])' "$RESULTS_DIR/attention.md" | head -40
-  echo
-fi
+# Each bench step's table, compact: its lines that start with "| L" or "| <number>".
+for table in attention_cuda; do
+  if [ -f "$RESULTS_DIR/$table.md" ]; then
+    echo "$table (full table and notes: $RESULTS_DIR/$table.md):"
+    grep -E '^\| *(L |[0-9])' "$RESULTS_DIR/$table.md" | head -40
+    grep -E 'check at' "$RESULTS_DIR/$table.md" || true
+    echo
+  fi
+done
 printf '| %-18s | %-34s | %7s |\n' step status seconds
 printf '|%s|%s|%s|\n' "--------------------" "------------------------------------" "---------"
 failed=0
