@@ -1,0 +1,85 @@
+// Host-side check of the CuTe layouts the block-sparse attention kernels rely on, and of the
+// tile decoding of common/block_sparse_attention_tiles.h. CuTe layouts are plain host code, so
+// this runs on any machine with nvcc, without a GPU; cmake/cuda_compile_check builds and runs it
+// (make cuda-check). Exits non-zero on the first kind of mismatch, after printing a few.
+#include <cstdio>
+#include <map>
+#include <set>
+#include <utility>
+
+#include "cuda/block_sparse_attention_fwd_kernel.cuh"
+#include "cuda/block_sparse_attention_bwd_kernel.cuh"
+using namespace cute;
+using namespace moediffuseq::cuda;
+
+int main() {
+  int errors = 0;
+  using K = FwdKernel<cutlass::bfloat16_t, 128>;
+  typename K::TiledMma mma;
+  std::map<int, std::set<int>> owners;  // row -> tids
+  for (int tid = 0; tid < 128; ++tid) {
+    auto thr = mma.get_slice(tid);
+    Tensor cS = thr.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+    Tensor cS_rc = rowcol_view(cS);
+    int warp = tid / 32, lane = tid % 32;
+    for (int r = 0; r < 2; ++r)
+      for (int c = 0; c < size<1>(cS_rc); ++c) {
+        int row = get<0>(cS_rc(r, c));
+        if (row != warp * 16 + lane / 4 + 8 * r) { if (errors++ < 5) printf("rowcol tid %d r %d c %d row %d\n", tid, r, c, row); }
+        owners[row].insert(tid);
+      }
+    // P as the A operand of the next product: C coordinates == A coordinates.
+    Tensor cA = thr.partition_fragment_A(make_tensor(make_smem_ptr((cutlass::bfloat16_t*)nullptr), Layout<Shape<_64, _64>, Stride<_64, _1>>{}));
+    Tensor idA = thr.partition_A(make_identity_tensor(Shape<_64, _64>{}));
+    Tensor cAsC = make_tensor(cS.data(), accumulator_as_a(cS.layout()));
+    if (size(cAsC) != size(idA)) { printf("size mismatch %d %d\n", int(size(cAsC)), int(size(idA))); return 1; }
+    if (!(shape(cAsC.layout()) == shape(idA.layout()))) { }
+    for (int m = 0; m < size<1>(idA); ++m)
+      for (int kk = 0; kk < size<2>(idA); ++kk)
+        for (int v = 0; v < size<0>(idA); ++v) {
+          auto a = idA(v, m, kk);
+          auto c = cAsC(v, m, kk);
+          if (get<0>(a) != get<0>(c) || get<1>(a) != get<1>(c)) {
+            if (errors++ < 5) printf("A/C mismatch tid %d v %d kk %d: A (%d,%d) C (%d,%d)\n", tid, v, kk, int(get<0>(a)), int(get<1>(a)), int(get<0>(c)), int(get<1>(c)));
+          }
+        }
+    (void)cA;
+  }
+  for (auto& [row, tids] : owners) {
+    int first = *tids.begin();
+    bool quad = tids.size() == 4 && first % 4 == 0 && *tids.rbegin() == first + 3;
+    if (!quad) { if (errors++ < 5) printf("row %d owned by %zu threads from %d\n", row, tids.size(), first); }
+  }
+  if (owners.size() != 64) { printf("rows covered %zu\n", owners.size()); errors++; }
+  // Backward tiled MMA: every (query, key) of a 64x64 tile is owned exactly once.
+  using BK = BwdKernel<cutlass::bfloat16_t, 128>;
+  typename BK::TiledMma bmma;
+  std::map<std::pair<int,int>, int> seen;
+  for (int tid = 0; tid < 256; ++tid) {
+    Tensor c = bmma.get_slice(tid).partition_C(make_identity_tensor(Shape<_64, _64>{}));
+    for (int i = 0; i < size(c); ++i) seen[{get<0>(c(i)), get<1>(c(i))}]++;
+  }
+  for (auto& [k, n] : seen) if (n != 1) errors++;
+  if (seen.size() != 64 * 64) { printf("bwd coverage %zu\n", seen.size()); errors++; }
+  // Band tiles: decode() enumerates every (residue, 64-slot tile) exactly once.
+  for (int64_t L : {1, 2, 63, 64, 65, 97, 1000, 4097}) {
+    for (int64_t d : {1, 2, 3, 7, 64, 5000}) {
+      const moediffuseq::ResidueTiles tiles{L, d};
+      std::set<std::pair<int64_t, int64_t>> got;
+      for (int64_t x = 0; x < tiles.num_tiles(); ++x) {
+        int64_t r, t0;
+        tiles.decode(x, r, t0);
+        if (r < 0 || r >= d || t0 < 0 || t0 >= tiles.length(r) || t0 % moediffuseq::kBsaTile) errors++;
+        got.insert({r, t0});
+      }
+      int64_t expect = 0;
+      for (int64_t r = 0; r < d; ++r) expect += moediffuseq::ResidueTiles::tiles_of(tiles.length(r));
+      if (int64_t(got.size()) != tiles.num_tiles() || expect != tiles.num_tiles()) {
+        if (errors++ < 5) printf("decode L %ld d %ld: %zu distinct of %ld, expected %ld\n", long(L), long(d), got.size(),
+                                 long(tiles.num_tiles()), long(expect));
+      }
+    }
+  }
+  printf("block_sparse_attention layouts and tiles: %s (%d errors)\n", errors ? "FAIL" : "ok", errors);
+  return errors != 0;
+}
