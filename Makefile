@@ -1,6 +1,7 @@
 # moediffuseq: install, test and benchmark from a fresh clone.
 #   make install   virtual environment in .venv, torch (CPU build), the extension (editable)
 #   make test      install, then the whole test suite
+#   make demo      install, then the end-to-end demo (corpus, tokenizer, training, generation, scores)
 #   make bench     install, then the benchmarks (tables into bench/out/)
 # Override TORCH_SPEC for another torch build, e.g. on a CUDA machine with its own torch:
 #   make test VENV_FLAGS=--system-site-packages TORCH_SPEC=
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.moediffuseq-installed
 SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -22,7 +23,8 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install --quiet numpy safetensors "setuptools>=68" "cmake>=3.25" ninja "pybind11>=2.12" \
-		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest
+		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest \
+		tokenizers tqdm sacrebleu rouge-score nltk aclsum pyyaml matplotlib
 	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
 	touch $(STAMP)
@@ -43,6 +45,9 @@ cuda-check: install
 
 test: install cuda-check
 	$(BIN)/python -m pytest tests
+
+demo: install
+	$(BIN)/moediffuseq demo
 
 bench: install
 	$(BIN)/python bench/attention.py

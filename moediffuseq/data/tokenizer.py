@@ -1,0 +1,101 @@
+"""The tokenizer: trained locally with the ``tokenizers`` library, saved as ``tokenizer.json``
+next to the model. Any existing ``tokenizer.json`` works too if it has the four special tokens.
+
+Special tokens and their fixed ids (the model's ``pad_id`` and ``special_ids``):
+``[PAD]`` = 0, ``[CLS]`` = 1, ``[SEP]`` = 2, ``[UNK]`` = 3.
+
+``bpe`` is byte-level BPE (lossless: code keeps its indentation and line breaks);
+``wordpiece`` is BERT-style WordPiece on whitespace/punctuation (lower-cased text loses layout).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    cls: int
+    sep: int
+    unk: int
+
+
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` with the special ids the packing and the model need."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str = "<memory>") -> None:
+        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
+        if missing:
+            raise ValueError(f"{source}: the tokenizer lacks the special tokens {missing}; moediffuseq needs "
+                             f"{list(SPECIAL_TOKENS)}")
+        self.tokenizer = tokenizer
+        self.special = SpecialIds(*ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        self.tokenizer.save(str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TextTokenizer":
+        """From a tokenizer.json file, or a directory holding one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception on malformed files
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+        return cls(tok, str(path))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 8192, kind: str = "bpe",
+              min_frequency: int = 2) -> "TextTokenizer":
+        """Trains a tokenizer on ``texts`` (e.g. the sources and targets of the training split)."""
+        if vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab_size must be > {len(SPECIAL_TOKENS)}, got {vocab_size}")
+        if kind == "bpe":
+            tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                          special_tokens=list(SPECIAL_TOKENS),
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        elif kind == "wordpiece":
+            tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+            tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            tok.decoder = decoders.WordPiece()
+            trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+        else:
+            raise ValueError(f"tokenizer kind must be 'bpe' or 'wordpiece', got {kind!r}")
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok, f"<trained {kind}>")

@@ -1,0 +1,105 @@
+"""DiffuSeq's evaluation suite (METHOD §7) on generated text, from maintained libraries:
+
+- sentence BLEU with smoothing method 4 (nltk), averaged over examples, as DiffuSeq reports it;
+- corpus BLEU (sacreBLEU, 0-100) for comparison with other work;
+- ROUGE-1/2/L F1 (rouge-score, with stemming);
+- dist-1: distinct unigrams / unigrams per hypothesis, averaged;
+- self-BLEU and div-4 across the candidates of one source (only when generation kept several),
+  averaged over sources: lower self-BLEU and higher div-4 mean more diverse samples;
+- average hypothesis length in words.
+
+BLEU, dist and div use whitespace tokens, as DiffuSeq's scripts do.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from statistics import mean
+from typing import Optional, Sequence
+
+METRICS = ("bleu", "sacrebleu", "rouge1", "rouge2", "rougeL", "dist1", "self_bleu", "div4", "avg_len")
+
+
+def sentence_bleu(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
+    """nltk sentence BLEU-4 of token lists with smoothing method 4 (0 when either is empty)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu as nltk_bleu
+
+    if not hypothesis or not reference:
+        return 0.0
+    return float(nltk_bleu([list(reference)], list(hypothesis), smoothing_function=SmoothingFunction().method4))
+
+
+def _distinct(tokens_list: Sequence[Sequence[str]], n: int) -> float:
+    from nltk.util import ngrams
+
+    grams = [g for tokens in tokens_list for g in ngrams(tokens, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate_texts(hypotheses: Sequence[str], references: Sequence[str],
+                   candidates: Optional[Sequence[Sequence[str]]] = None) -> dict[str, Optional[float]]:
+    """All metrics of one system. ``candidates[i]``: every sample generated for source i."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not hypotheses:
+        raise ValueError("nothing to evaluate: no hypotheses")
+    hyp_tok = [h.split() for h in hypotheses]
+    ref_tok = [r.split() for r in references]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, h) for h, r in zip(hypotheses, references)]
+    out: dict[str, Optional[float]] = {
+        "bleu": mean(sentence_bleu(h, r) for h, r in zip(hyp_tok, ref_tok)),
+        "sacrebleu": sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score,
+        "rouge1": mean(s["rouge1"].fmeasure for s in rouge),
+        "rouge2": mean(s["rouge2"].fmeasure for s in rouge),
+        "rougeL": mean(s["rougeL"].fmeasure for s in rouge),
+        "dist1": mean(_distinct([h], 1) for h in hyp_tok),
+        "self_bleu": None,
+        "div4": None,
+        "avg_len": mean(len(h) for h in hyp_tok),
+    }
+    groups = [[c.split() for c in cands] for cands in (candidates or []) if len(cands) >= 2]
+    if groups:
+        out["self_bleu"] = mean(mean(sentence_bleu(c, o) for i, c in enumerate(g) for j, o in enumerate(g) if i != j)
+                                for g in groups)
+        out["div4"] = mean(_distinct(g, 4) for g in groups)
+    return out
+
+
+def read_generations(path: str | os.PathLike) -> tuple[list[str], list[str], list[str], list[list[str]]]:
+    """(sources, references, hypotheses, candidates) of a file written by ``generate``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"generations file not found: {path}")
+    src, ref, hyp, cands = [], [], [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                src.append(str(obj.get("source", "")))
+                ref.append(str(obj["reference"]))
+                hyp.append(str(obj["hypothesis"]))
+                cands.append([str(c) for c in obj.get("candidates", [])])
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}:{number}: not a generation record with 'reference' and 'hypothesis' "
+                                 f"({type(e).__name__}: {e})") from None
+    return src, ref, hyp, cands
+
+
+def format_table(rows: dict[str, dict[str, Optional[float]]]) -> str:
+    """A Markdown table, one row per system; BLEU/ROUGE as fractions like DiffuSeq's tables."""
+    header = "| system | " + " | ".join(METRICS) + " |"
+    lines = [header, "|" + " --- |" * (len(METRICS) + 1)]
+    for name, metrics in rows.items():
+        cells = []
+        for key in METRICS:
+            v = metrics.get(key)
+            cells.append("n/a" if v is None else f"{v:.2f}" if key in ("sacrebleu", "avg_len") else f"{v:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Training metrics: a CSV file (always), TensorBoard (when installed) and a loss-curve PNG
+(when matplotlib is installed)."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Optional
+
+FIELDS = ("step", "split", "loss", "mse", "nll", "prior", "aux", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
+          "bleu")
+
+
+class RunLog:
+    """Appends rows to ``metrics.csv``; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, out_dir: str | os.PathLike, resume_step: Optional[int] = None, tensorboard: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.csv"
+        rows = self.read() if resume_step is not None and self.path.is_file() else []
+        rows = [r for r in rows if int(r["step"]) <= (resume_step or 0)]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def log(self, step: int, split: str, **values) -> None:
+        row = {"step": step, "split": split, **{k: v for k, v in values.items() if v is not None}}
+        unknown = set(row) - set(FIELDS)
+        if unknown:
+            raise KeyError(f"unknown metric fields {sorted(unknown)}")
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, FIELDS).writerow(row)
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def read(self) -> list[dict]:
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def plot(self) -> Optional[Path]:
+        """loss.png: training loss (raw and smoothed) and validation loss against the step."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = self.read()
+        train = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == "train" and r["loss"]]
+        valid = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == "valid" and r["loss"]]
+        if not train:
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train")
+        smooth, acc = [], None
+        for v in losses:
+            acc = v if acc is None else 0.9 * acc + 0.1 * v
+            smooth.append(acc)
+        ax.plot(steps, smooth, color="tab:blue", lw=1.5, label="train (smoothed)")
+        if valid:
+            ax.plot(*zip(*valid), "o-", color="tab:orange", lw=1.5, label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = self.out_dir / "loss.png"
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

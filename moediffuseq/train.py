@@ -1,0 +1,349 @@
+"""Training (METHOD §5): AdamW with linear warm-up and decay, EMA of the weights, gradient
+clipping and accumulation, bf16 autocast, uniform or loss-aware steps, periodic validation
+(loss and sample BLEU with the EMA weights), atomic checkpoints with exact resume, and
+data-parallel training when launched by torchrun (DDP: gloo on CPU, NCCL on GPU).
+
+Output directory layout:
+    model/            the EMA weights, config.json, tokenizer.json, generation.json (final)
+    checkpoint/       the latest training checkpoint (see moediffuseq.checkpoint)
+    metrics.csv       train and validation rows; tensorboard/ when tensorboard is installed
+    loss.png          the loss curve
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moediffuseq.checkpoint import find_checkpoint, read_state, save_checkpoint, write_state
+from moediffuseq.data import Seq2SeqDataset, TextTokenizer
+from moediffuseq.data.dataset import BatchStream
+from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make_timestep_sampler
+from moediffuseq.diffusion.samplers import SamplerConfig
+from moediffuseq.evaluate import sentence_bleu
+from moediffuseq.generate import GENERATION_FILE, GenerationConfig, generate
+from moediffuseq.model import MoEDiffuSeq
+from moediffuseq.run_log import RunLog
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000             # optimizer steps
+    batch_size: int = 32           # sequences per micro-batch and process
+    grad_accum: int = 1            # micro-batches per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    lr_decay: str = "linear"       # after warm-up: "linear" (to 0), "cosine" or "constant"
+    clip_grad: float = 1.0         # max gradient norm; 0 turns clipping off
+    ema_decay: float = 0.9999      # with the usual (1 + n) / (10 + n) ramp at the start
+    bf16: bool = False             # bf16 autocast of the forward and backward
+    timestep_sampler: str = "uniform"  # or "loss-aware"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500          # validation loss and sample BLEU (0: only at the end)
+    eval_batches: int = 4
+    bleu_examples: int = 32        # validation sources generated for the sample BLEU
+    save_every: int = 1000         # checkpoint period in steps (0: only at the end and on Ctrl-C)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_decay not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_decay must be linear, cosine or constant, got {self.lr_decay!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.lr_decay == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class DiffusionObjective(nn.Module):
+    """The loss as a module, so that DistributedDataParallel can wrap one ``forward``."""
+
+    def __init__(self, model: MoEDiffuSeq, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        self.model, self.schedule = model, schedule
+
+    def forward(self, input_ids: Tensor, target_mask: Tensor, t: Tensor, weights: Tensor,
+                generator: Optional[torch.Generator]) -> LossTerms:
+        return diffusion_loss(self.model, self.schedule, input_ids, target_mask, t, weights, generator)
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> "DistributedContext":
+        """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class Trainer:
+    """Trains a MoEDiffuSeq on packed datasets; ``fit()`` runs to ``cfg.steps``."""
+
+    def __init__(self, model: MoEDiffuSeq, tokenizer: TextTokenizer, train_set: Seq2SeqDataset,
+                 valid_set: Optional[Seq2SeqDataset], cfg: TrainConfig, out_dir: str | os.PathLike,
+                 device: str | torch.device = "cpu") -> None:
+        if train_set.seq_len != model.config.max_len:
+            raise ValueError(f"the training set is packed to {train_set.seq_len} tokens but the model's max_len "
+                             f"is {model.config.max_len}")
+        self.device = torch.device(device)
+        self.dist = DistributedContext.from_environment(self.device)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.train_set, self.valid_set = train_set, valid_set
+        self.out_dir = Path(out_dir)
+        self.model = model.to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.schedule = NoiseSchedule.create(model.config.schedule, model.config.diffusion_steps)
+        objective = DiffusionObjective(self.model, self.schedule)
+        if self.dist.world_size > 1:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        self.objective = objective
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step_sampler = make_timestep_sampler(cfg.timestep_sampler, self.schedule.num_steps)
+        self.stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.gen_cpu = torch.Generator().manual_seed(cfg.seed * 7919 + self.dist.rank)  # steps
+        self.gen_dev = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + 1 + self.dist.rank)  # noise
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout
+        self.step = 0
+        self._rng_after_step = self._rng_state()
+        self.log: Optional[RunLog] = None
+
+    # ----------------------------------------------------------------------------------- state
+    def _rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state(), "gen_cpu": self.gen_cpu.get_state(),
+                 "gen_dev": self.gen_dev.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        self.gen_cpu.set_state(state["gen_cpu"])
+        self.gen_dev.set_state(state["gen_dev"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def save(self) -> Optional[Path]:
+        """Writes the checkpoint of the last completed step (main process only)."""
+        if not self.dist.is_main:
+            return None
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "lr_schedule": self.lr_schedule.state_dict(), "stream": self.stream.state_dict(),
+                 "step_sampler": self.step_sampler.state_dict(), "rng": self._rng_after_step}
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp / "model")
+            self.ema.save_pretrained(tmp / "ema")
+            self.tokenizer.save(tmp)
+            write_state(tmp, state, dataclasses.asdict(self.cfg))
+
+        return save_checkpoint(self.out_dir / "checkpoint", write)
+
+    def resume(self) -> int:
+        """Loads ``out_dir/checkpoint``; returns the step it continues from."""
+        directory = find_checkpoint(self.out_dir / "checkpoint")
+        if directory is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out_dir / 'checkpoint'}")
+        state = read_state(directory)
+        for target, name in ((self.model, "model"), (self.ema, "ema")):
+            loaded = MoEDiffuSeq.from_pretrained(directory / name, map_location=str(self.device))
+            if dataclasses.asdict(loaded.config) != dataclasses.asdict(self.model.config):
+                raise ValueError(f"{directory / name}: the checkpoint's model config differs from this run's")
+            target.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.stream.load_state_dict(state["stream"])
+        self.step_sampler.load_state_dict(state["step_sampler"])
+        self.step = int(state["step"])
+        self._rng_after_step = state["rng"]
+        self._set_rng_state(state["rng"])
+        return self.step
+
+    # -------------------------------------------------------------------------------- training
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        cfg = self.cfg
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "mse": 0.0, "nll": 0.0, "prior": 0.0, "aux": 0.0}
+        for micro in range(cfg.grad_accum):
+            batch = self.train_set.batch(self.stream.next()).to(self.device)
+            t, weights = self.step_sampler.sample(batch.input_ids.shape[0], generator=self.gen_cpu)
+            sync = micro == cfg.grad_accum - 1 or self.dist.world_size == 1
+            with (contextlib.nullcontext() if sync else self.objective.no_sync()), self._autocast():
+                terms = self.objective(batch.input_ids, batch.target_mask, t.to(self.device),
+                                       weights.to(self.device), self.gen_dev)
+            (terms.loss / cfg.grad_accum).backward()
+            self._update_step_sampler(t, terms.per_example)
+            for key in sums:
+                value = terms.loss if key == "loss" else getattr(terms, key)
+                sums[key] += float(value.detach().float().mean()) / cfg.grad_accum
+        if not math.isfinite(sums["loss"]):
+            raise FloatingPointError(f"step {self.step}: the loss is {sums['loss']}; lower the learning rate or "
+                                     "turn on gradient clipping")
+        max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self._update_ema()
+        self.step += 1
+        self._rng_after_step = self._rng_state()
+        return {**sums, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _update_step_sampler(self, t: Tensor, losses: Tensor) -> None:
+        losses = losses.detach().float()
+        if self.dist.world_size > 1:  # every rank keeps the same loss history
+            t_all = [torch.empty_like(t) for _ in range(self.dist.world_size)]
+            l_all = [torch.empty_like(losses) for _ in range(self.dist.world_size)]
+            dist.all_gather(t_all, t.to(losses.device))
+            dist.all_gather(l_all, losses)
+            t, losses = torch.cat(t_all).cpu(), torch.cat(l_all)
+        self.step_sampler.update(t.cpu(), losses.cpu())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        ema_params = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    # ------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_loss(self) -> Optional[float]:
+        """Mean loss of the current weights on the first ``eval_batches`` validation batches,
+        with fixed steps and noise so that values are comparable across the run."""
+        if self.valid_set is None:
+            return None
+        self.model.eval()
+        g = torch.Generator(device=self.device).manual_seed(12345)
+        g_cpu = torch.Generator().manual_seed(12345)
+        n = len(self.valid_set)
+        losses = []
+        for b in range(self.cfg.eval_batches):
+            idx = torch.arange(b * self.cfg.batch_size, (b + 1) * self.cfg.batch_size) % n
+            batch = self.valid_set.batch(idx).to(self.device)
+            t = torch.randint(0, self.schedule.num_steps, (idx.numel(),), generator=g_cpu).to(self.device)
+            with self._autocast():
+                terms = diffusion_loss(self.model, self.schedule, batch.input_ids, batch.target_mask, t, generator=g)
+            losses.append(float(terms.loss))
+        return mean(losses)
+
+    def validation_bleu(self) -> Optional[float]:
+        """Sentence BLEU of the EMA model on ``bleu_examples`` validation sources (DPM-Solver++ 10)."""
+        if self.valid_set is None or self.cfg.bleu_examples <= 0:
+            return None
+        examples = self.valid_set.examples[:self.cfg.bleu_examples]
+        gen_cfg = GenerationConfig(SamplerConfig("dpm++", 10), batch_size=self.cfg.batch_size, seed=0)
+        outputs = generate(self.ema, self.tokenizer, [e.src for e in examples], gen_cfg, self.target_len())
+        return mean(sentence_bleu(o.hypothesis.split(), e.trg.split()) for o, e in zip(outputs, examples))
+
+    def target_len(self) -> int:
+        return self.train_set.target_length_quantile(0.9)
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> Path:
+        """Trains to ``cfg.steps``; returns the directory of the final (EMA) model."""
+        cfg = self.cfg
+        start_step = self.resume() if resume else 0
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log = RunLog(self.out_dir, resume_step=start_step if resume else None)
+        bar = _progress_bar(cfg.steps, start_step, enabled=cfg.progress and self.dist.is_main)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.model.config.max_len
+        begin = last = time.perf_counter()
+        last_step = self.step
+        try:
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    rate = tokens_per_step * (self.step - last_step) / max(now - last, 1e-9)
+                    last, last_step = now, self.step
+                    if self.log:
+                        self.log.log(self.step, "train", tokens_per_s=rate, elapsed_s=now - begin, **metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                bar.update(1)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self._evaluate(time.perf_counter() - begin)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            if path is not None:
+                print(f"\ninterrupted at step {self.step}: checkpoint saved to {path}; continue with --resume")
+            raise
+        bar.close()
+        self._evaluate(time.perf_counter() - begin)
+        self.save()
+        return self._export()
+
+    def _evaluate(self, elapsed: float) -> None:
+        loss = self.validation_loss()
+        bleu = self.validation_bleu() if self.dist.is_main else None
+        if self.log and loss is not None:
+            self.log.log(self.step, "valid", loss=loss, bleu=bleu, elapsed_s=elapsed)
+            self.log.plot()
+
+    def _export(self) -> Path:
+        """The final EMA model with its tokenizer and generation defaults, in ``out_dir/model``."""
+        directory = self.out_dir / "model"
+        if self.dist.is_main:
+            self.ema.save_pretrained(directory)
+            self.tokenizer.save(directory)
+            (directory / GENERATION_FILE).write_text(json.dumps({"target_len": self.target_len()}) + "\n")
+            if self.log:
+                self.log.plot()
+                self.log.close()
+        if self.dist.world_size > 1:
+            dist.barrier()
+        return directory
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
