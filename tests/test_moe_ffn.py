@@ -1,16 +1,22 @@
-"""moe_ffn against the HF-style loop reference: forward, all gradients, registration, errors."""
+"""moe_ffn against the HF-style loop reference: forward, all gradients, registration, errors.
+
+Every test runs on the CPU and, where a GPU and the CUDA kernels are present, on CUDA, where
+bfloat16 / float16 with widths that are multiples of 8 take the tensor-core grouped GEMMs and
+the other cases the per-expert matmul path (the references run on the same device).
+"""
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import assert_close_to_reference
+from conftest import DEVICES, assert_close_to_reference, skip_unless_ready
 from moediffuseq.ops import moe_ffn, moe_ffn_ref, moe_topk_softmax
 
 ACTIVATIONS = ["gelu", "silu", "swiglu"]
 
 
-def make_problem(T, D, F, E, k, activation, dtype, routing, seed, drop=0.0):
+def make_problem(T, D, F, E, k, activation, dtype, routing, seed, drop=0.0, device="cpu"):
+    """Drawn on the CPU from one generator, then moved: the same problem on every device."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, generator=gen)
     if routing == "one_expert":
@@ -29,7 +35,7 @@ def make_problem(T, D, F, E, k, activation, dtype, routing, seed, drop=0.0):
     w1 = torch.randn(E, D, width1, generator=gen) / D**0.5
     w2 = torch.randn(E, F, D, generator=gen) / F**0.5
     grad = torch.randn(T, D, generator=gen)
-    return x.to(dtype), weights, indices, w1.to(dtype), w2.to(dtype), grad.to(dtype)
+    return tuple(t.to(device) for t in (x.to(dtype), weights, indices, w1.to(dtype), w2.to(dtype), grad.to(dtype)))
 
 
 def run(fn, x, weights, indices, w1, w2, grad, activation, **kw):
@@ -52,31 +58,60 @@ def check(problem, activation):
         assert_close_to_reference(g, rg, bg, f"grad_{name}", compute_dtype=x.dtype)
 
 
+DEVICE_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+
+
 @st.composite
-def moe_problems(draw):
+def moe_problems(draw, device="cpu"):
     E = draw(st.integers(1, 16))
     T = draw(st.one_of(st.integers(1, 64), st.integers(65, 700)))
     return dict(T=T, D=draw(st.sampled_from([1, 8, 17, 40, 64, 72])), F=draw(st.sampled_from([1, 5, 24, 33, 96])),
                 E=E, k=draw(st.integers(1, E)), activation=draw(st.sampled_from(ACTIVATIONS)),
-                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+                dtype=draw(st.sampled_from(DEVICE_DTYPES[device])),
                 routing=draw(st.sampled_from(["normal", "one_expert", "skewed", "ties"])),
                 drop=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
-@given(moe_problems())
-@example(dict(T=1, D=8, F=5, E=1, k=1, activation="gelu", dtype=torch.float32, routing="normal", drop=0.0, seed=0))
-@example(dict(T=700, D=72, F=96, E=16, k=2, activation="swiglu", dtype=torch.bfloat16, routing="skewed",
-              drop=0.0, seed=1))
-@example(dict(T=97, D=40, F=33, E=8, k=8, activation="silu", dtype=torch.float32, routing="one_expert",
-              drop=0.3, seed=2))
-def test_matches_reference(p):
-    p = dict(p)
-    activation = p.pop("activation")
-    check(make_problem(**p, activation=activation), activation)
+# Explicit examples (edge cases, kept failing cases), per device.
+EXAMPLES = {
+    "cpu": [
+        dict(T=1, D=8, F=5, E=1, k=1, activation="gelu", dtype=torch.float32, routing="normal", drop=0.0, seed=0),
+        dict(T=700, D=72, F=96, E=16, k=2, activation="swiglu", dtype=torch.bfloat16, routing="skewed",
+             drop=0.0, seed=1),
+        dict(T=97, D=40, F=33, E=8, k=8, activation="silu", dtype=torch.float32, routing="one_expert",
+             drop=0.3, seed=2),
+    ],
+    "cuda": [
+        dict(T=1, D=8, F=8, E=1, k=1, activation="gelu", dtype=torch.bfloat16, routing="normal", drop=0.0, seed=0),
+        # several tiles in M, N and K of the grouped GEMMs, empty experts, dropped slots
+        dict(T=700, D=256, F=384, E=8, k=2, activation="swiglu", dtype=torch.bfloat16, routing="skewed",
+             drop=0.1, seed=1),
+        dict(T=1025, D=136, F=200, E=5, k=3, activation="gelu", dtype=torch.float16, routing="normal",
+             drop=0.0, seed=2),
+        dict(T=97, D=40, F=33, E=8, k=8, activation="silu", dtype=torch.bfloat16, routing="one_expert",
+             drop=0.3, seed=3),
+    ],
+}
 
 
-def test_empty_experts_get_zero_weight_gradients():
-    x, weights, indices, w1, w2, grad = make_problem(50, 16, 8, 6, 1, "gelu", torch.float32, "one_expert", 3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference(device):
+    skip_unless_ready(device)
+
+    @given(moe_problems(device))
+    def matches(p):
+        p = dict(p)
+        activation = p.pop("activation")
+        check(make_problem(**p, activation=activation, device=device), activation)
+
+    for case in EXAMPLES[device]:
+        matches = example(case)(matches)
+    matches()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_experts_get_zero_weight_gradients(device, dtype):
+    x, weights, indices, w1, w2, grad = make_problem(50, 16, 8, 6, 1, "gelu", dtype, "one_expert", 3, device=device)
     used = set(indices.unique().tolist())
     _, (_, _, gw1, gw2) = run(moe_ffn, x, weights, indices, w1, w2, grad, "gelu")
     for e in range(6):
@@ -85,8 +120,9 @@ def test_empty_experts_get_zero_weight_gradients():
     assert len(used) < 6
 
 
-def test_dropped_slots_contribute_nothing():
-    x, weights, indices, w1, w2, _ = make_problem(30, 16, 8, 4, 2, "silu", torch.float32, "normal", 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropped_slots_contribute_nothing(device, dtype):
+    x, weights, indices, w1, w2, _ = make_problem(30, 16, 8, 4, 2, "silu", dtype, "normal", 4, device=device)
     all_dropped = torch.full_like(indices, -1)
     assert torch.equal(moe_ffn(x, weights, all_dropped, w1, w2, "silu"), torch.zeros_like(x))
     one_dropped = indices.clone()
@@ -96,20 +132,24 @@ def test_dropped_slots_contribute_nothing():
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(activation, dtype):
-    x, weights, indices, w1, w2, _ = make_problem(37, 16, 12, 5, 2, activation, dtype, "skewed", 5, drop=0.1)
+@pytest.mark.parametrize("dtype,F", [(torch.float32, 12), (torch.bfloat16, 12), (torch.bfloat16, 16),
+                                     (torch.float16, 16)])
+def test_opcheck(device, activation, dtype, F):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 moe_ffn is a CUDA feature")
+    x, weights, indices, w1, w2, _ = make_problem(37, 16, F, 5, 2, activation, dtype, "skewed", 5, drop=0.1,
+                                                  device=device)
     args = (x.requires_grad_(), weights.requires_grad_(), indices, w1.requires_grad_(), w2.requires_grad_(),
             activation)
     torch.library.opcheck(torch.ops.moediffuseq.moe_ffn.default, args)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     from moediffuseq.nn import MoEFeedForward
 
     torch.manual_seed(0)
-    layer = MoEFeedForward(32, 24, num_experts=4, top_k=2, capacity_factor=1.25)
-    x = torch.randn(2, 45, 32, requires_grad=True)
+    layer = MoEFeedForward(32, 24, num_experts=4, top_k=2, capacity_factor=1.25).to(device)
+    x = torch.randn(2, 45, 32, device=device, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     (y_e, aux_e), (y_c, aux_c) = layer(x), compiled(x)
     torch.testing.assert_close(y_c, y_e)
@@ -120,8 +160,8 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(g_c, g_e)
 
 
-def _good():
-    x, weights, indices, w1, w2, _ = make_problem(10, 8, 6, 4, 2, "gelu", torch.float32, "normal", 6)
+def _good(device="cpu"):
+    x, weights, indices, w1, w2, _ = make_problem(10, 8, 6, 4, 2, "gelu", torch.float32, "normal", 6, device=device)
     return dict(x=x, weights=weights, indices=indices, w1=w1, w2=w2, activation="gelu")
 
 
@@ -145,8 +185,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case,mutate,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_named(case, mutate, message):
-    args = _good()
+def test_bad_input_is_named(device, case, mutate, message):
+    args = _good(device)
     mutate(args)
     with pytest.raises((RuntimeError, ValueError), match=message):
         moe_ffn(**args)
