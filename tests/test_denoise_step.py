@@ -1,60 +1,96 @@
-"""denoise_step against its reference; nearest_embedding against a dense argmin."""
+"""denoise_step against its reference; nearest_embedding against a dense argmin.
+
+Every test runs on the CPU and, where a GPU and the CUDA kernels are present, on CUDA (float16
+too there; the references run on the same device). Inputs are drawn on the CPU and moved.
+"""
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import DEVICES, skip_unless_ready
 from moediffuseq.ops import denoise_step, denoise_step_ref, nearest_embedding, nearest_embedding_ref
 
+DEVICE_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=1e-2),
+             torch.float16: dict(atol=4e-3, rtol=2e-3)}
 
-@given(B=st.integers(1, 4), L=st.integers(1, 200), d=st.sampled_from([1, 5, 64, 130]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_prev=st.booleans(), with_noise=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_denoise_step_matches_reference(B, L, d, dtype, with_prev, with_noise, seed):
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_denoise_step_matches_reference(device):
+    skip_unless_ready(device)
+
+    @given(B=st.integers(1, 4), L=st.integers(1, 200), d=st.sampled_from([1, 5, 64, 130, 1024]),
+           dtype=st.sampled_from(DEVICE_DTYPES[device]), with_prev=st.booleans(), with_noise=st.booleans(),
+           seed=st.integers(0, 2**31 - 1))
+    def matches(B, L, d, dtype, with_prev, with_noise, seed):
+        check_denoise_step(B, L, d, dtype, with_prev, with_noise, seed, device)
+
+    matches()
+
+
+def check_denoise_step(B, L, d, dtype, with_prev, with_noise, seed, device):
     g = torch.Generator().manual_seed(seed)
-    x_t, x0, anchor, prev, noise = (torch.randn(B, L, d, generator=g).to(dtype) for _ in range(5))
-    tm = torch.rand(B, L, generator=g) < 0.6
-    m = torch.randn(d, generator=g).to(dtype)
-    a, b, c, s = (torch.rand(B, generator=g) for _ in range(4))
+    x_t, x0, anchor, prev, noise = (torch.randn(B, L, d, generator=g).to(device, dtype) for _ in range(5))
+    tm = (torch.rand(B, L, generator=g) < 0.6).to(device)
+    m = torch.randn(d, generator=g).to(device, dtype)
+    a, b, c, s = (torch.rand(B, generator=g).to(device) for _ in range(4))
     kw = dict(x0_prev=prev if with_prev else None, coef_x0_prev=c if with_prev else None,
               noise=noise if with_noise else None, coef_noise=s if with_noise else None)
     out = denoise_step(x_t, x0, anchor, tm, m, a, b, **kw)
     ref = denoise_step_ref(x_t.double(), x0.double(), anchor.double(), tm, m.double(), a, b,
                            **{k: (v.double() if isinstance(v, torch.Tensor) and v.dim() == 3 else v) for k, v in kw.items()})
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
-    torch.testing.assert_close(out.double(), ref.to(dtype).double(), **tol)
+    torch.testing.assert_close(out.double(), ref.to(dtype).double(), **TOLERANCE[dtype])
     assert torch.equal(out[~tm], anchor[~tm])  # source re-anchored bit-exactly
     in_place = x_t.clone()
     denoise_step(in_place, x0, anchor, tm, m, a, b, **kw, out=in_place)
     assert torch.equal(in_place, out)
 
 
-def test_denoise_step_opcheck():
-    x = torch.randn(2, 9, 4)
-    args = (x, x + 1, x - 1, torch.randn_like(x), x * 2, torch.rand(2, 9) < 0.5, torch.randn(4),
-            torch.rand(2), torch.rand(2), torch.rand(2), torch.rand(2))
+@pytest.mark.parametrize("d", [4, 16])  # on CUDA: by element, and in 16-byte packs
+def test_denoise_step_opcheck(device, d):
+    x = torch.randn(2, 9, d, device=device)
+    args = (x, x + 1, x - 1, torch.randn_like(x), x * 2, torch.rand(2, 9, device=device) < 0.5,
+            torch.randn(d, device=device), *(torch.rand(2, device=device) for _ in range(4)))
     torch.library.opcheck(torch.ops.moediffuseq.denoise_step.default, args)
     torch.library.opcheck(torch.ops.moediffuseq.denoise_step.out, args, {"out": torch.empty_like(x)})
 
 
-def test_denoise_step_bad_inputs():
-    x = torch.randn(2, 9, 4)
-    tm = torch.rand(2, 9) < 0.5
+def test_denoise_step_bad_inputs(device):
+    x = torch.randn(2, 9, 4, device=device)
+    tm = torch.rand(2, 9, device=device) < 0.5
+    m = torch.zeros(4, device=device)
     with pytest.raises(ValueError, match=r"coef_xt must be a float or a \(B,\) = \(2,\) tensor"):
-        denoise_step(x, x, x, tm, torch.zeros(4), torch.rand(3), 0.5)
+        denoise_step(x, x, x, tm, m, torch.rand(3), 0.5)
     with pytest.raises(RuntimeError, match=r"x0_hat must have the shape of x_t"):
-        denoise_step(x, x[:, :3], x, tm, torch.zeros(4), 0.5, 0.5)
+        denoise_step(x, x[:, :3], x, tm, m, 0.5, 0.5)
     with pytest.raises(ValueError, match=r"x0_prev and coef_x0_prev go together"):
-        denoise_step(x, x, x, tm, torch.zeros(4), 0.5, 0.5, x0_prev=x)
+        denoise_step(x, x, x, tm, m, 0.5, 0.5, x0_prev=x)
 
 
-@given(N=st.integers(1, 700), V=st.integers(1, 9000), d=st.sampled_from([1, 16, 33]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
-def test_nearest_embedding_matches_dense_argmin(N, V, d, dtype, seed):
+@pytest.mark.parametrize("device", DEVICES)
+def test_nearest_embedding_matches_dense_argmin(device):
+    skip_unless_ready(device)
+
+    # V up to 9000: several vocabulary chunks on either device; N past a row block of either
+    # (512 rows on the CPU, 4096 on CUDA)
+    rows = st.integers(1, 700) if device == "cpu" else st.one_of(st.integers(1, 700), st.sampled_from([4097, 5000]))
+
+    @given(N=rows, V=st.integers(1, 9000),
+           d=st.sampled_from([1, 16, 33]), dtype=st.sampled_from(DEVICE_DTYPES[device]),
+           seed=st.integers(0, 2**31 - 1))
+    def matches(N, V, d, dtype, seed):
+        check_nearest_embedding(N, V, d, dtype, seed, device)
+
+    matches()
+
+
+def check_nearest_embedding(N, V, d, dtype, seed, device):
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(V, d, generator=g).to(dtype)
     pick = torch.randint(0, V, (N,), generator=g)
     x = (emb[pick].float() + 0.01 * torch.randn(N, d, generator=g)).to(dtype)  # well-separated nearest rows
+    x, emb = x.to(device), emb.to(device)
     got = nearest_embedding(x, emb)
     ref = nearest_embedding_ref(x, emb)
     sq = torch.cdist(x.double(), emb.double()).square()
@@ -64,15 +100,23 @@ def test_nearest_embedding_matches_dense_argmin(N, V, d, dtype, seed):
     assert (sq.gather(1, got[:, None]) - sq.gather(1, ref[:, None]) <= 1e-6 * scale).all()
 
 
-def test_nearest_embedding_ties_and_shape():
-    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    x = torch.tensor([[[0.9, 0.1], [0.5, 0.5]]])
+def test_nearest_embedding_ties_and_shape(device):
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], device=device)
+    x = torch.tensor([[[0.9, 0.1], [0.5, 0.5]]], device=device)
     assert nearest_embedding(x, emb).tolist() == [[0, 0]]
     with pytest.raises(RuntimeError, match="x contains NaN"):
-        nearest_embedding(torch.tensor([[float("nan"), 0.0]]), emb)
+        nearest_embedding(torch.tensor([[float("nan"), 0.0]], device=device), emb)
     with pytest.raises(ValueError, match=r"x must be \(\.\.\., 2\), got \(4, 3\)"):
-        nearest_embedding(torch.randn(4, 3), emb)
+        nearest_embedding(torch.randn(4, 3, device=device), emb)
 
 
-def test_nearest_embedding_opcheck():
-    torch.library.opcheck(torch.ops.moediffuseq.nearest_embedding.default, (torch.randn(37, 8), torch.randn(50, 8)))
+def test_nearest_embedding_ties_across_vocabulary_chunks(device):
+    """An equal row in a later chunk (past 8192 rows) never replaces the first one."""
+    emb = torch.randn(9000, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    emb[8500] = emb[3]
+    assert nearest_embedding(emb[3:4].clone(), emb).tolist() == [3]
+
+
+def test_nearest_embedding_opcheck(device):
+    args = (torch.randn(37, 8, device=device), torch.randn(50, 8, device=device))
+    torch.library.opcheck(torch.ops.moediffuseq.nearest_embedding.default, args)

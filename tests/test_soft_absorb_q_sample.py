@@ -1,14 +1,23 @@
-"""soft_absorb_q_sample against its reference, its statistics, registration and errors."""
+"""soft_absorb_q_sample against its reference, its statistics, registration and errors.
+
+Every test runs on the CPU and, where a GPU and the CUDA kernels are present, on CUDA (float16
+too there; the references run on the same device).
+"""
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import assert_close_to_reference
+from conftest import DEVICES, assert_close_to_reference, skip_unless_ready
 from moediffuseq.ops import soft_absorb_q_sample, soft_absorb_q_sample_ref
 
+DEVICE_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2),
+             torch.float16: dict(atol=3e-3, rtol=2e-3)}
 
-def make(B, L, d, dtype, seed, p_target=0.5):
+
+def make(B, L, d, dtype, seed, p_target=0.5, device="cpu"):
+    """Drawn on the CPU from one generator, then moved: the same problem on every device."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(B, L, d, generator=g).to(dtype)
     m = torch.randn(d, generator=g).to(dtype)
@@ -16,20 +25,29 @@ def make(B, L, d, dtype, seed, p_target=0.5):
     ab = torch.rand(B, generator=g)
     noise = torch.randn(B, L, d, generator=g).to(dtype)
     u = torch.rand(B, L, generator=g)
-    return x0, m, tm, ab.sqrt(), (1 - ab).sqrt(), noise, u
+    return tuple(t.to(device) for t in (x0, m, tm, ab.sqrt(), (1 - ab).sqrt(), noise, u))
 
 
-@given(B=st.integers(1, 4), L=st.integers(1, 300), d=st.sampled_from([1, 7, 64, 129]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), gamma=st.sampled_from([0.0, 0.5, 1.0]),
-       seed=st.integers(0, 2**31 - 1))
-def test_matches_reference(B, L, d, dtype, gamma, seed):
-    x0, m, tm, sa, s1, noise, u = make(B, L, d, dtype, seed)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference(device):
+    skip_unless_ready(device)
+
+    @given(B=st.integers(1, 4), L=st.integers(1, 300), d=st.sampled_from([1, 7, 64, 129, 1024]),
+           dtype=st.sampled_from(DEVICE_DTYPES[device]), gamma=st.sampled_from([0.0, 0.5, 1.0]),
+           seed=st.integers(0, 2**31 - 1))
+    def matches(B, L, d, dtype, gamma, seed):
+        check_problem(B, L, d, dtype, gamma, seed, device)
+
+    matches()
+
+
+def check_problem(B, L, d, dtype, gamma, seed, device):
+    x0, m, tm, sa, s1, noise, u = make(B, L, d, dtype, seed, device=device)
     x0.requires_grad_(True)
     m.requires_grad_(True)
     out = soft_absorb_q_sample(x0, m, tm, sa, s1, gamma=gamma, noise=noise, uniform=u)
     ref = soft_absorb_q_sample_ref(x0.double(), m.double(), tm, sa, s1, noise.double(), u, gamma)
-    torch.testing.assert_close(out.float(), ref.float().to(dtype).float(), atol=1e-5 if dtype == torch.float32 else 2e-2,
-                               rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(out.float(), ref.float().to(dtype).float(), **TOLERANCE[dtype])
     assert torch.equal(out[~tm], x0[~tm].detach())  # source untouched, bit-exact
     grad = torch.randn_like(out)
     gx, gm = torch.autograd.grad(out, (x0, m), grad)
@@ -43,15 +61,15 @@ def test_matches_reference(B, L, d, dtype, gamma, seed):
     assert_close_to_reference(gm, rm, bm.to(dtype), "grad_m", compute_dtype=dtype)
 
 
-def test_statistics_of_the_forward_process():
+def test_statistics_of_the_forward_process(device):
     """Mask rate ~ gamma sqrt(1 - abar), noise centred on m, source untouched."""
     B, L, d, gamma = 4, 4000, 8, 0.5
-    x0 = torch.randn(B, L, d)
-    m = torch.full((d,), 2.0)
-    tm = torch.ones(B, L, dtype=torch.bool)
+    x0 = torch.randn(B, L, d, device=device)
+    m = torch.full((d,), 2.0, device=device)
+    tm = torch.ones(B, L, dtype=torch.bool, device=device)
     tm[:, :500] = False
-    ab = torch.tensor([0.985, 0.5, 0.1, 2e-7])
-    g = torch.Generator().manual_seed(0)
+    ab = torch.tensor([0.985, 0.5, 0.1, 2e-7], device=device)
+    g = torch.Generator(device=device).manual_seed(0)
     out = soft_absorb_q_sample(x0, m, tm, ab.sqrt(), (1 - ab).sqrt(), gamma=gamma, generator=g)
     absorbed = (out == m).all(-1) & tm
     rate = absorbed[:, 500:].float().mean(-1)
@@ -68,8 +86,9 @@ def test_statistics_of_the_forward_process():
     assert resid.numel() > 0
 
 
-def test_opcheck():
-    x0, m, tm, sa, s1, noise, u = make(2, 33, 16, torch.float32, 0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    x0, m, tm, sa, s1, noise, u = make(2, 33, 16, dtype, 0, device=device)
     args = (x0.requires_grad_(), m.requires_grad_(), tm, sa, s1, noise, u, 0.5)
     torch.library.opcheck(torch.ops.moediffuseq.soft_absorb_q_sample.default, args)
 
@@ -83,8 +102,8 @@ def test_opcheck():
     ("uniform shape", lambda a: a.update(uniform=a["uniform"][:, :2]), r"uniform must be float32 \(B, L\)"),
     ("gamma", lambda a: a.update(gamma=1.5), r"gamma must be in \[0, 1\]"),
 ])
-def test_bad_input_is_named(case, mutate, message):
-    x0, m, tm, sa, s1, noise, u = make(2, 10, 4, torch.float32, 1)
+def test_bad_input_is_named(device, case, mutate, message):
+    x0, m, tm, sa, s1, noise, u = make(2, 10, 4, torch.float32, 1, device=device)
     args = dict(x0=x0, m=m, target_mask=tm, sqrt_ab=sa, sqrt_1mab=s1, noise=noise, uniform=u, gamma=0.5)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
