@@ -1,4 +1,7 @@
-"""Mixture-of-experts layer on CPU: ours vs the HF-Mixtral loop vs torch._grouped_mm vs a dense FFN.
+"""Mixture-of-experts layer: ours vs the HF-Mixtral loop vs torch._grouped_mm vs a dense FFN.
+
+    python bench/moe.py                 # CPU (T=8192, D=1024, E=8, k=2, F=2048; float32 and bfloat16)
+    python bench/moe.py --device cuda   # GPU (T=32768, D=2048, E=8, k=2, F=4096; bfloat16), see run_cuda
 
 The layer (every method but "dense"): logits = x @ w_gate (w_gate (D, E) in the dtype of x), top-k
 softmax routing in float32, expert FFN gelu_tanh(x @ w1[e]) @ w2[e], combine
@@ -99,12 +102,12 @@ class Params:
     grad_y: Tensor  # (T, D)
 
 
-def make_params(shape: Shape, dtype: torch.dtype, seed: int = 0) -> Params:
-    """Random inputs with fan-in scaled weights, so activations stay O(1)."""
+def make_params(shape: Shape, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> Params:
+    """Random inputs with fan-in scaled weights, so activations stay O(1) (drawn on the CPU, moved)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*size: int, fan_in: int = 1) -> Tensor:
-        return (torch.randn(*size, generator=gen) / fan_in**0.5).to(dtype).requires_grad_()
+        return (torch.randn(*size, generator=gen) / fan_in**0.5).to(device=device, dtype=dtype).requires_grad_()
 
     s = shape
     return Params(
@@ -114,7 +117,7 @@ def make_params(shape: Shape, dtype: torch.dtype, seed: int = 0) -> Params:
         w2=rand(s.E, s.F, s.D, fan_in=s.F),
         dense_w1=rand(s.D, s.k * s.F, fan_in=s.D),
         dense_w2=rand(s.k * s.F, s.D, fan_in=s.k * s.F),
-        grad_y=torch.randn(s.T, s.D, generator=gen).to(dtype),
+        grad_y=torch.randn(s.T, s.D, generator=gen).to(device=device, dtype=dtype),
     )
 
 
@@ -358,14 +361,157 @@ def targets(rates: dict[str, float], shape: Shape,
     return lines
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU mode (--device cuda): bfloat16, CUDA-event timing, expert GEMMs from the profiler's kernels.
+
+CUDA_SHAPE = dict(tokens=32768, dim=2048, ffn=4096)
+# targets of the GPU run: ours fwd+bwd vs the grouped_mm pipeline and the HF loop; the expert
+# GEMMs' rate vs a dense bf16 matmul of the same machine
+CUDA_TARGET_GROUPED_SPEEDUP = 1.0
+CUDA_TARGET_HF_SPEEDUP = 2.0
+CUDA_TARGET_GEMM_FRACTION = 0.70
+CUDA_GEMM_KERNEL_MARKERS = ("cutlass", "gemm", "gmma", "sm90_xmma", "nvjet")  # kernel-name substrings of GEMMs
+CUDA_COLUMNS = ("pass", "method", "median ms", "min ms", "repeats", "TFLOP/s", "% matmul", "ours speed-up",
+                "expert GEMM TFLOP/s", "expert GEMM % matmul", "outside expert GEMMs %", "note")
+
+
+def measure_cuda(fn: Callable[[], object], *, warmup: int, repeats: int, max_seconds: float) -> dict:
+    """Median / min over ``repeats`` calls of the GPU time of ``fn()`` between two CUDA events;
+    stops early once ``max_seconds`` of timed calls have been spent."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    while len(samples) < max(1, repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+        if sum(samples) >= max_seconds:
+            break
+    return dict(median_s=statistics.median(samples), min_s=min(samples), repeats=len(samples))
+
+
+def cuda_matmul_rate(dtype: torch.dtype, n: int) -> float:
+    """TFLOP/s of an n x n @ n x n matmul on the GPU (median of CUDA-event timings)."""
+    a = torch.randn(n, n, device="cuda").to(dtype)
+    b = torch.randn(n, n, device="cuda").to(dtype)
+    t = measure_cuda(lambda: a @ b, warmup=3, repeats=20, max_seconds=5)["median_s"]
+    return 2.0 * n**3 / t / 1e12
+
+
+def expert_gemm_seconds(run: Callable[[], object], steps: int) -> tuple[float, float]:
+    """(GPU seconds of the GEMM kernels, GPU seconds of all kernels) of one call, medians over
+    ``steps`` profiled calls. The router GEMM (x @ w_gate) is a GEMM kernel too but ~E/(2kF) of
+    the expert FLOPs (0.05% here); it is counted with the expert GEMMs."""
+    gemm, total = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+        gemm.append(sum(ev.time_range.elapsed_us() for ev in kernels
+                        if any(m in ev.name.lower() for m in CUDA_GEMM_KERNEL_MARKERS)) / 1e6)
+        total.append(sum(ev.time_range.elapsed_us() for ev in kernels) / 1e6)
+    return statistics.median(gemm), statistics.median(total)
+
+
+def run_cuda(args: argparse.Namespace) -> None:
+    """The GPU table: every (pass, method) in bfloat16, CUDA-event medians; for ours, the time of
+    the expert GEMM kernels (profiler) as a rate and as a share of the dense matmul rate."""
+    dtype = torch.bfloat16
+    shape = Shape(T=args.tokens, D=args.dim, E=args.experts, k=args.topk, F=args.ffn)
+    print(f"MoE layer on {torch.cuda.get_device_name()}: {shape}, gelu (tanh), bfloat16", flush=True)
+    rate_before = cuda_matmul_rate(dtype, args.matmul_n)
+    p = make_params(shape, dtype, device="cuda")
+    grouped = probe_grouped_mm(p, shape.k)
+    for line in verify(p, shape.k, grouped["fwd"] is None):
+        print(f"  check {line}", flush=True)
+    results: dict[tuple[str, str], dict] = {}
+    for pass_ in PASSES:
+        for method in METHODS:
+            if method == "grouped_mm" and grouped[pass_] is not None:
+                results[pass_, method] = dict(note=grouped[pass_])
+                print(f"  {pass_:8s} {method:11s} {grouped[pass_]}", flush=True)
+                continue
+            forward, wrt = layer_call(method, p, shape.k)
+            run = pass_call(forward, wrt, p.grad_y, pass_)
+            results[pass_, method] = measure_cuda(run, warmup=2, repeats=args.repeats, max_seconds=30)
+            if method == "ours":
+                gemm_s, kernels_s = expert_gemm_seconds(run, args.profile_steps)
+                results[pass_, method].update(gemm_s=gemm_s, kernels_s=kernels_s)
+            print(f"  {pass_:8s} {method:11s} {results[pass_, method]['median_s'] * 1e3:9.2f} ms", flush=True)
+            torch.cuda.empty_cache()
+    rate = max(rate_before, cuda_matmul_rate(dtype, args.matmul_n))
+
+    rows: list[dict[str, Cell]] = []
+    for pass_ in PASSES:
+        ours = results[pass_, "ours"]
+        expert_flops = shape.flops("dense", pass_)  # the expert GEMM FLOPs alone
+        for method in METHODS:
+            r = results[pass_, method]
+            row: dict[str, Cell] = {"pass": pass_, "method": method, "note": r.get("note")}
+            if "median_s" in r:
+                tflops = shape.flops(method, pass_) / r["median_s"] / 1e12
+                row.update({"median ms": r["median_s"] * 1e3, "min ms": r["min_s"] * 1e3, "repeats": r["repeats"],
+                            "TFLOP/s": tflops, "% matmul": 100 * tflops / rate,
+                            "ours speed-up": None if method == "ours" else r["median_s"] / ours["median_s"]})
+                if method == "dense":
+                    row["note"] = "router not included"
+            if "gemm_s" in r and r["gemm_s"] > 0:
+                gemm_tflops = expert_flops / r["gemm_s"] / 1e12
+                row.update({"expert GEMM TFLOP/s": gemm_tflops, "expert GEMM % matmul": 100 * gemm_tflops / rate,
+                            "outside expert GEMMs %": 100 * (1 - r["gemm_s"] / r["kernels_s"])})
+            rows.append(row)
+    s = shape
+    notes = [
+        f"{torch.cuda.get_device_name()}; T={s.T}, D={s.D}, E={s.E}, k={s.k}, F={s.F}; gelu (tanh); bfloat16, "
+        "routing in float32.",
+        f"dense bf16 matmul rate: {rate:.0f} TFLOP/s (n={args.matmul_n} square matmul, the higher of before / after).",
+        "useful FLOPs: fwd = 2*T*D*E + 4*T*k*D*F, fwd+bwd = 3x fwd; dense: 4*T*k*D*F (no router), 3x for fwd+bwd.",
+        "times: CUDA events around each call, median of the repeats; fwd under torch.no_grad, fwd+bwd = forward "
+        "+ torch.autograd.grad of x and all weights.",
+        "expert GEMM columns (ours): GPU time of the GEMM kernels of one call (torch.profiler, median of "
+        f"{args.profile_steps} calls) against the expert GEMM FLOPs; outside = the other kernels' share of "
+        "the kernel time (routing, gather, activation, combine, routing-weight gradient).",
+    ]
+    out_dir = write_table(rows, CUDA_COLUMNS, "moe_cuda", out_dir=args.out,
+                          title="MoE layer on the GPU: ours vs HF loop vs torch._grouped_mm vs dense FFN", notes=notes)
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    ours = results["fwd+bwd", "ours"]
+    lines = []
+    for method, need in (("grouped_mm", CUDA_TARGET_GROUPED_SPEEDUP), ("hf_loop", CUDA_TARGET_HF_SPEEDUP)):
+        other = results["fwd+bwd", method]
+        if "median_s" in other:
+            speedup = other["median_s"] / ours["median_s"]
+            lines.append(f"{verdict(speedup >= need)} ours fwd+bwd {speedup:.2f}x {method}, target >= {need:g}x")
+    if ours.get("gemm_s"):
+        fraction = shape.flops("dense", "fwd+bwd") / ours["gemm_s"] / 1e12 / rate
+        lines.append(f"{verdict(fraction >= CUDA_TARGET_GEMM_FRACTION)} ours fwd+bwd expert GEMMs at "
+                     f"{100 * fraction:.0f}% of the dense bf16 matmul rate, target >= "
+                     f"{100 * CUDA_TARGET_GEMM_FRACTION:.0f}%")
+    section = "\nTargets\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    print(section, end="")
+    with open(out_dir / "moe_cuda.md", "a", encoding="utf-8") as handle:
+        handle.write(section)
+
+
 def parse_args() -> argparse.Namespace:
     """Command-line flags; ``--quick`` swaps in the smoke sizes."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", "-T", type=int, default=8192)
-    parser.add_argument("--dim", "-D", type=int, default=1024)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: bfloat16 at T=32768, D=2048, F=4096 unless -T/-D/-F are given")
+    parser.add_argument("--tokens", "-T", type=int, default=None, help="default 8192 (cpu), 32768 (cuda)")
+    parser.add_argument("--dim", "-D", type=int, default=None, help="default 1024 (cpu), 2048 (cuda)")
     parser.add_argument("--experts", "-E", type=int, default=8)
     parser.add_argument("--topk", "-k", type=int, default=2)
-    parser.add_argument("--ffn", "-F", type=int, default=2048, help="expert width")
+    parser.add_argument("--ffn", "-F", type=int, default=None, help="expert width; default 2048 (cpu), 4096 (cuda)")
     parser.add_argument("--quick", action="store_true", help="smoke config: T=1024, D=256, F=512 (overrides -T, -D, -F)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
@@ -373,9 +519,17 @@ def parse_args() -> argparse.Namespace:
                         help="stop repeating a measurement once its timed calls took this long")
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="profiled calls for the share outside the expert GEMMs")
-    parser.add_argument("--matmul-n", type=int, default=2048, help="size of the reference square matmul")
+    parser.add_argument("--matmul-n", type=int, default=None,
+                        help="size of the reference square matmul; default 2048 (cpu), 8192 (cuda)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    defaults = CUDA_SHAPE if cuda else dict(tokens=8192, dim=1024, ffn=2048)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.matmul_n is None:
+        args.matmul_n = 8192 if cuda else 2048
     if args.quick:
         args.tokens, args.dim, args.ffn = 1024, 256, 512
     return args
@@ -384,6 +538,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Measures every dtype, writes <out>/moe.md and moe.csv, prints and appends the targets."""
     args = parse_args()
+    if args.device == "cuda":
+        run_cuda(args)
+        return
     shape = Shape(T=args.tokens, D=args.dim, E=args.experts, k=args.topk, F=args.ffn)
     print(f"MoE layer {shape}, gelu (tanh); dtypes {', '.join(args.dtypes)}", flush=True)
     load_start = os.getloadavg()[0]
