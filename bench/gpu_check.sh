@@ -30,8 +30,10 @@ export PYTHONUNBUFFERED=1 PYTHON WHEEL_DIR MAX_JOBS RESULTS_DIR SITE_DIR
 
 # ---------------------------------------------------------------------------------------------
 # Steps, run in this order; each one's output goes to $RESULTS_DIR/<name>.log and the console.
-STEPS=(environment install_wheels build test_attention bench_attention)
-declare -A LIMITS=([environment]=30 [install_wheels]=30 [build]=180 [test_attention]=100 [bench_attention]=170)
+STEPS=(environment install_wheels build test_attention bench_attention test_moe_diffusion bench_moe
+       bench_denoise_step bench_end_to_end)
+declare -A LIMITS=([environment]=30 [install_wheels]=30 [build]=180 [test_attention]=100 [bench_attention]=170
+                   [test_moe_diffusion]=150 [bench_moe]=120 [bench_denoise_step]=120 [bench_end_to_end]=150)
 # Steps whose failure stops the run (everything after them needs what they make).
 REQUIRED=(install_wheels build)
 
@@ -71,6 +73,24 @@ step_bench_attention() {
   "$PYTHON" bench/attention.py --device cuda --out "$RESULTS_DIR"
 }
 
+step_test_moe_diffusion() {
+  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_moe_topk_softmax.py tests/test_moe_ffn.py \
+    tests/test_soft_absorb_q_sample.py tests/test_denoise_step.py -k cuda
+}
+
+step_bench_moe() {
+  "$PYTHON" bench/moe.py --device cuda --out "$RESULTS_DIR"
+}
+
+step_bench_denoise_step() {
+  "$PYTHON" bench/denoise_step.py --device cuda --sizes 1e7 1e8 4e8 --out "$RESULTS_DIR"
+}
+
+step_bench_end_to_end() {
+  if [ ! -f bench/end_to_end.py ]; then echo "bench/end_to_end.py not present: nothing to run"; return 0; fi
+  "$PYTHON" bench/end_to_end.py --device cuda
+}
+
 # ---------------------------------------------------------------------------------------------
 for name in "${STEPS[@]}"; do export -f "step_$name"; done
 declare -A STATUS SECONDS_TAKEN
@@ -100,6 +120,16 @@ for table in attention_cuda; do
     echo "$table (full table and notes: $RESULTS_DIR/$table.md):"
     grep -E '^\| *(L |[0-9])' "$RESULTS_DIR/$table.md" | head -40
     grep -E 'check at' "$RESULTS_DIR/$table.md" || true
+    echo
+  fi
+done
+# MoE and denoising-step tables: their rows and their target lines.
+for table in moe_cuda:bench_moe denoise_step_cuda:bench_denoise_step; do
+  md="$RESULTS_DIR/${table%%:*}.md" log="$RESULTS_DIR/${table#*:}.log"
+  if [ -f "$md" ]; then
+    echo "${table%%:*} (full table and notes: $md):"
+    grep -E '^\| *(pass|dtype|fwd|float32|bfloat16)' "$md" | head -40
+    grep -hE '^- (PASS|FAIL)' "$log" 2>/dev/null || true
     echo
   fi
 done
