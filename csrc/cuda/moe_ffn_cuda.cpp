@@ -107,14 +107,15 @@ void expert_gemms(const DeviceRouting& r, bool tensor_cores, GemmLayout layout, 
     p.d = g.d.data_ptr();
     problems.push_back(p);
   }
-  if (!use_cutlass) {
-    for (GemmOperands& g : gemms) at::mm_out(g.d, g.a, g.b);
-    return;
-  }
   const DType dtype = kernel_dtype(like, op);
   const int groups = static_cast<int>(problems.size());
   const int device = like.get_device();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  use_cutlass = use_cutlass && moe_grouped_gemm_supported(dtype, layout, groups, problems.data(), device, sms);
+  if (!use_cutlass) {
+    for (GemmOperands& g : gemms) at::mm_out(g.d, g.a, g.b);
+    return;
+  }
   const size_t bytes = moe_grouped_gemm_workspace_size(dtype, layout, groups, problems.data(), device, sms);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
   const char* err =
