@@ -134,6 +134,17 @@ def test_explicit_scale_and_long_window(device, dtype):
     check_against_reference(q, k, v, g, kp, grad, window=1500, dilation=1, scale=0.3)
 
 
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
+    """L >= 4096 splits the dense parts (global rows, global keys) over several CTAs, and more
+    than 256 global tokens also leave some of their tiles whole: both paths against the reference."""
+    skip_unless_ready("cuda")
+    q, k, v, g, kp, grad = make_inputs(1, 2, 8300, 64, torch.bfloat16, seed=13, p_global=0.05, p_pad=0.05,
+                                       device="cuda")
+    assert 256 < int(g.sum()) < 600
+    check_against_reference(q, k, v, g, kp, grad, window=100, dilation=dilation)
+
+
 def test_allowed_mask_is_the_contract():
     """The reference's mask against the METHOD §3 formula, pair by pair."""
     L, w, d = 23, 2, 3

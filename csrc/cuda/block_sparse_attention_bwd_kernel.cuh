@@ -44,8 +44,9 @@ struct BwdKernel {
   };
 };
 
-// p.window is at most p.seqlen (clamped by the launcher). grid = (band key tiles + global-key
-// tiles, H, B); blockIdx.x < num_band_tiles is a band key tile, else a tile of global keys.
+// p.window is at most p.seqlen (clamped by the launcher). grid = (band key tiles + dense CTAs,
+// H, B); blockIdx.x < num_band_tiles is a band key tile, else (part of) a tile of global keys,
+// whose gradients are added to ws.split_grad_{k,v} when it is split.
 template <typename Elem, int D>
 __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     block_sparse_attention_bwd_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws, int num_band_tiles) {
@@ -82,6 +83,7 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   // (or, for global keys, every query tile), then n_second tiles of the global-row list.
   const bool band = static_cast<int>(blockIdx.x) < num_band_tiles;
   TileRows krows;
+  DenseTile dense;
   int residue = 0, c0 = 0, lo = 0, hi = 0, n_first, n_second;
   if (band) {
     const ResidueTiles tiles{L, d};
@@ -97,11 +99,12 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     n_first = static_cast<int>(ResidueTiles::tiles_of(hi - lo));
     n_second = static_cast<int>(ResidueTiles::tiles_of(num_global_rows));
   } else {
-    const int g0 = (static_cast<int>(blockIdx.x) - num_band_tiles) * kBsaTile;
+    dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
+    const int g0 = dense.tile * kBsaTile;
     const int num_keys = ws.num_global[p.batch + b];
     if (g0 >= num_keys) return;  // the whole CTA: fewer global keys than launched tiles
     krows = gathered_rows(ws.global_keys + static_cast<int64_t>(b) * L, g0, num_keys);
-    n_first = static_cast<int>(ResidueTiles::tiles_of(L));
+    n_first = dense.end - dense.first;
     n_second = 0;
   }
 
@@ -182,7 +185,7 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
         qrows = strided_rows(residue, d, t0, hi);
         geometry = true;
       } else {
-        qrows = strided_rows(0, 1, j * kBsaTile, L);
+        qrows = strided_rows(0, 1, (dense.first + j) * kBsaTile, L);
       }
     } else {
       qrows = gathered_rows(global_rows, (j - n_first) * kBsaTile, num_global_rows);
@@ -245,6 +248,21 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     }
   }
 
+  if (dense.partial) {
+    // Part of the query tiles: add to the float32 sums that block_sparse_attention_finish_keys_kernel writes out.
+    const int64_t slot = (bh * kBsaSplitTiles + dense.tile) * kBsaTile;
+    float* part_dk = ws.split_grad_k + slot * D;
+    float* part_dv = ws.split_grad_v + slot * D;
+    Tensor cK = thr.partition_C(make_identity_tensor(Shape<Int<kBsaTile>, Int<D>>{}));  // (key, D)
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dk); ++i) {
+      const int row = get<0>(cK(i)), col = get<1>(cK(i));
+      atomicAdd(part_dk + row * D + col, acc_dk(i) * p.scale);
+      atomicAdd(part_dv + row * D + col, acc_dv(i));
+    }
+    return;
+  }
+
   // dK = scale dS^T Q; both tiles through shared memory to the key rows this CTA owns.
   __syncthreads();
   Tensor tKsK = thr.partition_C(sQ);
@@ -265,8 +283,8 @@ cudaError_t run_block_sparse_attention_bwd(const BlockSparseAttentionParams& p, 
   using K = BwdKernel<Elem, D>;
   const ResidueTiles tiles{p.seqlen, p.dilation};
   const int64_t band_tiles = tiles.num_tiles();
-  const int64_t global_tiles = p.global_mask ? ResidueTiles::tiles_of(p.seqlen) : 0;
-  const dim3 grid(static_cast<unsigned>(band_tiles + global_tiles), static_cast<unsigned>(p.heads),
+  const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
+  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.heads),
                   static_cast<unsigned>(p.batch));
   const int smem = static_cast<int>(sizeof(typename K::Shared));
   auto kernel = block_sparse_attention_bwd_kernel<Elem, D>;

@@ -55,18 +55,34 @@ BlockSparseAttentionParams make_params(const at::Tensor& q, int64_t window, int6
   return p;
 }
 
-// The global lists: (B, L) int32 each and the (2 B) counts, only when there is a global mask.
-struct Lists {
-  at::Tensor queries, keys, counts;
-  void fill(BsaWorkspace& ws, const at::Tensor& q, bool has_global) {
+// Buffers of the global tokens, only when there is a global mask: the lists ((B, L) int32
+// each and the (2 B) counts) and the buffers of the split dense tiles (BsaWorkspace).
+struct GlobalBuffers {
+  at::Tensor queries, keys, counts, split_a, split_b;
+  void fill(BsaWorkspace& ws, const at::Tensor& q, bool has_global, bool backward) {
     if (!has_global) return;
+    const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
     const auto opts = q.options().dtype(at::kInt);
-    queries = at::empty({q.size(0), q.size(2)}, opts);
-    keys = at::empty({q.size(0), q.size(2)}, opts);
-    counts = at::empty({2 * q.size(0)}, opts);
+    queries = at::empty({B, L}, opts);
+    keys = at::empty({B, L}, opts);
+    counts = at::empty({2 * B}, opts);
     ws.global_queries = queries.data_ptr<int>();
     ws.global_keys = keys.data_ptr<int>();
     ws.num_global = counts.data_ptr<int>();
+    ws.num_splits = bsa_cuda_num_splits(L);
+    if (ws.num_splits <= 1) return;
+    const auto fopts = q.options().dtype(at::kFloat);
+    if (backward) {
+      split_a = at::zeros({B, H, kBsaSplitTiles, 64, D}, fopts);
+      split_b = at::zeros({B, H, kBsaSplitTiles, 64, D}, fopts);
+      ws.split_grad_k = split_a.data_ptr<float>();
+      ws.split_grad_v = split_b.data_ptr<float>();
+    } else {
+      split_a = at::empty({B, H, kBsaSplitTiles, ws.num_splits, 64, D}, fopts);
+      split_b = at::empty({B, H, kBsaSplitTiles, ws.num_splits, 64, 2}, fopts);
+      ws.split_out = split_a.data_ptr<float>();
+      ws.split_max_sum = split_b.data_ptr<float>();
+    }
   }
 };
 
@@ -89,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.out_mut = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   BsaWorkspace ws;
-  Lists lists;
-  lists.fill(ws, q, p.global_mask != nullptr);
+  GlobalBuffers buffers;
+  buffers.fill(ws, q, p.global_mask != nullptr, /*backward=*/false);
   C10_CUDA_CHECK(block_sparse_attention_fwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
@@ -133,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   BsaWorkspace ws;
   ws.grad_q_accum = grad_q_accum.data_ptr<float>();
   ws.delta = delta.data_ptr<float>();
-  Lists lists;
-  lists.fill(ws, q, p.global_mask != nullptr);
+  GlobalBuffers buffers;
+  buffers.fill(ws, q, p.global_mask != nullptr, /*backward=*/true);
   C10_CUDA_CHECK(block_sparse_attention_bwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
   return {grad_q, grad_k, grad_v};
 }

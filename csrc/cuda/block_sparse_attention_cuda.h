@@ -19,7 +19,27 @@ struct BsaWorkspace {
   int* num_global = nullptr;      // (2 B): [b] global rows, [B + b] global keys
   float* grad_q_accum = nullptr;  // backward: (B, H, L, D) float32, zero on entry
   float* delta = nullptr;         // backward: (B, H, L) rowsum(grad_out * out)
+
+  // Splitting of the dense parts (global rows x all keys, global keys x all queries) over
+  // num_splits CTAs per 64-row tile, for the first kBsaSplitTiles tiles of each list; with
+  // num_splits = 1 nothing is split and these buffers are not used.
+  int num_splits = 1;
+  float* split_out = nullptr;  // forward: (B, H, kBsaSplitTiles, num_splits, 64, D) unnormalised outputs
+  float* split_max_sum = nullptr;  // forward: (B, H, kBsaSplitTiles, num_splits, 64, 2) row max (log2), row sum
+  float* split_grad_k = nullptr;   // backward: (B, H, kBsaSplitTiles, 64, D), zero on entry
+  float* split_grad_v = nullptr;   // backward: (B, H, kBsaSplitTiles, 64, D), zero on entry
 };
+
+// Tiles of global rows (forward) or global keys (backward) that are split; further tiles run whole.
+constexpr int kBsaSplitTiles = 4;
+
+// Splits per dense tile: one per 64 tiles of the sequence (each split visits at least 64 tiles),
+// at most 16.
+inline int bsa_cuda_num_splits(int64_t seqlen) {
+  const int64_t tiles = (seqlen + 63) / 64;
+  const int64_t splits = tiles / 64;
+  return static_cast<int>(splits < 1 ? 1 : (splits > 16 ? 16 : splits));
+}
 
 // Head dimensions with compiled kernels (others are rejected by the host entry point).
 inline bool bsa_cuda_supports_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }

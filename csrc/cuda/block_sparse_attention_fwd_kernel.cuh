@@ -37,8 +37,9 @@ struct FwdKernel {
   };
 };
 
-// p.window is at most p.seqlen here (clamped by the launcher). grid = (band tiles + global-row
-// tiles, H, B); blockIdx.x < num_band_tiles is a band query tile, else a tile of global rows.
+// p.window is at most p.seqlen here (clamped by the launcher). grid = (band tiles + dense
+// CTAs, H, B); blockIdx.x < num_band_tiles is a band query tile, else (part of) a tile of
+// global rows, whose partial results go to ws.split_out when it is split.
 template <typename Elem, int D>
 __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     block_sparse_attention_fwd_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws, int num_band_tiles) {
@@ -70,6 +71,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   // rows, every key tile), then n_second tiles of the global-key list.
   const bool band = static_cast<int>(blockIdx.x) < num_band_tiles;
   TileRows qrows;
+  DenseTile dense;
   int residue = 0, t0 = 0, lo = 0, hi = 0, n_first, n_second;
   if (band) {
     const ResidueTiles tiles{L, d};
@@ -85,11 +87,12 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     n_first = static_cast<int>(ResidueTiles::tiles_of(hi - lo));
     n_second = static_cast<int>(ResidueTiles::tiles_of(num_global_keys));
   } else {
-    const int g0 = (static_cast<int>(blockIdx.x) - num_band_tiles) * kBsaTile;
+    dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
+    const int g0 = dense.tile * kBsaTile;
     const int num_rows = ws.num_global[b];
     if (g0 >= num_rows) return;  // the whole CTA: fewer global rows than launched tiles
     qrows = gathered_rows(ws.global_queries + static_cast<int64_t>(b) * L, g0, num_rows);
-    n_first = static_cast<int>(ResidueTiles::tiles_of(L));
+    n_first = dense.end - dense.first;
     n_second = 0;
   }
 
@@ -152,7 +155,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
         krows = strided_rows(residue, d, c0, hi);
         geometry = true;
       } else {
-        krows = strided_rows(0, 1, j * kBsaTile, L);
+        krows = strided_rows(0, 1, (dense.first + j) * kBsaTile, L);
       }
     } else {
       krows = gathered_rows(global_keys, (j - n_first) * kBsaTile, num_global_keys);
@@ -241,11 +244,38 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     }
   }
 
-  // Normalise; rows with no allowed key output zeros and lse = +inf.
   CUTE_UNROLL
   for (int r = 0; r < 2; ++r) {
     row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
     row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  if (dense.partial) {
+    // Unnormalised rows with their max and sum, for bsa_combine_kernel; staged as float32
+    // through the K and V tiles (adjacent in Shared) for coalesced stores.
+    static_assert(kBsaTile * D * sizeof(float) <= 2 * Tiles::kElems * sizeof(Elem), "staging tile too large");
+    const int64_t slot = ((bh * kBsaSplitTiles + dense.tile) * ws.num_splits + dense.split) * kBsaTile;
+    float* stage = reinterpret_cast<float*>(ss.k);
+    __syncthreads();  // every warp is past its last read of K and V
+    Tensor tOsO = thr.partition_C(make_tensor(make_smem_ptr(stage), Layout<Shape<Int<kBsaTile>, Int<D>>, Stride<Int<D>, _1>>{}));
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) tOsO(i) = acc_o(i);
+    if ((tid & 3) == 0) {
+      CUTE_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int row = get<0>(cS(r, 0));
+        ws.split_max_sum[(slot + row) * 2] = row_max[r];
+        ws.split_max_sum[(slot + row) * 2 + 1] = row_sum[r];
+      }
+    }
+    __syncthreads();
+    float4* part_out = reinterpret_cast<float4*>(ws.split_out + slot * D);
+    for (int idx = tid; idx < kBsaTile * D / 4; idx += kThreads) part_out[idx] = reinterpret_cast<const float4*>(stage)[idx];
+    return;
+  }
+
+  // Normalise; rows with no allowed key output zeros and lse = +inf.
+  CUTE_UNROLL
+  for (int r = 0; r < 2; ++r) {
     const float inv_sum = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
     CUTE_UNROLL
     for (int c = 0; c < size<1>(acc_o_rc); ++c) acc_o_rc(r, c) *= inv_sum;
@@ -268,8 +298,8 @@ cudaError_t run_block_sparse_attention_fwd(const BlockSparseAttentionParams& p, 
   using K = FwdKernel<Elem, D>;
   const ResidueTiles tiles{p.seqlen, p.dilation};
   const int64_t band_tiles = tiles.num_tiles();
-  const int64_t global_tiles = p.global_mask ? ResidueTiles::tiles_of(p.seqlen) : 0;
-  const dim3 grid(static_cast<unsigned>(band_tiles + global_tiles), static_cast<unsigned>(p.heads),
+  const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
+  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.heads),
                   static_cast<unsigned>(p.batch));
   const int smem = static_cast<int>(sizeof(typename K::Shared));
   auto kernel = block_sparse_attention_fwd_kernel<Elem, D>;

@@ -11,11 +11,13 @@
 #include "common/block_sparse_attention_tiles.h"
 #include "cuda/block_sparse_attention_cuda.h"
 #include "cuda/block_sparse_attention_kernels.h"
+#include "cuda/block_sparse_attention_tile_io.cuh"
 
 namespace moediffuseq::cuda {
 namespace {
 
 constexpr int kListThreads = 512;
+constexpr float kBsaLn2 = 0.6931471805599453f;
 
 // One CTA per batch element: the positions of its global rows, and of its global keys that
 // are not padded, in increasing order, and their counts. O(L) work, no host synchronisation.
@@ -68,6 +70,66 @@ __global__ void bsa_delta_kernel(const Elem* grad_out, const Elem* out, float* d
   if (lane == 0) delta[row] = sum;
 }
 
+// The split tiles of global rows: merges the num_splits partial softmax results of every row
+// (max and sum in log2 units, unnormalised output) into its output row and lse. One warp per row.
+template <typename Elem>
+__global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws) {
+  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int L = static_cast<int>(p.seqlen), D = static_cast<int>(p.head_dim), S = ws.num_splits;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+  const int num_rows = ws.num_global[b];
+  const int lane = threadIdx.x % 32;
+  for (int row = threadIdx.x / 32; row < kBsaTile; row += blockDim.x / 32) {
+    const int g = tile * kBsaTile + row;
+    if (g >= num_rows) break;
+    const int pos = ws.global_queries[static_cast<int64_t>(b) * L + g];
+    const int64_t first = (bh * kBsaSplitTiles + tile) * S * kBsaTile + row;  // slot of split 0
+    float max_all = -INFINITY;
+    for (int s = 0; s < S; ++s) max_all = fmaxf(max_all, ws.split_max_sum[(first + s * kBsaTile) * 2]);
+    const float shift = max_all == -INFINITY ? 0.f : max_all;
+    float sum = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float* ms = ws.split_max_sum + (first + s * kBsaTile) * 2;
+      sum += ms[1] * exp2f(ms[0] - shift);
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    Elem* out = static_cast<Elem*>(p.out_mut) + (bh * L + pos) * D;
+    for (int c = lane; c < D; c += 32) {
+      float acc = 0.f;
+      for (int s = 0; s < S; ++s) {
+        const int64_t slot = first + s * kBsaTile;
+        acc += ws.split_out[slot * D + c] * exp2f(ws.split_max_sum[slot * 2] - shift);
+      }
+      out[c] = static_cast<Elem>(acc * inv);
+    }
+    if (lane == 0) p.lse[bh * L + pos] = sum > 0.f ? max_all * kBsaLn2 + logf(sum) : INFINITY;
+  }
+}
+
+// The split tiles of global keys: their float32 gradient sums to the dK and dV rows.
+template <typename Elem>
+__global__ void bsa_finish_keys_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws) {
+  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int L = static_cast<int>(p.seqlen), D = static_cast<int>(p.head_dim);
+  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+  const int num_keys = ws.num_global[p.batch + b];
+  for (int idx = threadIdx.x; idx < kBsaTile * D; idx += blockDim.x) {
+    const int row = idx / D, c = idx % D;
+    const int g = tile * kBsaTile + row;
+    if (g >= num_keys) break;
+    const int pos = ws.global_keys[static_cast<int64_t>(b) * L + g];
+    const int64_t from = ((bh * kBsaSplitTiles + tile) * kBsaTile + row) * D + c;
+    static_cast<Elem*>(p.grad_k)[(bh * L + pos) * D + c] = static_cast<Elem>(ws.split_grad_k[from]);
+    static_cast<Elem*>(p.grad_v)[(bh * L + pos) * D + c] = static_cast<Elem>(ws.split_grad_v[from]);
+  }
+}
+
+// Tiles of the compact lists that are split (see dense_tile).
+unsigned split_tiles(const BlockSparseAttentionParams& p, const BsaWorkspace& ws) {
+  if (!p.global_mask || ws.num_splits <= 1) return 0;
+  return static_cast<unsigned>(std::min<int64_t>(kBsaSplitTiles, ResidueTiles::tiles_of(p.seqlen)));
+}
+
 template <typename Elem>
 __global__ void bsa_convert_kernel(const float* in, Elem* out, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -91,13 +153,29 @@ BlockSparseAttentionParams clamped(const BlockSparseAttentionParams& p) {
   return c;
 }
 
+// No splitting without global tokens or without the split buffers.
+BsaWorkspace checked(const BsaWorkspace& ws, const BlockSparseAttentionParams& p, bool backward) {
+  BsaWorkspace c = ws;
+  const bool buffers = backward ? (ws.split_grad_k && ws.split_grad_v) : (ws.split_out && ws.split_max_sum);
+  if (!p.global_mask || !buffers || c.num_splits < 1) c.num_splits = 1;
+  return c;
+}
+
 template <typename Elem>
 cudaError_t dispatch_fwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
+  cudaError_t err;
   switch (p.head_dim) {
-    case 64: return run_block_sparse_attention_fwd<Elem, 64>(p, ws, stream);
-    case 128: return run_block_sparse_attention_fwd<Elem, 128>(p, ws, stream);
+    case 64: err = run_block_sparse_attention_fwd<Elem, 64>(p, ws, stream); break;
+    case 128: err = run_block_sparse_attention_fwd<Elem, 128>(p, ws, stream); break;
     default: return cudaErrorInvalidValue;
   }
+  if (err != cudaSuccess) return err;
+  if (const unsigned tiles = split_tiles(p, ws)) {
+    bsa_combine_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), 256, 0,
+                               stream>>>(p, ws);
+    err = cudaGetLastError();
+  }
+  return err;
 }
 
 template <typename Elem>
@@ -115,6 +193,12 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
     default: return cudaErrorInvalidValue;
   }
   if (err != cudaSuccess) return err;
+  if (const unsigned tiles = split_tiles(p, ws)) {
+    bsa_finish_keys_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), 256,
+                                   0, stream>>>(p, ws);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   const int64_t n = rows * p.head_dim;
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65536);
   bsa_convert_kernel<Elem><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(ws.grad_q_accum, static_cast<Elem*>(p.grad_q), n);
@@ -124,8 +208,9 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
 }  // namespace
 
 cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
-                                            const BsaWorkspace& ws, cudaStream_t stream) {
+                                            const BsaWorkspace& workspace, cudaStream_t stream) {
   const BlockSparseAttentionParams p = clamped(params);
+  const BsaWorkspace ws = checked(workspace, p, /*backward=*/false);
   cudaError_t err = build_global_lists(p, ws, stream);
   if (err != cudaSuccess) return err;
   return dtype == BsaDtype::kBFloat16 ? dispatch_fwd<cutlass::bfloat16_t>(p, ws, stream)
@@ -133,8 +218,9 @@ cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& pa
 }
 
 cudaError_t block_sparse_attention_bwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
-                                            const BsaWorkspace& ws, cudaStream_t stream) {
+                                            const BsaWorkspace& workspace, cudaStream_t stream) {
   const BlockSparseAttentionParams p = clamped(params);
+  const BsaWorkspace ws = checked(workspace, p, /*backward=*/true);
   cudaError_t err = build_global_lists(p, ws, stream);
   if (err != cudaSuccess) return err;
   return dtype == BsaDtype::kBFloat16 ? dispatch_bwd<cutlass::bfloat16_t>(p, ws, stream)

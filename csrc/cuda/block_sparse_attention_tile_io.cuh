@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/block_sparse_attention_tiles.h"
+#include "cuda/block_sparse_attention_cuda.h"
 
 namespace moediffuseq::cuda {
 
@@ -94,5 +95,43 @@ struct PositionFlags {
   __device__ __forceinline__ bool is_global(int p) const { return global && global[p]; }
   __device__ __forceinline__ bool is_padded(int p) const { return padded && padded[p]; }
 };
+
+// The dense parts: the CTAs past the band tiles take the tiles of a compact list (global rows
+// in the forward, global keys in the backward) against every tile of the other side. The
+// first kBsaSplitTiles tiles of the list run as num_splits CTAs each (split = which part of the
+// other side's tiles), the others as one CTA each.
+struct DenseTile {
+  int tile = 0;     // tile of the compact list: rows [64 tile, 64 tile + 64)
+  int split = 0;    // part of the other side's tiles
+  bool partial = false;
+  int first = 0;    // other side's tiles [first, end)
+  int end = 0;
+};
+
+MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int seqlen, int num_splits) {
+  const int total = static_cast<int>(ResidueTiles::tiles_of(seqlen));
+  const int split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
+  DenseTile t;
+  if (x < split_tiles * num_splits) {
+    t.tile = x / num_splits;
+    t.split = x % num_splits;
+    t.partial = true;
+    const int chunk = (total + num_splits - 1) / num_splits;
+    t.first = t.split * chunk < total ? t.split * chunk : total;
+    t.end = t.first + chunk < total ? t.first + chunk : total;
+  } else {
+    t.tile = split_tiles + (x - split_tiles * num_splits);
+    t.first = 0;
+    t.end = total;
+  }
+  return t;
+}
+
+// CTAs past the band tiles: one per dense tile that is not split, num_splits per split one.
+inline int64_t dense_ctas(int64_t seqlen, int num_splits) {
+  const int64_t total = ResidueTiles::tiles_of(seqlen);
+  const int64_t split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
+  return split_tiles * num_splits + (total - split_tiles);
+}
 
 }  // namespace moediffuseq::cuda

@@ -9,6 +9,7 @@
 
 #include "cuda/block_sparse_attention_fwd_kernel.cuh"
 #include "cuda/block_sparse_attention_bwd_kernel.cuh"
+#include "cuda/block_sparse_attention_tile_io.cuh"
 using namespace cute;
 using namespace moediffuseq::cuda;
 
@@ -78,6 +79,22 @@ int main() {
         if (errors++ < 5) printf("decode L %ld d %ld: %zu distinct of %ld, expected %ld\n", long(L), long(d), got.size(),
                                  long(tiles.num_tiles()), long(expect));
       }
+    }
+  }
+  // Dense tiles: dense_ctas() CTAs cover every (list tile, other-side tile) pair exactly once,
+  // and only the first kBsaSplitTiles list tiles are split.
+  for (int L : {1, 64, 65, 4096, 8191, 131072}) {
+    for (int splits : {1, 2, 3, 16, moediffuseq::cuda::bsa_cuda_num_splits(L)}) {
+      const int total = int(moediffuseq::ResidueTiles::tiles_of(L));
+      std::map<std::pair<int, int>, int> covered;
+      for (int x = 0; x < int(moediffuseq::cuda::dense_ctas(L, splits)); ++x) {
+        const auto t = moediffuseq::cuda::dense_tile(x, L, splits);
+        if (t.partial != (splits > 1 && t.tile < moediffuseq::cuda::kBsaSplitTiles)) errors++;
+        for (int j = t.first; j < t.end; ++j) covered[{t.tile, j}]++;
+      }
+      bool ok = int(covered.size()) == total * total;
+      for (auto& [key, n] : covered) ok = ok && n == 1 && key.first < total && key.second < total;
+      if (!ok && errors++ < 5) printf("dense tiles L %d splits %d: %zu pairs\n", L, splits, covered.size());
     }
   }
   printf("block_sparse_attention layouts and tiles: %s (%d errors)\n", errors ? "FAIL" : "ok", errors);
