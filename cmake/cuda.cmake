@@ -31,12 +31,16 @@ if(NOT MOEDIFFUSEQ_CUDA STREQUAL "OFF")
   endif()
 endif()
 
+# At file scope: enable_language() inside a function leaves the CUDA rules out of the build.
+if(MOEDIFFUSEQ_WITH_CUDA)
+  enable_language(CUDA)
+endif()
+
 include(cutlass)  # moediffuseq_find_cutlass(), MOEDIFFUSEQ_CUDA_FLAGS
 
 # Adds csrc/cuda/*.cu (torch-free kernels, compiled by nvcc alone) and csrc/cuda/*.cpp
 # (their torch-facing glue) to <target>, with CUTLASS on the include path.
 function(moediffuseq_add_cuda_sources target)
-  enable_language(CUDA)
   moediffuseq_find_cutlass()
   file(GLOB cu_sources CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cu ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cpp)
   target_sources(${target} PRIVATE ${cu_sources})
