@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdint>
 #include <string>
 #include <vector>
 
