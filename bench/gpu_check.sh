@@ -88,7 +88,7 @@ step_bench_denoise_step() {
 
 step_bench_end_to_end() {
   if [ ! -f bench/end_to_end.py ]; then echo "bench/end_to_end.py not present: nothing to run"; return 0; fi
-  "$PYTHON" bench/end_to_end.py --device cuda
+  "$PYTHON" bench/end_to_end.py --device cuda --steps 3 --ddpm-probe 5 --quality-minutes 0.5 --out "$RESULTS_DIR"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -115,10 +115,10 @@ echo
 echo "## GPU check summary"
 echo
 # Each bench step's table, compact: its lines that start with "| L" or "| <number>".
-for table in attention_cuda; do
+for table in attention_cuda end_to_end_cuda end_to_end_quality_cuda; do
   if [ -f "$RESULTS_DIR/$table.md" ]; then
     echo "$table (full table and notes: $RESULTS_DIR/$table.md):"
-    grep -E '^\| *(L |[0-9])' "$RESULTS_DIR/$table.md" | head -40
+    grep -E '^\| *(L |model|[0-9a-z])' "$RESULTS_DIR/$table.md" | head -40
     grep -E 'check at' "$RESULTS_DIR/$table.md" || true
     echo
   fi

@@ -281,7 +281,9 @@ class Trainer:
         return mean(sentence_bleu(o.hypothesis.split(), e.trg.split()) for o, e in zip(outputs, examples))
 
     def target_len(self) -> int:
-        return self.train_set.target_length_quantile(0.9)
+        """The generation-time target budget: the median training target length, so that sources
+        are truncated at generation as they typically were in training."""
+        return self.train_set.target_length_quantile(0.5)
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> Path:

@@ -40,7 +40,7 @@ class Seq2SeqDataset:
         target_mask = torch.arange(self.seq_len)[None] >= self.target_start[idx][:, None]  # (B, L)
         return PackedBatch(ids, target_mask)
 
-    def target_length_quantile(self, q: float = 0.9) -> int:
+    def target_length_quantile(self, q: float = 0.5) -> int:
         """A quantile of the target lengths in tokens (the default target budget at generation)."""
         return int(torch.quantile(self.trg_lengths.double(), q).round())
 

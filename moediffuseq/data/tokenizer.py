@@ -5,7 +5,8 @@ Special tokens and their fixed ids (the model's ``pad_id`` and ``special_ids``):
 ``[PAD]`` = 0, ``[CLS]`` = 1, ``[SEP]`` = 2, ``[UNK]`` = 3.
 
 ``bpe`` is byte-level BPE (lossless: code keeps its indentation and line breaks);
-``wordpiece`` is BERT-style WordPiece on whitespace/punctuation (lower-cased text loses layout).
+``wordpiece`` is cased BERT-style WordPiece on words and punctuation (text loses its layout:
+line breaks and indentation become single spaces), whose outputs read as words.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class TextTokenizer:
                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         elif kind == "wordpiece":
             tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-            tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+            tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
             tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
             tok.decoder = decoders.WordPiece()
             trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
