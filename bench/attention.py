@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     copy_bandwidth,
     matmul_rate,
     measure,
+    measure_cuda,
     write_table,
 )
 
@@ -516,26 +517,6 @@ CUDA_OURS = "ours bf16"
 CUDA_SDPA = "sdpa flash dense bf16"
 CUDA_FLEX = "flex compiled bf16"
 CUDA_CHECK_TOLERANCE = 3e-2  # bfloat16 outputs of two fused kernels, |v| ~ 1
-
-
-def measure_cuda(fn: Callable[[], object], *, warmup: int, repeats: int, max_seconds: float) -> Timing:
-    """Median over ``repeats`` calls of the GPU time of ``fn()`` between two CUDA events each;
-    stops early once ``max_seconds`` of timed calls have been spent."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples: list[float] = []
-    while len(samples) < max(1, repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-        if sum(samples) >= max_seconds:
-            break
-    samples.sort()
-    return Timing(median_s=samples[len(samples) // 2], min_s=samples[0], repeats=len(samples))
 
 
 def cuda_problem(length: int, cfg: Config) -> Problem:

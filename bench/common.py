@@ -60,6 +60,25 @@ def measure(
     return Timing(median_s=statistics.median(samples), min_s=min(samples), repeats=len(samples))
 
 
+def measure_cuda(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, max_seconds: float = 10.0) -> Timing:
+    """GPU time of ``fn()`` between two CUDA events: median and minimum over ``repeats`` calls
+    after ``warmup`` untimed ones, stopping early once ``max_seconds`` of timed calls are spent."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    while len(samples) < max(1, repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+        if sum(samples) >= max_seconds:
+            break
+    return Timing(median_s=statistics.median(samples), min_s=min(samples), repeats=len(samples))
+
+
 def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
     """GFLOP/s of an ``n x n @ n x n`` ``torch.matmul`` in ``dtype`` (2 n^3 flops, median)."""
     a = torch.randn(n, n).to(dtype)

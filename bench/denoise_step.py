@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_OUT_DIR, copy_bandwidth, measure, write_table  # noqa: E402
+from common import DEFAULT_OUT_DIR, copy_bandwidth, measure, measure_cuda, write_table  # noqa: E402
 
 from moediffuseq.ops import denoise_step, denoise_step_ref  # noqa: E402
 
@@ -37,25 +36,6 @@ def inputs(n: int, dtype: torch.dtype, batch: int = 8, device: str = "cpu"):
     m = torch.randn(D, generator=g, device=device).to(dtype)
     a, b, c = (torch.rand(batch, generator=g, device=device) for _ in range(3))
     return x_t, x0, prev, anchor, mask, m, a, b, c
-
-
-def measure_cuda(fn, *, warmup: int, repeats: int, max_seconds: float) -> dict:
-    """Median GPU time of ``fn()`` between two CUDA events, over ``repeats`` calls (fewer once
-    ``max_seconds`` of timed calls have been spent)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    while len(samples) < max(1, repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-        if sum(samples) >= max_seconds:
-            break
-    return dict(median_s=statistics.median(samples), min_s=min(samples), repeats=len(samples))
 
 
 def cuda_copy_bandwidth() -> float:

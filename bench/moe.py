@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_OUT_DIR, Cell, matmul_rate, measure, write_table  # noqa: E402
+from common import DEFAULT_OUT_DIR, Cell, matmul_rate, measure, measure_cuda, write_table  # noqa: E402
 
 from moediffuseq.ops import moe_ffn, moe_topk_softmax  # noqa: E402
 
@@ -373,25 +373,6 @@ CUDA_TARGET_GEMM_FRACTION = 0.70
 CUDA_GEMM_KERNEL_MARKERS = ("cutlass", "gemm", "gmma", "sm90_xmma", "nvjet")  # kernel-name substrings of GEMMs
 CUDA_COLUMNS = ("pass", "method", "median ms", "min ms", "repeats", "TFLOP/s", "% matmul", "ours speed-up",
                 "expert GEMM TFLOP/s", "expert GEMM % matmul", "outside expert GEMMs %", "note")
-
-
-def measure_cuda(fn: Callable[[], object], *, warmup: int, repeats: int, max_seconds: float) -> dict:
-    """Median / min over ``repeats`` calls of the GPU time of ``fn()`` between two CUDA events;
-    stops early once ``max_seconds`` of timed calls have been spent."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples: list[float] = []
-    while len(samples) < max(1, repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-        if sum(samples) >= max_seconds:
-            break
-    return dict(median_s=statistics.median(samples), min_s=min(samples), repeats=len(samples))
 
 
 def cuda_matmul_rate(dtype: torch.dtype, n: int) -> float:
