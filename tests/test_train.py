@@ -160,3 +160,11 @@ def test_torchrun_two_processes_gloo(corpus, tmp_path):
     losses = train_losses(out)
     assert [s for s, _ in losses] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(l)) for _, l in losses)
     MoEDiffuSeq.from_pretrained(out / "model")
+
+
+def test_bf16_autocast_and_loss_aware_steps_train(corpus, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(train_argv(corpus, out, 4, "--bf16", "--timestep-sampler", "loss-aware", "--grad-accum", "2")) == 0
+    losses = train_losses(out)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(l)) for _, l in losses)
+    assert json.loads((out / "checkpoint" / "train_config.json").read_text())["bf16"] is True
