@@ -19,6 +19,7 @@ from moediffuseq.diffusion import NoiseSchedule
 from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
 from moediffuseq.evaluate import sentence_bleu
 from moediffuseq.model import MoEDiffuSeq
+from moediffuseq.run_log import progress_bar
 
 GENERATION_FILE = "generation.json"  # defaults saved by training next to the model (target_len)
 
@@ -71,7 +72,7 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     rows = [pack_source(s, L, target_len, tokenizer.special) for s in tokenizer.encode_batch(list(sources))]
     out: list[Generation] = []
-    bar = _progress(len(rows), progress)
+    bar = progress_bar(len(rows), "generate", "seq", enabled=progress)
     for begin in range(0, len(rows), cfg.batch_size):
         chunk = rows[begin:begin + cfg.batch_size]
         ids = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)  # (B, L)
@@ -121,8 +122,3 @@ def generate_file(model_dir: str | os.PathLike, input_path: str | os.PathLike, o
     os.replace(tmp, output_path)
     return len(results)
 
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="generate", unit="seq", disable=not enabled, leave=False)

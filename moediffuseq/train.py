@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from moediffuseq.diffusion.samplers import SamplerConfig
 from moediffuseq.evaluate import sentence_bleu
 from moediffuseq.generate import GENERATION_FILE, GenerationConfig, generate
 from moediffuseq.model import MoEDiffuSeq
-from moediffuseq.run_log import RunLog
+from moediffuseq.run_log import RunLog, progress_bar
 
 
 @dataclass
@@ -294,7 +293,7 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log = RunLog(self.out_dir, resume_step=start_step if resume else None)
-        bar = _progress_bar(cfg.steps, start_step, enabled=cfg.progress and self.dist.is_main)
+        bar = progress_bar(cfg.steps, "train", "step", enabled=cfg.progress and self.dist.is_main, initial=start_step)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.model.config.max_len
         begin = last = time.perf_counter()
         last_step = self.step
@@ -345,10 +344,3 @@ class Trainer:
             dist.barrier()
         return directory
 
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    interactive = sys.stderr.isatty()  # a log file gets a line every 30 s, a terminal a live bar
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True,
-                mininterval=0.5 if interactive else 30.0)
