@@ -156,6 +156,7 @@ void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& p
   for (const auto& [r, t0] : plan.blocks) {
     const int64_t off = order.offset(r);
     const int64_t t1 = std::min(order.length(r), t0 + kBlockQ), M = t1 - t0;
+    if (plan.all_global_queries(b, r, t0, t1)) continue;  // pass 2 writes every dq row of it
     for (int64_t m = 0; m < M; ++m) {
       const int64_t i = r + d * (t0 + m);
       w.lse[m] = w.is_global_query[i] ? kInf : lse[i];

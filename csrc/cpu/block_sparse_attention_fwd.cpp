@@ -112,16 +112,17 @@ void forward_impl(const BlockSparseAttentionParams& p) {
     w.head_index = bh;
   };
 
-  // Pass 1: every query block: its window, then the global keys outside it.
+  // Pass 1: every query block with a non-global row: its window, then the global keys outside it.
   const int64_t nblocks = static_cast<int64_t>(plan.blocks.size());
   at::parallel_for(0, BH * nblocks, 1, [&](int64_t begin, int64_t end) {
     ForwardScratch<T> w(plan, D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nblocks, b = bh / H;
-      use_head(w, bh);
       const auto [r, t0] = plan.blocks[item % nblocks];
       const int64_t off = order.offset(r);
       const int64_t t1 = std::min(order.length(r), t0 + kBlockQ), M = t1 - t0;
+      if (plan.all_global_queries(b, r, t0, t1)) continue;  // pass 2 writes every row of it
+      use_head(w, bh);
       int64_t ldq = 0;
       const T* qb = query_operand(w, q + bh * L * D + (r + d * t0) * D, d * D, M, D, ldq);
       w.reset(M, D);

@@ -51,6 +51,7 @@ struct BlockSparsePlan {
   std::vector<int64_t> num_global_keys;      // (B)
   std::vector<int64_t> global_queries;       // (B, max_global_queries) natural positions
   std::vector<int64_t> num_global_queries;   // (B)
+  std::vector<uint8_t> query_is_global;      // (B, L) natural positions
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (residue, first t) of each query block
   std::vector<int64_t> pair_offset;  // (d + 1) prefix sums of ceil(length(r) / 2): packed row pairs
   int64_t max_global_keys = 0;
@@ -62,6 +63,15 @@ struct BlockSparsePlan {
     return {std::max<int64_t>(0, t0 - window) / 2 * 2, std::min(order.length(r), t1 + window)};
   }
   const uint8_t* classes(int64_t b) const { return key_class.data() + b * order.L; }
+  // True when every query of block [t0, t1) of residue r is global: the dense pass over global
+  // query rows computes all of them, so the windowed pass skips the block.
+  bool all_global_queries(int64_t b, int64_t r, int64_t t0, int64_t t1) const {
+    const uint8_t* g = query_is_global.data() + b * order.L;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!g[r + order.d * t]) return false;
+    }
+    return true;
+  }
 };
 
 inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
@@ -72,6 +82,7 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   plan.key_class.assign(B * L, kNormalKey);
   plan.num_global_keys.assign(B, 0);
   plan.num_global_queries.assign(B, 0);
+  plan.query_is_global.assign(B * L, 0);
   for (int64_t b = 0; b < B; ++b) {
     int64_t gk = 0, gq = 0;
     for (int64_t i = 0; i < L; ++i) {
@@ -81,6 +92,7 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
       plan.key_class[b * L + slot] = padded ? kPaddedKey : (global ? kGlobalKey : kNormalKey);
       gk += (global && !padded);
       gq += global;
+      plan.query_is_global[b * L + i] = global;
     }
     plan.num_global_keys[b] = gk;
     plan.num_global_queries[b] = gq;
