@@ -134,6 +134,22 @@ def test_explicit_scale_and_long_window(device, dtype):
     check_against_reference(q, k, v, g, kp, grad, window=1500, dilation=1, scale=0.3)
 
 
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPE_CASES, ids=DEVICE_DTYPE_IDS)
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_global_target_span_as_in_the_model(device, dtype, dilation):
+    """The model's layout: a contiguous global target span, so whole query blocks are global
+    and only the dense pass computes them; some padded keys inside and outside the span."""
+    skip_unless_ready(device)
+    q, k, v, _, _, grad = make_inputs(2, 2, 300, head_dim(device, 40), dtype, seed=11, device=device)
+    global_mask = torch.zeros(2, 300, dtype=torch.bool, device=device)
+    global_mask[:, 100:] = True
+    global_mask[:, 0] = True
+    key_padding_mask = torch.zeros(2, 300, dtype=torch.bool, device=device)
+    key_padding_mask[0, -9:] = True
+    key_padding_mask[1, 40:45] = True
+    check_against_reference(q, k, v, global_mask, key_padding_mask, grad, window=16, dilation=dilation)
+
+
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
     """L >= 4096 splits the dense parts (global rows, global keys) over several CTAs, and more
