@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python bench/moe.py
 	$(BIN)/python bench/denoise_step.py
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/end_to_end.py
 
 clean:
 	rm -rf build *.egg-info moediffuseq/_C*.so
