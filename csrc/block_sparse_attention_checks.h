@@ -1,4 +1,5 @@
-// Input validation of block_sparse_attention, shared by every backend's host entry point.
+// Input validation and kernel parameters of block_sparse_attention, shared by every backend's
+// host entry point.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -6,6 +7,8 @@
 
 #include <optional>
 #include <string>
+
+#include "common/block_sparse_attention_params.h"
 
 namespace moediffuseq {
 
@@ -55,6 +58,36 @@ inline void check_bsa_inputs(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(std::isfinite(scale), "block_sparse_attention: scale must be finite, got ", scale);
   check_bsa_mask(global_mask, "global_mask", q);
   check_bsa_mask(key_padding_mask, "key_padding_mask", q);
+}
+
+// The saved log-sum-exp of the forward, an input of the backward: float32 (B, H, L) beside q.
+inline void check_bsa_lse(const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2) && lse.device() == q.device(),
+              "block_sparse_attention_backward: lse must be float32 (B, H, L) = (", q.size(0), ", ", q.size(1),
+              ", ", q.size(2), ") on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(), " on ",
+              lse.device());
+}
+
+inline std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
+  return mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
+}
+
+// Sizes, window, scale and the (contiguous) masks of a call; the tensor pointers are the caller's.
+inline BlockSparseAttentionParams make_bsa_params(const at::Tensor& q, int64_t window, int64_t dilation,
+                                                  const std::optional<at::Tensor>& global_mask,
+                                                  const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  BlockSparseAttentionParams p;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.seqlen = q.size(2);
+  p.head_dim = q.size(3);
+  p.window = window;
+  p.dilation = dilation;
+  p.scale = static_cast<float>(scale);
+  p.global_mask = global_mask ? global_mask->data_ptr<bool>() : nullptr;
+  p.key_padding_mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
+  return p;
 }
 
 }  // namespace moediffuseq

@@ -9,37 +9,17 @@
 namespace moediffuseq::cpu {
 namespace {
 
-BlockSparseAttentionParams make_params(const at::Tensor& q, int64_t window, int64_t dilation,
-                                       const std::optional<at::Tensor>& global_mask,
-                                       const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  BlockSparseAttentionParams p;
-  p.batch = q.size(0);
-  p.heads = q.size(1);
-  p.seqlen = q.size(2);
-  p.head_dim = q.size(3);
-  p.window = window;
-  p.dilation = dilation;
-  p.scale = static_cast<float>(scale);
-  p.global_mask = global_mask ? global_mask->data_ptr<bool>() : nullptr;
-  p.key_padding_mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
-  return p;
-}
-
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t window, int64_t dilation,
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
     double scale) {
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const auto global_mask = contiguous(global_mask_in), key_padding_mask = contiguous(key_padding_mask_in);
+  const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  BlockSparseAttentionParams p = make_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  BlockSparseAttentionParams p = make_bsa_params(q, window, dilation, global_mask, key_padding_mask, scale);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -57,18 +37,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
   check_bsa_tensor(grad_out_in, "grad_out", q_in);
   check_bsa_tensor(out_in, "out", q_in);
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
-                  lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2),
-              "block_sparse_attention_backward: lse must be float32 (B, H, L) = (", q_in.size(0), ", ",
-              q_in.size(1), ", ", q_in.size(2), "), got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  check_bsa_lse(lse_in, q_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
-  const auto global_mask = contiguous(global_mask_in), key_padding_mask = contiguous(key_padding_mask_in);
+  const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor grad_v = at::empty_like(v, at::MemoryFormat::Contiguous);
   if (q.numel() == 0) return {grad_q, grad_k, grad_v};
-  BlockSparseAttentionParams p = make_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  BlockSparseAttentionParams p = make_bsa_params(q, window, dilation, global_mask, key_padding_mask, scale);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();

@@ -23,10 +23,6 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
   return c;
 }
 
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 void check_cuda_inputs(const at::Tensor& q) {
   TORCH_CHECK(q.is_cuda(), "block_sparse_attention: expected CUDA tensors, got ", q.device());
   TORCH_CHECK(bsa_cuda_supports_head_dim(q.size(3)),
@@ -37,22 +33,6 @@ void check_cuda_inputs(const at::Tensor& q) {
 
 BsaDtype dtype_of(const at::Tensor& q) {
   return q.scalar_type() == at::kBFloat16 ? BsaDtype::kBFloat16 : BsaDtype::kFloat16;
-}
-
-BlockSparseAttentionParams make_params(const at::Tensor& q, int64_t window, int64_t dilation,
-                                       const std::optional<at::Tensor>& global_mask,
-                                       const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  BlockSparseAttentionParams p;
-  p.batch = q.size(0);
-  p.heads = q.size(1);
-  p.seqlen = q.size(2);
-  p.head_dim = q.size(3);
-  p.window = window;
-  p.dilation = dilation;
-  p.scale = static_cast<float>(scale);
-  p.global_mask = global_mask ? global_mask->data_ptr<bool>() : nullptr;
-  p.key_padding_mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
-  return p;
 }
 
 // Buffers of the global tokens, only when there is a global mask: the lists ((B, L) int32
@@ -94,11 +74,11 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   check_cuda_inputs(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
-  const auto global_mask = contiguous(global_mask_in), key_padding_mask = contiguous(key_padding_mask_in);
+  const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  BlockSparseAttentionParams p = make_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  BlockSparseAttentionParams p = make_bsa_params(q, window, dilation, global_mask, key_padding_mask, scale);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -119,22 +99,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
   check_bsa_tensor(grad_out_in, "grad_out", q_in);
   check_bsa_tensor(out_in, "out", q_in);
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
-                  lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2) && lse_in.device() == q_in.device(),
-              "block_sparse_attention_backward: lse must be float32 (B, H, L) = (", q_in.size(0), ", ", q_in.size(1),
-              ", ", q_in.size(2), ") on ", q_in.device(), ", got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ",
-              lse_in.device());
+  check_bsa_lse(lse_in, q_in);
   check_cuda_inputs(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
   const at::Tensor grad_out = contiguous_aligned(grad_out_in), out = contiguous_aligned(out_in);
   const at::Tensor lse = lse_in.contiguous();
-  const auto global_mask = contiguous(global_mask_in), key_padding_mask = contiguous(key_padding_mask_in);
+  const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor grad_v = at::empty_like(v, at::MemoryFormat::Contiguous);
   if (q.numel() == 0) return {grad_q, grad_k, grad_v};
-  BlockSparseAttentionParams p = make_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  BlockSparseAttentionParams p = make_bsa_params(q, window, dilation, global_mask, key_padding_mask, scale);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
