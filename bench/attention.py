@@ -240,15 +240,21 @@ def flex_backward_error() -> Optional[str]:
     return None
 
 
-def build_flex(problem: Problem, cfg: Config) -> Built:
-    """Compiled FlexAttention with a block mask of the same pattern; makes the first call."""
-    is_global = problem.global_mask
+def flex_mask_mod(is_global: Tensor, cfg: Config) -> Callable:
+    """The op's allowed pairs (METHOD §3, no padding) as a FlexAttention mask_mod."""
     reach = cfg.window * cfg.dilation
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         diff = q_idx - kv_idx
         band = (diff.abs() <= reach) & (diff % cfg.dilation == 0)
         return band | is_global[b, q_idx] | is_global[b, kv_idx]
+
+    return mask_mod
+
+
+def build_flex(problem: Problem, cfg: Config) -> Built:
+    """Compiled FlexAttention with a block mask of the same pattern; makes the first call."""
+    mask_mod = flex_mask_mod(problem.global_mask, cfg)
 
     length = problem.length
     start = time.perf_counter()
@@ -530,13 +536,7 @@ def cuda_problem(length: int, cfg: Config) -> Problem:
 def cuda_methods(problem: Problem, cfg: Config, notes: list[str]) -> dict[str, Attention]:
     """The three attention callables for one problem (FlexAttention compiled on its first call)."""
     kwargs = dict(window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask)
-    is_global = problem.global_mask
-    reach = cfg.window * cfg.dilation
-
-    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        diff = q_idx - kv_idx
-        band = (diff.abs() <= reach) & (diff % cfg.dilation == 0)
-        return band | is_global[b, q_idx] | is_global[b, kv_idx]
+    mask_mod = flex_mask_mod(problem.global_mask, cfg)
 
     start = time.perf_counter()
     block_mask = _compiled_block_mask(mask_mod, cfg.batch, None, problem.length, problem.length, device="cuda")
