@@ -96,7 +96,7 @@ def train_worker(name: str, L: int, device: str, steps: int, bf16: bool) -> dict
     return {"step_s": median, "tokens_per_s": B * L / median, "peak_gib": peak, "batch": B, "params_m": params / 1e6}
 
 
-def sampling_speed(name: str, L: int, device: str, probe: int) -> dict:
+def sampling_speed(name: str, L: int, device: str, probe: int, bf16: bool) -> dict:
     torch.manual_seed(0)
     cfg = model_config(name, L, device)
     model = MoEDiffuSeq(cfg).to(device).eval()
@@ -104,12 +104,17 @@ def sampling_speed(name: str, L: int, device: str, probe: int) -> dict:
     ids, target = batch(cfg, 1, device)
     gm = model.global_mask(ids, target)
     anchor = model.embed(ids)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+    def denoiser(x, t):
+        with autocast:
+            return model.denoise(x, t, gm)[0]
 
     def run(sched, scfg):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        result = sample(lambda x, t: model.denoise(x, t, gm)[0], sched, anchor, target, model.m, scfg,
+        result = sample(denoiser, sched, anchor, target, model.m, scfg,
                         generator=torch.Generator(device=device).manual_seed(0))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -126,7 +131,7 @@ def sampling_speed(name: str, L: int, device: str, probe: int) -> dict:
                 "calls": schedule.num_steps}
 
 
-def quality(minutes: float, device: str, out_dir: Path) -> list[dict]:
+def quality(minutes: float, device: str, out_dir: Path, bf16: bool) -> list[dict]:
     """Both models trained for the same wall-clock budget on pycode (tiny-size shapes, L=64)."""
     from moediffuseq.data import Seq2SeqDataset, TextTokenizer, build_corpus, read_jsonl
     from moediffuseq.train import TrainConfig, Trainer
@@ -147,7 +152,7 @@ def quality(minutes: float, device: str, out_dir: Path) -> list[dict]:
         model = MoEDiffuSeq(cfg)
         train_set, valid_set = Seq2SeqDataset(train, tok, 64), Seq2SeqDataset(valid, tok, 64)
         tc = TrainConfig(steps=10**9, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.999, eval_every=0,
-                         save_every=0, bleu_examples=64, progress=False)
+                         save_every=0, bleu_examples=64, bf16=bf16, progress=False)
         trainer = Trainer(model, tok, train_set, valid_set, tc, out_dir / f"quality-{name}", device)
         start = time.perf_counter()
         while time.perf_counter() - start < minutes * 60:
@@ -165,7 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per (model, L)")
     parser.add_argument("--ddpm-probe", type=int, default=10)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast in training (default: on for CUDA, off for CPU)")
+                        help="bf16 autocast in training and sampling (default: on for CUDA, off for CPU)")
     parser.add_argument("--quality-minutes", type=float, default=3.0, help="training budget per model (0: skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "L"), help=argparse.SUPPRESS)
@@ -187,7 +192,7 @@ def main() -> None:
                 result[name] = None
                 continue
             result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-            result[name].update(sampling=sampling_speed(name, L, args.device, args.ddpm_probe))
+            result[name].update(sampling=sampling_speed(name, L, args.device, args.ddpm_probe, bf16))
             print(name, L, result[name], flush=True)
         moe, dense = result["moe-diffuseq"], result["diffuseq"]
         row = {"L": L, "batch": moe["batch"] if moe else None}
@@ -212,7 +217,7 @@ def main() -> None:
                        f"{'bf16 autocast' if bf16 else 'fp32'}; peak memory of a fresh process",
                        f"DDPM time = {args.ddpm_probe} measured steps x (2000 / {args.ddpm_probe}) (extrapolated)"])
     if args.quality_minutes > 0:
-        q = quality(args.quality_minutes, args.device, args.out)
+        q = quality(args.quality_minutes, args.device, args.out, bf16)
         write_table(q, list(q[0]), f"end_to_end_quality_{args.device.split(':')[0]}", out_dir=args.out,
                     title="Quality after equal training time (pycode, L=64, tiny shapes)",
                     notes=["MoE: E=8, k=2, width 128; dense: FFN 256; validation BLEU of the EMA weights on 64 "

@@ -122,7 +122,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                                help=f"{TRAIN_HELP.get(f.name, '')} (default {f.default})")
 
 
-def train_configs(args: argparse.Namespace, vocab_size: int, special) -> tuple[Any, Any]:
+def train_configs(args: argparse.Namespace, vocab_size: int, special, device: str = "cpu") -> tuple[Any, Any]:
+    """The model and training configs from the preset, the config file and the flags (in that
+    order of precedence, last wins). bf16 autocast defaults to on for a CUDA device, where the
+    attention kernels run in bf16/fp16 only."""
     from moediffuseq.model import MoEDiffuSeqConfig
     from moediffuseq.train import TrainConfig
 
@@ -139,6 +142,8 @@ def train_configs(args: argparse.Namespace, vocab_size: int, special) -> tuple[A
     model_fields.update(vocab_size=vocab_size, pad_id=special.pad, special_ids=(special.cls, special.sep))
     train_fields = dict(file_cfg.get("train") or {})
     train_fields.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
+    if device.startswith("cuda"):
+        train_fields.setdefault("bf16", True)
     try:
         return MoEDiffuSeqConfig.preset(preset, **model_fields), TrainConfig(**train_fields)
     except (TypeError, ValueError) as e:
@@ -179,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> Path:
         if ctx.world_size > 1:
             dist.barrier()
         tokenizer = TextTokenizer.load(tok_path)
-    model_cfg, train_cfg = train_configs(args, tokenizer.vocab_size, tokenizer.special)
+    model_cfg, train_cfg = train_configs(args, tokenizer.vocab_size, tokenizer.special, device)
     torch.manual_seed(train_cfg.seed)
     model = MoEDiffuSeq(model_cfg)
     train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len)
@@ -189,7 +194,8 @@ def cmd_train(args: argparse.Namespace) -> Path:
         print(f"data: {data_dir} ({len(train_set)} train, {len(valid_set) if valid_set else 0} valid; "
               f"{train_set.truncated} truncated to L={model_cfg.max_len})")
         print(f"model: {n_params / 1e6:.2f} M parameters, {model_cfg.n_layers} layers x {model_cfg.d_model}, "
-              f"attention={model_cfg.attention}, ffn={model_cfg.ffn}; device {device}, {ctx.world_size} process(es)")
+              f"attention={model_cfg.attention}, ffn={model_cfg.ffn}; device {device}, {ctx.world_size} process(es), "
+              f"{'bf16 autocast' if train_cfg.bf16 else 'fp32'}")
     trainer = Trainer(model, tokenizer, train_set, valid_set, train_cfg, out, device)
     model_dir = trainer.fit(resume=args.resume)
     if ctx.is_main:
@@ -201,6 +207,7 @@ def cmd_train(args: argparse.Namespace) -> Path:
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     from moediffuseq.diffusion.samplers import SAMPLERS
+    from moediffuseq.generate import DTYPES
 
     p.add_argument("--model", required=True, help="a model directory (e.g. OUT/model from train)")
     p.add_argument("--input", required=True, help="a jsonl file or <corpus>:<split>, e.g. pycode:test")
@@ -215,6 +222,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="only the first N examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype of the model (default: bf16 on CUDA, "
+                   "whose attention kernels need bf16 or fp16; fp32 on CPU)")
     p.add_argument("--skip-bad-lines", action="store_true")
 
 
@@ -232,7 +241,7 @@ def cmd_generate(args: argparse.Namespace) -> Path:
     from moediffuseq.generate import GenerationConfig, generate_file
 
     cfg = GenerationConfig(SamplerConfig(args.sampler, args.steps, args.clamp, args.early_stop), args.mbr,
-                           args.batch_size, args.target_len, args.seed)
+                           args.batch_size, args.target_len, args.seed, args.dtype)
     n = generate_file(args.model, _input_path(args.input), args.output, cfg, _device(args.device), args.limit,
                       args.skip_bad_lines)
     print(f"wrote {n} generations to {args.output}")

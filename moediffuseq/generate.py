@@ -24,6 +24,19 @@ from moediffuseq.run_log import progress_bar
 GENERATION_FILE = "generation.json"  # defaults saved by training next to the model (target_len)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def generation_dtype(device: torch.device, requested: Optional[str]) -> torch.dtype:
+    """The compute dtype of generation: ``requested`` ("fp32", "bf16", "fp16"), else bf16 on CUDA
+    (the CUDA attention kernels run in bf16/fp16 only) and fp32 on the CPU."""
+    if requested is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if requested not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {requested!r}")
+    return DTYPES[requested]
+
+
 @dataclass
 class GenerationConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -31,8 +44,11 @@ class GenerationConfig:
     batch_size: int = 16
     target_len: Optional[int] = None   # target budget for source truncation (default: saved by training)
     seed: int = 0
+    dtype: Optional[str] = None        # "fp32", "bf16" or "fp16" autocast; default bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.mbr < 1:
             raise ValueError(f"mbr must be >= 1, got {self.mbr}")
         if self.batch_size < 1:
@@ -64,9 +80,12 @@ def _decode(ids: Sequence[int], tokenizer: TextTokenizer) -> str:
 @torch.inference_mode()
 def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str], cfg: GenerationConfig,
              target_len: int, progress: bool = False) -> list[Generation]:
-    """Generates one output per source (the MBR choice of ``cfg.mbr`` samples)."""
+    """Generates one output per source (the MBR choice of ``cfg.mbr`` samples). The model runs
+    under autocast in ``generation_dtype(device, cfg.dtype)``; the sampler state stays fp32."""
     model.eval()
     device = next(model.parameters()).device
+    dtype = generation_dtype(device, cfg.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     L = model.config.max_len
     schedule = NoiseSchedule.create(model.config.schedule, model.config.diffusion_steps)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -82,7 +101,8 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
         anchor = model.embed(ids)  # (B, L, d)
 
         def denoiser(x, t):
-            return model.denoise(x, t, global_mask)[0]
+            with autocast:
+                return model.denoise(x, t, global_mask)[0]
 
         samples = []  # S lists of B token lists
         for _ in range(cfg.mbr):

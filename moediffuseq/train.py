@@ -124,6 +124,9 @@ class Trainer:
             raise ValueError(f"the training set is packed to {train_set.seq_len} tokens but the model's max_len "
                              f"is {model.config.max_len}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and model.config.attention == "sparse" and not cfg.bf16:
+            raise ValueError("the CUDA block-sparse attention kernels run in bf16/fp16: train with bf16 autocast "
+                             "(--bf16, or TrainConfig(bf16=True))")
         self.dist = DistributedContext.from_environment(self.device)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.train_set, self.valid_set = train_set, valid_set
@@ -276,7 +279,8 @@ class Trainer:
         if self.valid_set is None or self.cfg.bleu_examples <= 0:
             return None
         examples = self.valid_set.examples[:self.cfg.bleu_examples]
-        gen_cfg = GenerationConfig(SamplerConfig("dpm++", 10), batch_size=self.cfg.batch_size, seed=0)
+        gen_cfg = GenerationConfig(SamplerConfig("dpm++", 10), batch_size=self.cfg.batch_size, seed=0,
+                                   dtype="bf16" if self.cfg.bf16 else None)
         outputs = generate(self.ema, self.tokenizer, [e.src for e in examples], gen_cfg, self.target_len())
         return mean(sentence_bleu(o.hypothesis.split(), e.trg.split()) for o, e in zip(outputs, examples))
 

@@ -8,6 +8,7 @@ the target positions only (``config.mse_target_only``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,15 +51,17 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
         t: (B,) int64 steps; weights: (B,) importance weights of the step sampler (default 1).
     """
     cfg = model.config
-    ab = schedule.alphas_cumprod.to(torch.float32)
-    sqrt_ab, sqrt_1mab = ab.sqrt(), (1 - ab).sqrt()
+    ab = schedule.alphas_cumprod  # (T,) float64 on the CPU
+    ab_t = ab.to(device=t.device, dtype=torch.float32)[t]  # (B,) the tables follow the steps' device
+    sqrt_1mab_0, sqrt_ab_end = math.sqrt(1.0 - float(ab[0])), math.sqrt(float(ab[-1]))
     emb = model.embed(input_ids)  # (B, L, d)
     noise0 = torch.randn(emb.shape, generator=generator, device=emb.device).to(emb.dtype)
-    x0 = emb + sqrt_1mab[0] * noise0
+    x0 = emb + sqrt_1mab_0 * noise0
     gamma = cfg.gamma if cfg.soft_absorbing else 0.0
-    x_t = soft_absorb_q_sample(x0, model.m.to(x0.dtype), target_mask, sqrt_ab[t], sqrt_1mab[t], gamma=gamma,
+    x_t = soft_absorb_q_sample(x0, model.m.to(x0.dtype), target_mask, ab_t.sqrt(), (1 - ab_t).sqrt(), gamma=gamma,
                                generator=generator)
-    x0_hat, aux = model.denoise(x_t, schedule.timesteps[t], model.global_mask(input_ids, target_mask))
+    steps = schedule.timesteps.to(t.device)[t]  # (B,) steps of the original schedule
+    x0_hat, aux = model.denoise(x_t, steps, model.global_mask(input_ids, target_mask))
     mse_mask = target_mask if cfg.mse_target_only else None
     mse = _mean_over((x0_hat - x0).square().mean(-1), mse_mask)
     mse_t0 = _mean_over((x0_hat - emb).square().mean(-1), mse_mask)
@@ -66,7 +69,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
     logits = model.logits(x0)  # (B, L, V)
     nll_tokens = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")  # (B, L)
     nll = _mean_over(nll_tokens, target_mask)
-    prior = (sqrt_ab[-1] * x0).square().mean(dim=(1, 2))
+    prior = (sqrt_ab_end * x0).square().mean(dim=(1, 2))
     per_example = mse + nll + prior
     w = torch.ones_like(per_example) if weights is None else weights
     m_norm = model.m.norm() if cfg.soft_absorbing else per_example.new_zeros(())

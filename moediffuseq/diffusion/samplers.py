@@ -72,7 +72,7 @@ class _Reverse:
 
     def predict(self, x: Tensor, t: int) -> Tensor:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x0 = self.denoiser(x, t_batch)
+        x0 = self.denoiser(x, t_batch).to(x.dtype)  # a denoiser under autocast answers in its dtype
         self.calls += 1
         if self.cfg.clamp:
             x0 = self.embedding[nearest_embedding(x0, self.embedding)].to(x0.dtype)

@@ -1,4 +1,5 @@
 """Mixture-of-experts feed-forward (METHOD §4) on the fused ops, and the dense baseline."""
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -68,13 +69,22 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"x must be (..., {self.d_model}), got {tuple(x.shape)}")
         shape = x.shape
         h = x.reshape(-1, self.d_model)  # (T, D)
-        logits = F.linear(h.float(), self.router.weight.float())  # (T, E)
+        logits = self.router_logits(h)  # (T, E) float32
         weights, indices = moe_topk_softmax(logits, self.top_k)  # (T, k), (T, k)
         routed = indices
         if self.capacity_factor is not None:
             routed = self._drop_overflow(indices)
         y = moe_ffn(h, weights, routed, self.w1.to(h.dtype), self.w2.to(h.dtype), self.activation)
         return y.reshape(shape), self._aux(logits, indices, routed)
+
+    def router_logits(self, h: Tensor) -> Tensor:
+        """(T, D) -> (T, E) float32 router logits, also under autocast (routing decisions and the
+        balance statistics stay exact; the experts take the autocast dtype in ``moe_ffn``)."""
+        device = h.device.type
+        no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
+            else contextlib.nullcontext()  # e.g. meta: no autocast to turn off
+        with no_autocast:
+            return F.linear(h.float(), self.router.weight.float())
 
     def _drop_overflow(self, indices: Tensor) -> Tensor:
         T = indices.shape[0]
@@ -86,16 +96,22 @@ class MoEFeedForward(nn.Module):
     def _aux(self, logits: Tensor, indices: Tensor, routed: Tensor) -> MoEAux:
         E = self.num_experts
         probs = torch.softmax(logits, dim=-1)  # (T, E)
-        f = torch.bincount(indices.reshape(-1), minlength=E).float() / max(indices.numel(), 1)
+        f = _count(indices, E).float() / max(indices.numel(), 1)
         load_balance = self.load_balance_weight * E * (f * probs.mean(0)).sum()
         z_loss = self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
-        kept = routed.reshape(-1)
-        counts = torch.bincount(kept[kept >= 0], minlength=E)
-        return MoEAux(load_balance, z_loss, counts, (kept < 0).sum())
+        return MoEAux(load_balance, z_loss, _count(routed, E), (routed < 0).sum())
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, activation={self.activation}, capacity_factor={self.capacity_factor}")
+
+
+def _count(indices: Tensor, num_experts: int) -> Tensor:
+    """(E,) int64 slots per expert; -1 (a dropped slot) is not counted. Shape-static (no
+    bincount, no boolean indexing), so it runs on any device and compiles without a graph break."""
+    flat = indices.reshape(-1)
+    kept = (flat >= 0).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat.clamp(min=0), kept)
 
 
 class DenseFeedForward(nn.Module):
