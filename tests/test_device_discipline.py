@@ -217,3 +217,15 @@ def test_cli_bf16_defaults_on_for_cuda_and_dtype_reaches_generation(tokenizer, m
     assert seen[0].dtype == "bf16"
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--model", "m", "--input", "i", "--output", "o", "--dtype", "int8"])
+
+
+def test_moe_layer_compiles_as_one_graph():
+    """Routing, the experts and the statistics trace as one graph, with and without capacity."""
+    torch.manual_seed(0)
+    for capacity_factor in (None, 1.0):
+        layer = MoEFeedForward(16, 32, 4, 2, capacity_factor=capacity_factor)
+        x = torch.randn(2, 9, 16)
+        y, aux = torch.compile(layer, backend="eager", fullgraph=True)(x)
+        y_ref, aux_ref = layer(x)
+        assert torch.equal(y, y_ref) and torch.equal(aux.expert_counts, aux_ref.expert_counts)
+        assert torch.equal(aux.loss, aux_ref.loss)
