@@ -74,6 +74,7 @@ inline std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>
 }
 
 // Sizes, window, scale and the (contiguous) masks of a call; the tensor pointers are the caller's.
+// Window and dilation are saturated at L (clamp_window_and_dilation): any int64 value is exact.
 inline BlockSparseAttentionParams make_bsa_params(const at::Tensor& q, int64_t window, int64_t dilation,
                                                   const std::optional<at::Tensor>& global_mask,
                                                   const std::optional<at::Tensor>& key_padding_mask, double scale) {
@@ -84,6 +85,7 @@ inline BlockSparseAttentionParams make_bsa_params(const at::Tensor& q, int64_t w
   p.head_dim = q.size(3);
   p.window = window;
   p.dilation = dilation;
+  clamp_window_and_dilation(p);
   p.scale = static_cast<float>(scale);
   p.global_mask = global_mask ? global_mask->data_ptr<bool>() : nullptr;
   p.key_padding_mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;

@@ -161,6 +161,17 @@ def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
     check_against_reference(q, k, v, g, kp, grad, window=100, dilation=dilation)
 
 
+@pytest.mark.parametrize("window,dilation", [(3, 2**32 + 1), (2**63 - 1, 1), (2**31, 2**31 + 3), (5, 70)],
+                         ids=["dilation-2^32+1", "window-int64-max", "both-beyond-int32", "dilation-L"])
+def test_window_and_dilation_beyond_the_sequence(device, window, dilation):
+    """A dilation >= L leaves only the diagonal in the band and a window beyond L covers every
+    slot: int64 values past the int32 range saturate, they do not wrap (2^32 + 1 is not 1)."""
+    dtype = default_dtype(device)
+    q, k, v, g, kp, grad = make_inputs(2, 2, 70, head_dim(device, 16), dtype, seed=15, p_global=0.05, p_pad=0.1,
+                                       device=device)
+    check_against_reference(q, k, v, g, kp, grad, window=window, dilation=dilation)
+
+
 def test_allowed_mask_is_the_contract():
     """The reference's mask against the METHOD §3 formula, pair by pair."""
     L, w, d = 23, 2, 3

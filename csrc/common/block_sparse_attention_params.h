@@ -33,4 +33,14 @@ struct BlockSparseAttentionParams {
   void* grad_v = nullptr;
 };
 
+// The window and dilation saturated at the sequence length L, an exact rewrite: with d >= L
+// every residue subsequence holds one position (the band is the diagonal), and no two slots
+// of a subsequence are L or more apart (a window >= L covers them all). Afterwards both fit
+// the int arithmetic of the kernels for any int64 input, and nothing sized by d is huge.
+inline void clamp_window_and_dilation(BlockSparseAttentionParams& p) {
+  const int64_t L = p.seqlen > 1 ? p.seqlen : 1;
+  if (p.window > L) p.window = L;
+  if (p.dilation > L) p.dilation = L;
+}
+
 }  // namespace moediffuseq

@@ -44,8 +44,8 @@ struct BwdKernel {
   };
 };
 
-// p.window is at most p.seqlen (clamped by the launcher). grid = (band key tiles + dense CTAs,
-// H, B); blockIdx.x < num_band_tiles is a band key tile, else (part of) a tile of global keys,
+// p.window and p.dilation are at most p.seqlen (clamped by the launcher).
+// grid = (band key tiles + dense CTAs, H, B); blockIdx.x < num_band_tiles is a band key tile, else (part of) a tile of global keys,
 // whose gradients are added to ws.split_grad_{k,v} when it is split.
 template <typename Elem, int D>
 __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)

@@ -37,8 +37,8 @@ struct FwdKernel {
   };
 };
 
-// p.window is at most p.seqlen here (clamped by the launcher). grid = (band tiles + dense
-// CTAs, H, B); blockIdx.x < num_band_tiles is a band query tile, else (part of) a tile of
+// p.window and p.dilation are at most p.seqlen here (clamped by the launcher).
+// grid = (band tiles + dense CTAs, H, B); blockIdx.x < num_band_tiles is a band query tile, else (part of) a tile of
 // global rows, whose partial results go to ws.split_out when it is split.
 template <typename Elem, int D>
 __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)

@@ -146,10 +146,11 @@ cudaError_t build_global_lists(const BlockSparseAttentionParams& p, const BsaWor
   return cudaGetLastError();
 }
 
-// Window clamped to the sequence: keeps the tile arithmetic in int range.
+// Window and dilation saturated at the sequence (make_bsa_params already did it; kept for
+// callers of the launchers that fill the params themselves): the kernels cast them to int.
 BlockSparseAttentionParams clamped(const BlockSparseAttentionParams& p) {
   BlockSparseAttentionParams c = p;
-  c.window = std::min(p.window, p.seqlen);
+  clamp_window_and_dilation(c);
   return c;
 }
 
