@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
 
 #include <optional>
@@ -42,9 +43,12 @@ inline void check_bsa_inputs(const at::Tensor& q, const at::Tensor& k, const at:
                              const std::optional<at::Tensor>& key_padding_mask, double scale) {
   TORCH_CHECK(q.dim() == 4, "block_sparse_attention: q must be (B, H, L, D), got shape ", q.sizes());
   if (q.is_cuda()) {
-    // The CUDA kernels run on bfloat16 / float16 tensor cores (float32 accumulation).
+    // The CUDA kernels run on bfloat16 / float16 tensor cores (float32 accumulation); the
+    // message names the two ways a float32 model gets there.
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-                "block_sparse_attention: q, k, v on CUDA must be bfloat16 or float16, got ", q.scalar_type());
+                "block_sparse_attention (CUDA): q is ", c10::getDtypeNames(q.scalar_type()).first,
+                "; the CUDA kernels run in bfloat16/float16: run under torch.autocast('cuda', "
+                "dtype=torch.bfloat16) or cast the model (generation: --dtype bf16)");
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
                 "block_sparse_attention: q, k, v must be float32 or bfloat16, got ", q.scalar_type());

@@ -335,7 +335,8 @@ def test_bad_input_is_named(case, mutate, message):
 
 CUDA_BAD_INPUTS = [
     ("float32 on CUDA", lambda a: a.update(q=a["q"].float(), k=a["k"].float(), v=a["v"].float()),
-     r"on CUDA must be bfloat16 or float16"),
+     r"\(CUDA\): q is float32; the CUDA kernels run in bfloat16/float16: run under "
+     r"torch\.autocast\('cuda', dtype=torch\.bfloat16\) or cast the model"),
     ("head dim 40 on CUDA", lambda a: a.update(q=a["q"][..., :40], k=a["k"][..., :40], v=a["v"][..., :40]),
      r"support head dimensions 64 and 128"),
     ("mask on CPU", lambda a: a.update(global_mask=torch.zeros(2, 16, dtype=torch.bool)),
