@@ -49,6 +49,33 @@ def run_with_grads(fn, q, k, v, grad, **kw):
     return out.detach(), grads
 
 
+def lse_ref(q, k, global_mask, key_padding_mask, window, dilation, scale=None, dtype=torch.float64):
+    """The op's log-sum-exp (B, H, L): logsumexp over the allowed keys of the scaled scores
+    q . k * scale, computed in ``dtype``; +inf for a row with no allowed key."""
+    B, H, L, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    allowed = block_sparse_allowed_mask(L, window=window, dilation=dilation, global_mask=global_mask,
+                                        key_padding_mask=key_padding_mask, batch=B, device=q.device)[:, None]
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # (B, H, L, L)
+    lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)  # (B, H, L)
+    return lse.masked_fill(~allowed.any(-1), float("inf"))
+
+
+def check_lse(q, k, v, global_mask, key_padding_mask, window, dilation, scale=None):
+    """The lse output of torch.ops.moediffuseq.block_sparse_attention (float32, the saved input
+    of the backward) against lse_ref: the same rows are +inf, the others within tolerance of
+    the float64 reference (baseline: the float32 computation from the same inputs)."""
+    op_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    _, lse = torch.ops.moediffuseq.block_sparse_attention(q, k, v, window, dilation, global_mask, key_padding_mask,
+                                                          op_scale)
+    ref = lse_ref(q, k, global_mask, key_padding_mask, window, dilation, op_scale)
+    base = lse_ref(q, k, global_mask, key_padding_mask, window, dilation, op_scale, dtype=torch.float32)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    empty = ref == float("inf")
+    assert torch.equal(lse == float("inf"), empty), "lse: +inf exactly on the rows with no allowed key"
+    assert_close_to_reference(lse[~empty], ref[~empty], base[~empty], "lse", compute_dtype=torch.float32)
+
+
 def check_against_reference(q, k, v, global_mask, key_padding_mask, grad, window, dilation, scale=None):
     kw = dict(window=window, dilation=dilation, global_mask=global_mask,
               key_padding_mask=key_padding_mask, scale=scale)
@@ -60,6 +87,7 @@ def check_against_reference(q, k, v, global_mask, key_padding_mask, grad, window
     for name, g, rg, bg in zip("qkv", grads, ref_grads, base_grads):
         assert g.dtype == q.dtype and g.shape == q.shape
         assert_close_to_reference(g, rg, bg, f"grad_{name}")
+    check_lse(q, k, v, global_mask, key_padding_mask, window, dilation, scale)
 
 
 lengths = st.one_of(st.integers(1, 160), st.sampled_from([255, 256, 257, 513, 1025, 1100]))
@@ -161,6 +189,25 @@ def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
     check_against_reference(q, k, v, g, kp, grad, window=100, dilation=dilation)
 
 
+def test_split_dense_parts_with_batches_of_different_global_masks_on_cuda():
+    """The split path (L >= 4096) with B = 2 and a different global layout per batch element:
+    many scattered global tokens in one (some of their tiles whole, some split), a contiguous
+    global span plus padding in the other, so the per-batch global lists and split offsets differ."""
+    skip_unless_ready("cuda")
+    B, L = 2, 4500
+    q, k, v, _, _, grad = make_inputs(B, 2, L, 64, torch.bfloat16, seed=14, device="cuda")
+    gen = torch.Generator().manual_seed(14)
+    global_mask = torch.zeros(B, L, dtype=torch.bool)
+    global_mask[0] = torch.rand(L, generator=gen) < 0.07
+    global_mask[1, 3000:3090] = True
+    global_mask[1, 7] = True
+    key_padding_mask = torch.zeros(B, L, dtype=torch.bool)
+    key_padding_mask[0] = torch.rand(L, generator=gen) < 0.03
+    key_padding_mask[1, -200:] = True
+    assert int(global_mask[0].sum()) > 256 and int(global_mask[1].sum()) < 128
+    check_against_reference(q, k, v, global_mask.cuda(), key_padding_mask.cuda(), grad, window=64, dilation=2)
+
+
 @pytest.mark.parametrize("window,dilation", [(3, 2**32 + 1), (2**63 - 1, 1), (2**31, 2**31 + 3), (5, 70)],
                          ids=["dilation-2^32+1", "window-int64-max", "both-beyond-int32", "dilation-L"])
 def test_window_and_dilation_beyond_the_sequence(device, window, dilation):
@@ -195,6 +242,8 @@ def test_rows_without_keys_are_zero_with_zero_grads(device):
     assert torch.equal(dq[1], torch.zeros_like(dq[1]))
     assert torch.equal(dk[1], torch.zeros_like(dk[1])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
     assert out[0].abs().sum() > 0
+    _, lse = torch.ops.moediffuseq.block_sparse_attention(q, k, v, 3, 1, None, kp, 0.25)
+    assert (lse[1] == float("inf")).all() and lse[0].isfinite().all()  # the contract: +inf without keys
 
 
 def test_global_query_attends_to_every_key(device):
