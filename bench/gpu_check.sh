@@ -1,143 +1,48 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA kernels on a fresh Hopper machine (H100/H200) that has a CUDA build of
-# torch, nvcc, cmake and ninja but no network: installs the carried wheels, builds the
-# extension with MOEDIFFUSEQ_CUDA=ON, runs the CUDA tests and the CUDA benchmarks, and prints
-# a summary table last. Budget: about 8 minutes in all.
+# GPU check of the CUDA kernels on a Hopper machine (H100/H200) with its own CUDA torch, nvcc,
+# cmake, ninja and pybind11 and no network: one run, one deadline (default 540 s, the build
+# included), one streamed log. Stages, in order (python3 bench/gpu_check.py --list shows the
+# commands):
+#   environment         GPU, driver, toolchain, torch; installs the carried wheels (every call)
+#   build               MOEDIFFUSEQ_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0a, all cores, ninja's progress
+#                       in the log; not rebuilt when the sources and settings match the last build
+#   archs               cmake/check_cuda_archs.py --so moediffuseq/_C*.so --archs 90a
+#   smoke               bench/gpu_smoke.py: every op forward and backward once against its
+#                       reference, each op in its own process
+#   tests               the CUDA tests, hypothesis profile "gpu", one pytest process per file
+#   bench_attention     bench/attention.py at L = 8192 and 32768, a table line per length
+#   bench_moe           bench/moe.py, asserting the CUTLASS grouped GEMM ran (no cuBLAS in the op)
+#   bench_denoise_step  bench/denoise_step.py at 1e7 and 1e8 elements
+#   end_to_end          bench/end_to_end.py, short training and sampling
+# Each stage runs for at most min(its limit, time left - 30 s); a stage that overruns is killed
+# and the run goes on. Tests and benchmarks run with MOEDIFFUSEQ_STRICT_CUTLASS=1 (a CUTLASS
+# grouped GEMM refusal is an error, not a silent per-expert fallback).
 #
-#   bash bench/gpu_check.sh                 # from the repository root
+#   bash bench/gpu_check.sh                                    # from the repository root
+#   DEADLINE=200 bash bench/gpu_check.sh                       # a second call: resumes
+#   STAGES=smoke,bench_moe bash bench/gpu_check.sh             # just these (rerun even if ok)
 #
-# Wheels: the pinned packages the machine lacks (nvidia-cutlass, expecttest) are carried as
-# wheel files (both pure Python) in $WHEEL_DIR (default .whl, kept out of git through
-# .git/info/exclude), fetched beforehand on a machine with network access:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass==4.2.0.0 expecttest
-# Environment: PYTHON (default python3), WHEEL_DIR, MAX_JOBS (default: all cores),
-# RESULTS_DIR (tables and logs; default $OUT when set, else bench/out/gpu).
+# Results ($RESULTS_DIR, default $OUT, else bench/out/gpu; 4 files, no folder): gpu_check.log
+# (the streamed log), summary.md (key table lines and one row per stage; printed last),
+# state.json, tables.tar.gz (every table, refreshed after each stage). The summary is written
+# even when a stage hangs or the run is stopped. build/gpu_check/ keeps the CMake tree, the
+# tables and the state, so a second call on the same (still warm) machine skips the build and
+# the stages that ended ok.
 #
-# Adding a step: write a function step_<name> that runs it (return non-zero on failure) and
-# add <name> to STEPS below, with its time limit in seconds in LIMITS.
-set -uo pipefail
+# Wheels: the machine lacks three pure-Python packages, carried as wheel files in $WHEEL_DIR
+# (default .whl, kept out of git through .git/info/exclude) and installed by the environment
+# stage with pip --target into $SITE_DIR (default build/gpu_check/site), which leads PYTHONPATH:
+#   nvidia-cutlass==4.2.0.0   CUTLASS/CuTe headers for the build (cutlass_library)
+#   expecttest                torch.library.opcheck in the tests
+#   nltk                      sentence BLEU in end_to_end.py's quality run
+# (hypothesis, pytest, pybind11, sacrebleu, tokenizers, safetensors, tqdm, pyyaml are there.)
+# Fetch them beforehand on a machine with network access:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0 expecttest nltk
+#
+# Environment: PYTHON (default python3), DEADLINE, STAGES, FORCE=1 (rerun stages that ended ok),
+# RESULTS_DIR, WHEEL_DIR, SITE_DIR, MAX_JOBS (default: all cores), GPU_CHECK_WORK_DIR.
+# Dry run without a GPU (as tests/test_gpu_check.py does): GPU_CHECK_FAKE=1 bash bench/gpu_check.sh
+set -u
 cd "$(dirname "$0")/.."
-
-PYTHON=${PYTHON:-python3}
-WHEEL_DIR=${WHEEL_DIR:-.whl}
-MAX_JOBS=${MAX_JOBS:-$(nproc)}
-RESULTS_DIR=${RESULTS_DIR:-${OUT:-bench/out/gpu}}
-SITE_DIR=${SITE_DIR:-/tmp/moediffuseq-site}
-mkdir -p "$RESULTS_DIR"
-# The carried wheels go into $SITE_DIR (the machine's own packages stay as they are).
-export PYTHONPATH="$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 PYTHON WHEEL_DIR MAX_JOBS RESULTS_DIR SITE_DIR
-
-# ---------------------------------------------------------------------------------------------
-# Steps, run in this order; each one's output goes to $RESULTS_DIR/<name>.log and the console.
-STEPS=(environment install_wheels build test_attention bench_attention test_moe_diffusion bench_moe
-       bench_denoise_step bench_end_to_end)
-declare -A LIMITS=([environment]=30 [install_wheels]=30 [build]=180 [test_attention]=120 [bench_attention]=150
-                   [test_moe_diffusion]=150 [bench_moe]=120 [bench_denoise_step]=120 [bench_end_to_end]=150)
-# Steps whose failure stops the run (everything after them needs what they make).
-REQUIRED=(install_wheels build)
-
-step_environment() {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  command -v nvcc && nvcc --version | tail -1
-  "$PYTHON" - <<'PY'
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
-PY
-}
-
-step_install_wheels() {
-  if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE_DIR" "$WHEEL_DIR"/*.whl || return 1
-  else
-    echo "no wheels in $WHEEL_DIR; using the packages already installed"
-  fi
-  "$PYTHON" -c "import cutlass_library, os; print('cutlass headers:', os.path.dirname(cutlass_library.__file__))"
-}
-
-step_build() {
-  rm -rf build moediffuseq/_C*.so
-  MOEDIFFUSEQ_CUDA=ON "$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e . || return 1
-  "$PYTHON" -c "import moediffuseq; print(moediffuseq.build_info())"
-  "$PYTHON" -c "import moediffuseq, sys; sys.exit(0 if moediffuseq.build_info().has_cuda else 1)"
-}
-
-step_test_attention() {
-  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_block_sparse_attention.py -k cuda
-}
-
-step_bench_attention() {
-  "$PYTHON" bench/attention.py --device cuda --repeats 5 --cell-seconds 3 --out "$RESULTS_DIR"
-}
-
-step_test_moe_diffusion() {
-  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_moe_topk_softmax.py tests/test_moe_ffn.py \
-    tests/test_soft_absorb_q_sample.py tests/test_denoise_step.py -k cuda
-}
-
-step_bench_moe() {
-  "$PYTHON" bench/moe.py --device cuda --out "$RESULTS_DIR"
-}
-
-step_bench_denoise_step() {
-  "$PYTHON" bench/denoise_step.py --device cuda --sizes 1e7 1e8 4e8 --out "$RESULTS_DIR"
-}
-
-step_bench_end_to_end() {
-  if [ ! -f bench/end_to_end.py ]; then echo "bench/end_to_end.py not present: nothing to run"; return 0; fi
-  "$PYTHON" bench/end_to_end.py --device cuda --steps 3 --ddpm-probe 5 --quality-minutes 0.5 --out "$RESULTS_DIR"
-}
-
-# ---------------------------------------------------------------------------------------------
-for name in "${STEPS[@]}"; do export -f "step_$name"; done
-declare -A STATUS SECONDS_TAKEN
-stop=""
-for name in "${STEPS[@]}"; do
-  if [ -n "$stop" ]; then
-    STATUS[$name]="skipped ($stop failed)"; SECONDS_TAKEN[$name]=0; continue
-  fi
-  echo "=== step $name (limit ${LIMITS[$name]} s) ==="
-  start=$(date +%s)
-  timeout --kill-after=10 "${LIMITS[$name]}" bash -c "step_$name" 2>&1 | tee "$RESULTS_DIR/$name.log"
-  rc=${PIPESTATUS[0]}
-  [ $rc -eq 124 ] && echo "step $name: time limit of ${LIMITS[$name]} s reached"
-  SECONDS_TAKEN[$name]=$(( $(date +%s) - start ))
-  if [ $rc -eq 0 ]; then STATUS[$name]="ok"; else STATUS[$name]="FAIL (rc $rc)"; fi
-  for required in "${REQUIRED[@]}"; do
-    [ "$required" = "$name" ] && [ $rc -ne 0 ] && stop=$name
-  done
-done
-
-echo
-echo "## GPU check summary"
-echo
-# Each bench step's table, compact: its lines that start with "| L" or "| <number>".
-for table in attention_cuda end_to_end_cuda end_to_end_quality_cuda; do
-  if [ -f "$RESULTS_DIR/$table.md" ]; then
-    echo "$table (full table and notes: $RESULTS_DIR/$table.md):"
-    grep -E '^\| *(L |model|[0-9a-z])' "$RESULTS_DIR/$table.md" | head -40
-    grep -E 'check at' "$RESULTS_DIR/$table.md" || true
-    echo
-  fi
-done
-# MoE and denoising-step tables: their rows and their target lines.
-for table in moe_cuda:bench_moe denoise_step_cuda:bench_denoise_step; do
-  md="$RESULTS_DIR/${table%%:*}.md" log="$RESULTS_DIR/${table#*:}.log"
-  if [ -f "$md" ]; then
-    echo "${table%%:*} (full table and notes: $md):"
-    grep -E '^\| *(pass|dtype|fwd|float32|bfloat16)' "$md" | head -40
-    grep -hE '^- (PASS|FAIL)' "$log" 2>/dev/null || true
-    echo
-  fi
-done
-printf '| %-18s | %-34s | %7s |\n' step status seconds
-printf '|%s|%s|%s|\n' "--------------------" "------------------------------------" "---------"
-failed=0
-for name in "${STEPS[@]}"; do
-  printf '| %-18s | %-34s | %7s |\n' "$name" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]}"
-  [ "${STATUS[$name]}" = ok ] || failed=1
-done
-exit $failed
+exec "${PYTHON:-python3}" bench/gpu_check.py "$@"

@@ -1,0 +1,196 @@
+"""bench/gpu_check.py, the GPU check runner, in its dry run on the CPU: stage commands faked
+(ok, fail, crash, hang), a tiny deadline. Checks the deadline arithmetic, stage selection, resumption
+across calls, the summary written in every case, and the results directory's shape (at most 8
+files, no deeper than two folders)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNER = ROOT / "bench" / "gpu_check.py"
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+STAGES = [stage.name for stage in gpu_check.stages("python3", Path("tables"))]
+
+
+RUNNER_VARIABLES = ("STAGES", "FORCE", "DEADLINE", "OUT", "RESULTS_DIR", "GPU_CHECK_WORK_DIR", "GPU_CHECK_FAKE",
+                    "GPU_CHECK_LIMITS", "GPU_CHECK_KILL_GRACE", "GPU_CHECK_CODE_HASH")
+
+
+def runner_env(tmp_path, env=None):
+    """The environment of one runner call: results and work directories under ``tmp_path``, a
+    dry run with every stage ok and a 120 s deadline unless ``env`` says otherwise."""
+    base = {k: v for k, v in os.environ.items() if k not in RUNNER_VARIABLES}
+    return {**base, "RESULTS_DIR": str(tmp_path / "out"), "GPU_CHECK_WORK_DIR": str(tmp_path / "work"),
+            "GPU_CHECK_CODE_HASH": "code-v1", "GPU_CHECK_FAKE": "1", "DEADLINE": "120", **(env or {})}
+
+
+def run(tmp_path, env=None):
+    """One runner call, to its end."""
+    return subprocess.run([sys.executable, str(RUNNER)], env=runner_env(tmp_path, env), capture_output=True,
+                          text=True, timeout=60)
+
+
+def stage_rows(tmp_path):
+    """stage -> (status, seconds, budget, note) from summary.md."""
+    text = (tmp_path / "out" / "summary.md").read_text()
+    rows = {}
+    for line in text.split("## Stages", 1)[1].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in STAGES:
+            rows[cells[0]] = tuple(cells[1:])
+    return rows
+
+
+def check_results_dir(tmp_path):
+    """At most 8 files, none deeper than two folders, and the archive readable."""
+    out = tmp_path / "out"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files), files
+    assert {p.name for p in files} <= set(gpu_check.RESULT_FILES), files
+    with tarfile.open(out / gpu_check.ARCHIVE_NAME) as tar:
+        return tar.getnames()
+
+
+def test_budget_is_the_smaller_of_limit_and_time_left_less_the_margin():
+    assert gpu_check.stage_budget(100, 500) == 100
+    assert gpu_check.stage_budget(100, 80) == 50
+    assert gpu_check.stage_budget(100, 20) == -10
+
+
+def test_all_stages_ok_and_the_outputs(tmp_path):
+    proc = run(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = stage_rows(tmp_path)
+    assert [rows[name][0] for name in STAGES] == ["ok"] * len(STAGES)
+    names = check_results_dir(tmp_path)
+    assert "tables/fake_smoke_smoke.md" in names and "state.json" in names and "history.log" in names
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "[smoke] fake ok" in log and "=== end_to_end: ok" in log
+    assert "## Stages" in proc.stdout  # the summary is printed last
+
+
+def test_a_hanging_stage_is_killed_when_time_before_the_margin_runs_out(tmp_path):
+    start = time.monotonic()
+    proc = run(tmp_path, env={"DEADLINE": "32.5", "GPU_CHECK_FAKE": "smoke=hang"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1
+    rows = stage_rows(tmp_path)
+    status, seconds, budget, note = rows["smoke"]
+    assert status == "TIMEOUT" and "killed at" in note
+    assert 0.5 <= float(budget) <= 2.5  # 32.5 s - (the stages before) - 30 s margin
+    assert float(seconds) == pytest.approx(float(budget), abs=1.0)
+    for name in STAGES[STAGES.index("smoke") + 1:]:
+        assert rows[name][0] == "skipped" and "no time" in rows[name][3]
+    assert elapsed < 15
+    check_results_dir(tmp_path)
+
+
+def test_a_hanging_stage_is_killed_at_its_own_limit_even_when_it_ignores_sigterm(tmp_path):
+    proc = run(tmp_path, env={"GPU_CHECK_FAKE": "tests=hang-noterm", "GPU_CHECK_LIMITS": "tests=1",
+                              "GPU_CHECK_KILL_GRACE": "0.5", "STAGES": "build,tests,bench_moe"})
+    assert proc.returncode == 1
+    rows = stage_rows(tmp_path)
+    status, seconds, budget, _ = rows["tests"]
+    assert status == "TIMEOUT" and float(budget) == 1
+    assert float(seconds) < 4
+    assert rows["bench_moe"][0] == "ok"  # the run goes on after a killed stage
+    assert rows["smoke"][0] == "not selected"
+
+
+def test_stage_selection_and_resumption(tmp_path):
+    # first call: only some stages, one of them fails
+    proc = run(tmp_path, env={"STAGES": "build,smoke,tests", "GPU_CHECK_FAKE": "smoke=fail,tests=crash"})
+    assert proc.returncode == 1
+    rows = stage_rows(tmp_path)
+    assert rows["environment"][0] == "ok"  # runs in every call
+    assert rows["build"][0] == "ok" and rows["smoke"][0] == "FAIL"
+    assert rows["tests"][0] == "FAIL" and "signal SIGSEGV" in rows["tests"][3]
+    assert all(rows[name][0] == "not selected" for name in ("archs", "bench_moe", "end_to_end"))
+    state = json.loads((tmp_path / "work" / "state.json").read_text())["stages"]
+    assert state["build"]["status"] == "ok" and state["smoke"]["status"] == "FAIL"
+
+    # second call: resumes, skipping what ended ok
+    proc = run(tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    rows = stage_rows(tmp_path)
+    assert rows["build"][0] == "ok (earlier call)"
+    assert rows["environment"][0] == "ok" and rows["smoke"][0] == "ok" and rows["end_to_end"][0] == "ok"
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "[build] fake" not in log and "[smoke] fake ok" in log
+
+    # third call: a stage named in STAGES reruns although it ended ok; a failing dependency skips
+    proc = run(tmp_path, env={"STAGES": "build,smoke", "GPU_CHECK_FAKE": "build=fail"})
+    rows = stage_rows(tmp_path)
+    assert rows["build"][0] == "FAIL" and rows["smoke"][0] == "skipped" and "needs build" in rows["smoke"][3]
+
+    # fourth call: changed code under test drops the earlier results
+    proc = run(tmp_path, env={"STAGES": "archs", "GPU_CHECK_CODE_HASH": "code-v2"})
+    rows = stage_rows(tmp_path)
+    assert rows["archs"][0] == "skipped" and "needs build" in rows["archs"][3]
+    check_results_dir(tmp_path)
+
+
+def test_the_summary_is_written_when_the_runner_is_stopped(tmp_path):
+    runner = subprocess.Popen([sys.executable, str(RUNNER)], env=runner_env(tmp_path, {"GPU_CHECK_FAKE": "smoke=hang"}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    hang_pid = None
+    for line in runner.stdout:
+        if "[smoke] fake hang" in line:
+            hang_pid = int(line.rsplit("pid", 1)[1])
+            break
+    assert hang_pid is not None
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| smoke | running |" in summary  # written when the stage started
+    runner.send_signal(signal.SIGTERM)
+    rest = runner.communicate(timeout=30)[0]
+    assert runner.returncode == 128 + signal.SIGTERM
+    rows = stage_rows(tmp_path)
+    assert rows["smoke"][0] == "killed" and rows["tests"][0] == "not reached"
+    assert "stopped by SIGTERM" in (tmp_path / "out" / "summary.md").read_text()
+    assert "## Stages" in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(hang_pid, 0)
+    check_results_dir(tmp_path)
+
+
+def test_moe_bench_tells_the_cutlass_grouped_gemm_from_cublas_kernels():
+    """bench/moe.py's check on CUDA: only CUTLASS grouped GEMM kernels count as the expert GEMMs;
+    cuBLAS kernels, CUTLASS kernels shipped in cuBLAS among them, count as a fallback."""
+    import moe
+
+    ours = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<"
+            "cute::tuple<int, int, int> >, cutlass::gemm::collective::CollectiveMma<cutlass::gemm::"
+            "MainloopSm90ArrayTmaGmmaWarpSpecializedCooperative<7>, void>, void> >(cutlass::gemm::kernel::"
+            "GemmUniversal<>::Params)")
+    mangled = "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShapeIN4cute5tupleIJiiiEEEEE"
+    cublas = [
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT",
+        "cutlass3x_sm90_tensorop_s64x128x16gemm_bf16_bf16_f32_bf16_bf16_128x128x64_1x1x1_0_tnn_align8_warpspecialized",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(Params)",
+        "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x4_tn",
+        "void gemv2T_kernel_val<int, int, float, float, float, float, 128, 16, 4, 4, false, false>()",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, float>()",
+    ]
+    others = ["void moediffuseq::cuda::(anonymous namespace)::gather_kernel<__nv_bfloat16, 8>(MoeGatherParams)",
+              "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >()",
+              "Memcpy DtoH (Device -> Pinned)"]
+    assert moe.is_cutlass_grouped_gemm(ours) and moe.is_cutlass_grouped_gemm(mangled)
+    assert not moe.is_library_gemm(ours) and not moe.is_library_gemm(mangled)
+    assert all(moe.is_library_gemm(name) and not moe.is_cutlass_grouped_gemm(name) for name in cublas)
+    assert not any(moe.is_library_gemm(name) or moe.is_cutlass_grouped_gemm(name) for name in others)
+    profile = moe.KernelProfile(inside=5, grouped={"moediffuseq::moe_ffn": 4}, library={cublas[0]})
+    problems = profile.problems("fwd+bwd")
+    assert len(problems) == 2 and "moe_ffn_backward" in problems[0] and "cuBLAS" in problems[1]
+    assert moe.KernelProfile(inside=4, grouped={"moediffuseq::moe_ffn": 4}).problems("fwd") == []
+    assert "no kernel" in moe.KernelProfile().problems("fwd")[0]
