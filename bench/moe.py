@@ -40,7 +40,7 @@ import argparse
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -370,7 +370,16 @@ CUDA_SHAPE = dict(tokens=32768, dim=2048, ffn=4096)
 CUDA_TARGET_GROUPED_SPEEDUP = 1.0
 CUDA_TARGET_HF_SPEEDUP = 2.0
 CUDA_TARGET_GEMM_FRACTION = 0.70
-CUDA_GEMM_KERNEL_MARKERS = ("cutlass", "gemm", "gmma", "sm90_xmma", "nvjet")  # kernel-name substrings of GEMMs
+# Kernel names as the profiler reports them (demangled; each substring below is in the mangled
+# name too). The expert GEMMs are CUTLASS 3.x grouped (ptr-array) kernels, csrc/cuda/moe_grouped_gemm.cuh:
+#   cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<...>, ...>>
+# cuBLAS / cuBLASLt kernels have flat names (sm90_xmma_gemm_*, nvjet_*, ampere_*gemm*, gemv2T_kernel*,
+# cublasLt::splitKreduce_kernel) and the CUTLASS kernels compiled into cuBLAS too
+# (cutlass3x_sm90_tensorop_*gemm*, cutlass::Kernel2<cutlass_80_*>): "cutlass" or "gemm" alone would
+# count a per-expert cuBLAS fallback as the grouped GEMM. torch._grouped_mm's own CUTLASS kernel has a
+# name like ours, so kernels are also attributed to the op that launched them (EXPERT_OPS).
+CUTLASS_GROUPED_GEMM_MARKERS = ("cutlass", "device_kernel", "GemmUniversal", "GroupProblemShape")
+LIBRARY_GEMM_MARKERS = ("gemm", "gemv", "nvjet", "xmma", "cublas", "cutlass", "splitk")
 CUDA_COLUMNS = ("pass", "method", "median ms", "min ms", "repeats", "TFLOP/s", "% matmul", "ours speed-up",
                 "expert GEMM TFLOP/s", "expert GEMM % matmul", "outside expert GEMMs %", "note")
 
@@ -383,21 +392,82 @@ def cuda_matmul_rate(dtype: torch.dtype, n: int) -> float:
     return 2.0 * n**3 / t / 1e12
 
 
-def expert_gemm_seconds(run: Callable[[], object], steps: int) -> tuple[float, float]:
-    """(GPU seconds of the GEMM kernels, GPU seconds of all kernels) of one call, medians over
-    ``steps`` profiled calls. The router GEMM (x @ w_gate) is a GEMM kernel too but ~E/(2kF) of
-    the expert FLOPs (0.05% here); it is counted with the expert GEMMs."""
-    gemm, total = [], []
+def is_cutlass_grouped_gemm(name: str) -> bool:
+    """A CUTLASS 3.x grouped GEMM kernel, as the expert GEMMs are."""
+    return all(marker in name for marker in CUTLASS_GROUPED_GEMM_MARKERS)
+
+
+def is_library_gemm(name: str) -> bool:
+    """Any other GEMM or GEMV kernel (cuBLAS, cuBLASLt, CUTLASS kernels shipped in cuBLAS)."""
+    return not is_cutlass_grouped_gemm(name) and any(marker in name.lower() for marker in LIBRARY_GEMM_MARKERS)
+
+
+def _expert_op(event: FunctionEvent) -> Optional[str]:
+    """The MoE op (EXPERT_OPS) that is ``event`` or encloses it in the profiler's call tree."""
+    while event is not None:
+        if event.name in EXPERT_OPS:
+            return event.name
+        event = event.cpu_parent
+    return None
+
+
+@dataclass
+class KernelProfile:
+    """The GPU kernels of one call of ours, from the profiler: times are medians over the profiled
+    calls; names and counts cover all of them."""
+
+    grouped_s: float = 0.0  # CUTLASS grouped GEMM kernels launched inside the MoE ops
+    total_s: float = 0.0  # every kernel of the call
+    inside: int = 0  # kernels attributed to the MoE ops
+    grouped: dict[str, int] = field(default_factory=dict)  # MoE op -> its CUTLASS grouped GEMM launches
+    library: set[str] = field(default_factory=set)  # other GEMM kernels inside the MoE ops
+
+    def problems(self, pass_: str) -> list[str]:
+        """Why this call does not show the CUTLASS grouped GEMMs as the only expert GEMMs."""
+        ops = ("moediffuseq::moe_ffn",) + (("moediffuseq::moe_ffn_backward",) if pass_ != "fwd" else ())
+        if self.inside == 0:
+            return [f"{pass_}: the profiler attributed no kernel to {' / '.join(ops)}, so which GEMMs ran "
+                    "cannot be told"]
+        problems = [f"{pass_}: no CUTLASS grouped GEMM kernel (cutlass::device_kernel<GemmUniversal<"
+                    f"GroupProblemShape...>>) ran inside {op}" for op in ops if not self.grouped.get(op)]
+        if self.library:
+            names = ", ".join(sorted(name[:80] for name in self.library)[:3])
+            problems.append(f"{pass_}: {len(self.library)} cuBLAS / other GEMM kernel(s) ran inside the MoE op "
+                            f"(a per-expert fallback?): {names}")
+        return problems
+
+
+def moe_kernel_profile(run: Callable[[], object], steps: int) -> KernelProfile:
+    """Profiles ``steps`` calls (CPU ops and CUDA kernels); each kernel is attributed to the op
+    that launched it (the profiler's ``FunctionEvent.kernels``), and that op to the MoE op above
+    it, if any."""
+    result = KernelProfile()
+    grouped_s, total_s = [], []
     for _ in range(steps):
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run()
             torch.cuda.synchronize()
-        kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
-        gemm.append(sum(ev.time_range.elapsed_us() for ev in kernels
-                        if any(m in ev.name.lower() for m in CUDA_GEMM_KERNEL_MARKERS)) / 1e6)
-        total.append(sum(ev.time_range.elapsed_us() for ev in kernels) / 1e6)
-    return statistics.median(gemm), statistics.median(total)
+        events = prof.events()
+        total_s.append(sum(ev.time_range.elapsed_us() for ev in events
+                           if ev.device_type == torch.autograd.DeviceType.CUDA) / 1e6)
+        grouped_us = 0.0
+        for ev in events:
+            if ev.device_type != torch.autograd.DeviceType.CPU or not ev.kernels:
+                continue
+            op = _expert_op(ev)
+            if op is None:
+                continue
+            for kernel in ev.kernels:
+                result.inside += 1
+                if is_cutlass_grouped_gemm(kernel.name):
+                    grouped_us += kernel.duration
+                    result.grouped[op] = result.grouped.get(op, 0) + 1
+                elif is_library_gemm(kernel.name):
+                    result.library.add(kernel.name)
+        grouped_s.append(grouped_us / 1e6)
+    result.grouped_s, result.total_s = statistics.median(grouped_s), statistics.median(total_s)
+    return result
 
 
 def run_cuda(args: argparse.Namespace) -> None:
@@ -412,6 +482,7 @@ def run_cuda(args: argparse.Namespace) -> None:
     for line in verify(p, shape.k, grouped["fwd"] is None):
         print(f"  check {line}", flush=True)
     results: dict[tuple[str, str], dict] = {}
+    problems: list[str] = []  # the expert GEMMs were not (only) the CUTLASS grouped kernels
     for pass_ in PASSES:
         for method in METHODS:
             if method == "grouped_mm" and grouped[pass_] is not None:
@@ -422,8 +493,11 @@ def run_cuda(args: argparse.Namespace) -> None:
             run = pass_call(forward, wrt, p.grad_y, pass_)
             results[pass_, method] = measure_cuda(run, warmup=2, repeats=args.repeats, max_seconds=30)
             if method == "ours":
-                gemm_s, kernels_s = expert_gemm_seconds(run, args.profile_steps)
-                results[pass_, method].update(gemm_s=gemm_s, kernels_s=kernels_s)
+                kernels = moe_kernel_profile(run, args.profile_steps)
+                results[pass_, method].update(gemm_s=kernels.grouped_s, kernels_s=kernels.total_s)
+                problems += kernels.problems(pass_)
+                print(f"  {pass_:8s} ours kernels inside the MoE ops: {kernels.inside}, CUTLASS grouped GEMM "
+                      f"launches {kernels.grouped}, other GEMMs {len(kernels.library)}", flush=True)
             print(f"  {pass_:8s} {method:11s} {results[pass_, method]['median_s'] * 1e3:9.2f} ms", flush=True)
             torch.cuda.empty_cache()
     rate = max(rate_before, cuda_matmul_rate(dtype, args.matmul_n))
@@ -455,9 +529,10 @@ def run_cuda(args: argparse.Namespace) -> None:
         "useful FLOPs: fwd = 2*T*D*E + 4*T*k*D*F, fwd+bwd = 3x fwd; dense: 4*T*k*D*F (no router), 3x for fwd+bwd.",
         "times: CUDA events around each call, median of the repeats; fwd under torch.no_grad, fwd+bwd = forward "
         "+ torch.autograd.grad of x and all weights.",
-        "expert GEMM columns (ours): GPU time of the GEMM kernels of one call (torch.profiler, median of "
-        f"{args.profile_steps} calls) against the expert GEMM FLOPs; outside = the other kernels' share of "
-        "the kernel time (routing, gather, activation, combine, routing-weight gradient).",
+        "expert GEMM columns (ours): GPU time of the CUTLASS grouped GEMM kernels launched inside moe_ffn / "
+        f"moe_ffn_backward in one call (torch.profiler, median of {args.profile_steps} calls) against the expert "
+        "GEMM FLOPs; outside = the other kernels' share of the kernel time (router GEMM, routing, gather, "
+        "activation, combine, routing-weight gradient).",
     ]
     out_dir = write_table(rows, CUDA_COLUMNS, "moe_cuda", out_dir=args.out,
                           title="MoE layer on the GPU: ours vs HF loop vs torch._grouped_mm vs dense FFN", notes=notes)
@@ -477,10 +552,14 @@ def run_cuda(args: argparse.Namespace) -> None:
         lines.append(f"{verdict(fraction >= CUDA_TARGET_GEMM_FRACTION)} ours fwd+bwd expert GEMMs at "
                      f"{100 * fraction:.0f}% of the dense bf16 matmul rate, target >= "
                      f"{100 * CUDA_TARGET_GEMM_FRACTION:.0f}%")
+    lines.append(f"{verdict(not problems)} ours: the expert GEMMs are the CUTLASS grouped GEMM kernels, "
+                 "no cuBLAS GEMM inside moe_ffn / moe_ffn_backward" + (f" ({'; '.join(problems)})" if problems else ""))
     section = "\nTargets\n" + "\n".join(f"- {line}" for line in lines) + "\n"
     print(section, end="")
     with open(out_dir / "moe_cuda.md", "a", encoding="utf-8") as handle:
         handle.write(section)
+    if problems:
+        sys.exit("bench/moe.py: the CUTLASS grouped GEMM check failed:\n  " + "\n  ".join(problems))
 
 
 def parse_args() -> argparse.Namespace:
