@@ -1,15 +1,20 @@
 """Shared test configuration: hypothesis profiles, devices, tolerances.
 
 Profiles (select with MOEDIFFUSEQ_HYPOTHESIS_PROFILE): "ci" (default; derandomized, sized
-to CI's time on 2 cores) and "deep" (>= 1000 examples per property, for kernel work).
+to CI's time on 2 cores), "deep" (>= 1000 examples per property, for kernel work) and "gpu"
+(a few examples, no shrinking: the short first runs on a GPU machine, bench/gpu_check.sh).
 No CUDA query happens at import time: CUDA tests are marked and skipped at run time.
+MOEDIFFUSEQ_STRICT_CUTLASS defaults to 1: a CUTLASS grouped GEMM that refuses a problem is an
+error in the tests, not a silent per-expert fallback.
 """
 import functools
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+os.environ.setdefault("MOEDIFFUSEQ_STRICT_CUTLASS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -23,6 +28,15 @@ settings.register_profile(
     "deep",
     deadline=None,
     max_examples=1000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile(
+    "gpu",
+    deadline=None,
+    derandomize=True,
+    max_examples=10,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target),  # no shrinking
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
