@@ -9,6 +9,7 @@ The table goes to ``<out>/attention.md`` and ``<out>/attention.csv``; a Targets 
     python bench/attention.py --quick        # smoke run, L in {1024, 4096}
     python bench/attention.py                # full run, L up to 32768
     python bench/attention.py --device cuda  # GPU run (see run_cuda), L in {8k, 32k, 128k}
+    python bench/attention.py --device cuda --lengths 8192 32768   # a table line per L as it finishes
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from common import (  # noqa: E402
     Cell,
     Timing,
     copy_bandwidth,
+    markdown_row,
     matmul_rate,
     measure,
     measure_cuda,
@@ -570,8 +572,41 @@ def cuda_check(problem: Problem, methods: dict[str, Attention], notes: list[str]
     return verdict
 
 
+CUDA_COLUMNS = ["L", "method", "pass", "median ms", "TFLOP/s", "useful TFLOP/s", "% flash", "x flex", "x sdpa",
+                "check"]
+# widths of the lines printed as each length finishes (the saved table is aligned on its own)
+CUDA_WIDTHS = [max(len(column), width) for column, width in zip(CUDA_COLUMNS, (6, 21, 7, 9, 7, 14, 7, 6, 6, 8))]
+
+
+def cuda_rows(length: int, cfg: Config, timings: dict[Key, Timing], pairs: dict[int, int],
+              verdicts: dict[int, str]) -> list[dict[str, Cell]]:
+    """The table rows of one sequence length."""
+    rows: list[dict[str, Cell]] = []
+    useful = forward_flops(cfg, pairs[length])
+    dense = 4.0 * cfg.batch * cfg.heads * cfg.dim * length * length
+    for name in (CUDA_OURS, CUDA_SDPA, CUDA_FLEX):
+        for pass_ in PASSES:
+            factor = BACKWARD_FLOP_FACTOR if pass_ == FWD_BWD else 1.0
+            seconds = timings[(length, name, pass_)]["median_s"]
+            done = (dense if name == CUDA_SDPA else useful) * factor
+            sdpa_seconds = timings[(length, CUDA_SDPA, pass_)]["median_s"]
+            flex_seconds = timings[(length, CUDA_FLEX, pass_)]["median_s"]
+            rows.append({
+                "L": length, "method": name, "pass": pass_, "median ms": seconds * 1e3,
+                "TFLOP/s": done / seconds / 1e12,
+                "useful TFLOP/s": useful * factor / seconds / 1e12,
+                "% flash": 100.0 * (useful * factor / seconds) / (dense * factor / sdpa_seconds),
+                "x flex": flex_seconds / seconds,
+                "x sdpa": sdpa_seconds / seconds,
+                "check": verdicts.get(length, ""),
+            })
+    return rows
+
+
 def run_cuda(cfg: Config) -> None:
-    """Times every (L, method, pass) on the GPU and writes ``attention_cuda.{md,csv}``."""
+    """Times every (L, method, pass) on the GPU and writes ``attention_cuda.{md,csv}``. The rows
+    of each length are printed as soon as that length is done, and the files are rewritten with
+    the rows so far, so a run stopped at a long length keeps the shorter ones."""
     torch.manual_seed(cfg.seed)
     notes = [
         f"{torch.cuda.get_device_name()}; B={cfg.batch}, H={cfg.heads}, D={cfg.dim}, window={cfg.window}, "
@@ -584,6 +619,10 @@ def run_cuda(cfg: Config) -> None:
     timings: dict[Key, Timing] = {}
     pairs: dict[int, int] = {}
     verdicts: dict[int, str] = {}
+    rows: list[dict[str, Cell]] = []
+    title = "block_sparse_attention CUDA benchmark"
+    print(markdown_row(CUDA_COLUMNS, CUDA_WIDTHS), flush=True)
+    print("|" + "|".join("-" * (width + 2) for width in CUDA_WIDTHS) + "|", flush=True)
     for length in cfg.lengths:
         problem = cuda_problem(length, cfg)
         pairs[length] = problem.pairs
@@ -616,33 +655,15 @@ def run_cuda(cfg: Config) -> None:
         del problem, methods
         gc.collect()
         torch.cuda.empty_cache()
+        length_rows = cuda_rows(length, cfg, timings, pairs, verdicts)
+        for row in length_rows:
+            print(markdown_row([row.get(c) for c in CUDA_COLUMNS], CUDA_WIDTHS), flush=True)
+        rows += length_rows
+        write_table(rows, CUDA_COLUMNS, "attention_cuda", out_dir=cfg.out, title=title, notes=notes, echo=False)
 
-    rows: list[dict[str, Cell]] = []
-    for length in cfg.lengths:
-        useful = forward_flops(cfg, pairs[length])
-        dense = 4.0 * cfg.batch * cfg.heads * cfg.dim * length * length
-        for name in (CUDA_OURS, CUDA_SDPA, CUDA_FLEX):
-            for pass_ in PASSES:
-                factor = BACKWARD_FLOP_FACTOR if pass_ == FWD_BWD else 1.0
-                seconds = timings[(length, name, pass_)]["median_s"]
-                done = (dense if name == CUDA_SDPA else useful) * factor
-                sdpa_seconds = timings[(length, CUDA_SDPA, pass_)]["median_s"]
-                flex_seconds = timings[(length, CUDA_FLEX, pass_)]["median_s"]
-                rows.append({
-                    "L": length, "method": name, "pass": pass_, "median ms": seconds * 1e3,
-                    "TFLOP/s": done / seconds / 1e12,
-                    "useful TFLOP/s": useful * factor / seconds / 1e12,
-                    "% flash": 100.0 * (useful * factor / seconds) / (dense * factor / sdpa_seconds),
-                    "x flex": flex_seconds / seconds,
-                    "x sdpa": sdpa_seconds / seconds,
-                    "check": verdicts.get(length, ""),
-                })
     for length, count in pairs.items():
         notes.append(f"L={length}: {count} allowed pairs ({100 * count / (cfg.batch * length**2):.2f}% of B*L^2)")
-    columns = ["L", "method", "pass", "median ms", "TFLOP/s", "useful TFLOP/s", "% flash", "x flex", "x sdpa",
-               "check"]
-    write_table(rows, columns, "attention_cuda", out_dir=cfg.out,
-                title="block_sparse_attention CUDA benchmark", notes=notes)
+    write_table(rows, CUDA_COLUMNS, "attention_cuda", out_dir=cfg.out, title=title, notes=notes)
 
 
 if __name__ == "__main__":

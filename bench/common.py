@@ -129,6 +129,15 @@ def format_cell(value: Cell) -> str:
     return str(value)
 
 
+def markdown_row(cells: Sequence[Cell], widths: Sequence[Union[int, str]] = ()) -> str:
+    """One Markdown table line of ``cells`` (formatted by :func:`format_cell`), each padded to the
+    matching entry of ``widths`` (a width, or a header whose length is the width): the lines a
+    long benchmark prints one by one as its rows finish."""
+    sizes = [w if isinstance(w, int) else len(w) for w in widths]
+    text = [format_cell(cell) for cell in cells]
+    return "| " + " | ".join(t.ljust(sizes[i]) if i < len(sizes) else t for i, t in enumerate(text)) + " |"
+
+
 def write_table(
     rows: Sequence[Mapping[str, Cell]],
     columns: Sequence[str],
@@ -137,12 +146,13 @@ def write_table(
     out_dir: Optional[Path] = None,
     title: Optional[str] = None,
     notes: Sequence[str] = (),
+    echo: bool = True,
 ) -> Path:
-    """Print ``rows`` as an aligned Markdown table and save ``<name>.md`` and ``<name>.csv``.
+    """Save ``rows`` as ``<name>.md`` and ``<name>.csv`` and, with ``echo``, print the Markdown.
 
-    The Markdown file holds the title, the :func:`run_header` line, the table and ``notes``;
-    the CSV file holds the raw cell values in ``columns`` order. Missing cells are empty.
-    Returns the output directory (``bench/out/`` by default, created if missing).
+    The Markdown file holds the title, the :func:`run_header` line, the aligned table and
+    ``notes``; the CSV file holds the raw cell values in ``columns`` order. Missing cells are
+    empty. Returns the output directory (``bench/out/`` by default, created if missing).
     """
     out_dir = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +170,8 @@ def write_table(
     if notes:
         document += [""] + [f"- {note}" for note in notes]
     markdown = "\n".join(document) + "\n"
-    print(markdown, end="")
+    if echo:
+        print(markdown, end="")
 
     (out_dir / f"{name}.md").write_text(markdown, encoding="utf-8")
     with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
