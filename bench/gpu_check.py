@@ -436,6 +436,9 @@ class Runner:
         except (OSError, ValueError):
             state = {}
         if state.get("code_hash") != self.code_hash:
+            if state:  # tables of other code: not this code's results
+                shutil.rmtree(self.tables, ignore_errors=True)
+                self.tables.mkdir(parents=True, exist_ok=True)
             state = {"code_hash": self.code_hash, "stages": {}}
         return state
 

@@ -137,6 +137,7 @@ def test_stage_selection_and_resumption(tmp_path):
     proc = run(tmp_path, env={"STAGES": "archs", "GPU_CHECK_CODE_HASH": "code-v2"})
     rows = stage_rows(tmp_path)
     assert rows["archs"][0] == "skipped" and "needs build" in rows["archs"][3]
+    assert "tables/fake_smoke_smoke.md" not in check_results_dir(tmp_path)  # the old code's tables are gone
     check_results_dir(tmp_path)
 
 
