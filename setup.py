@@ -2,7 +2,8 @@
 
 Install against an already installed torch:  pip install --no-build-isolation .
 Environment: MOEDIFFUSEQ_CUDA=AUTO|ON|OFF, MOEDIFFUSEQ_CPU_ISA=auto|avx512|avx2|default,
-MAX_JOBS (parallel compile jobs).
+MOEDIFFUSEQ_CUDA_ARCHS or TORCH_CUDA_ARCH_LIST (the CUDA architectures, default 9.0a; see
+cmake/cuda_archs.cmake), MAX_JOBS (parallel compile jobs).
 """
 import os
 import subprocess
@@ -34,6 +35,9 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DMOEDIFFUSEQ_CUDA={os.environ.get('MOEDIFFUSEQ_CUDA', 'AUTO')}",
             f"-DMOEDIFFUSEQ_CPU_ISA={os.environ.get('MOEDIFFUSEQ_CPU_ISA', 'auto')}",
+            # Empty means unset: passed on every configure so that the cache follows the environment.
+            f"-DMOEDIFFUSEQ_CUDA_ARCHS={os.environ.get('MOEDIFFUSEQ_CUDA_ARCHS', '')}",
+            f"-DTORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '')}",
         ]
         build = ["--build", str(build_dir)]
         if "MAX_JOBS" in os.environ:

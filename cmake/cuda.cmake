@@ -1,12 +1,12 @@
 # Optional CUDA backend: MOEDIFFUSEQ_CUDA = AUTO | ON | OFF (environment or -D).
 # AUTO builds it when nvcc is found *and* the installed torch is a CUDA build; ON fails loudly
 # when either is missing. CUTLASS/CuTe headers come from the pinned `nvidia-cutlass` package.
-# Defines MOEDIFFUSEQ_WITH_CUDA and moediffuseq_add_cuda_sources(<target>).
+# The architectures come from cmake/cuda_archs.cmake (resolved in torch.cmake, before
+# find_package(Torch)). Defines MOEDIFFUSEQ_WITH_CUDA and moediffuseq_add_cuda_sources(<target>).
 if(DEFINED ENV{MOEDIFFUSEQ_CUDA} AND NOT DEFINED MOEDIFFUSEQ_CUDA)
   set(MOEDIFFUSEQ_CUDA "$ENV{MOEDIFFUSEQ_CUDA}")
 endif()
 set(MOEDIFFUSEQ_CUDA "AUTO" CACHE STRING "Build the CUDA kernels: AUTO, ON or OFF")
-set(MOEDIFFUSEQ_CUDA_ARCHS "90a" CACHE STRING "CUDA architectures for the CUDA kernels")
 string(TOUPPER "${MOEDIFFUSEQ_CUDA}" MOEDIFFUSEQ_CUDA)
 if(NOT MOEDIFFUSEQ_CUDA MATCHES "^(AUTO|ON|OFF)$")
   message(FATAL_ERROR "MOEDIFFUSEQ_CUDA must be AUTO, ON or OFF, got '${MOEDIFFUSEQ_CUDA}'")
@@ -46,15 +46,20 @@ function(moediffuseq_add_cuda_sources target)
   target_sources(${target} PRIVATE ${cu_sources})
   # Shared cudart: the kernels and torch then use one runtime (one set of streams and contexts).
   set_target_properties(${target} PROPERTIES
-    CUDA_ARCHITECTURES "${MOEDIFFUSEQ_CUDA_ARCHS}"
+    CUDA_ARCHITECTURES "${MOEDIFFUSEQ_CUDA_ARCHITECTURES}"
     CUDA_STANDARD 17
     CUDA_STANDARD_REQUIRED ON
     CUDA_RUNTIME_LIBRARY Shared)
   target_include_directories(${target} PRIVATE ${MOEDIFFUSEQ_CUTLASS_INCLUDE_DIR})
   target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:${MOEDIFFUSEQ_CUDA_FLAGS}>")
+  # The built list, comma-separated (a ';' would split the definition): build_info().cuda_archs
+  # and the device check of the CUDA glue (csrc/cuda/device_check.cpp) read it.
+  string(REPLACE ";" "," archs "${MOEDIFFUSEQ_CUDA_ARCHITECTURES}")
   target_compile_definitions(${target} PRIVATE
     MOEDIFFUSEQ_WITH_CUDA=1
-    MOEDIFFUSEQ_CUDA_ARCHS="${MOEDIFFUSEQ_CUDA_ARCHS}"
+    MOEDIFFUSEQ_CUDA_ARCHS="${archs}"
     MOEDIFFUSEQ_CUTLASS_VERSION="${MOEDIFFUSEQ_CUTLASS_VERSION}")
-  message(STATUS "moediffuseq: CUDA kernels for sm_${MOEDIFFUSEQ_CUDA_ARCHS}, CUTLASS ${MOEDIFFUSEQ_CUTLASS_VERSION}")
+  # What was asked, for cmake/check_cuda_archs.py --archs (make cuda-build reads it).
+  file(WRITE "${CMAKE_BINARY_DIR}/moediffuseq_cuda_archs.txt" "${MOEDIFFUSEQ_CUDA_ARCHS_REQUESTED}\n")
+  message(STATUS "moediffuseq: CUDA kernels for ${archs}, CUTLASS ${MOEDIFFUSEQ_CUTLASS_VERSION}")
 endfunction()
