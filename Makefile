@@ -3,6 +3,7 @@
 #   make test      install, then the whole test suite
 #   make demo      install, then the end-to-end demo (corpus, tokenizer, training, generation, scores)
 #   make bench     install, then the benchmarks (tables into bench/out/)
+#   make cuda-build CUDA_TORCH_PYTHON=/path/to/python   the extension against a CUDA torch, no GPU needed
 # Override TORCH_SPEC for another torch build, e.g. on a CUDA machine with its own torch:
 #   make test VENV_FLAGS=--system-site-packages TORCH_SPEC=
 PYTHON ?= python3
@@ -43,7 +44,19 @@ cuda-check: install
 		PATH="$(abspath $(BIN)):$$PATH" cmake --build build/cuda-check --parallel $(MAX_JOBS) && \
 		echo "cuda-check: CUDA kernels compiled for sm_$(CUDA_ARCHS) in $$(( $$(date +%s) - start )) s"; fi
 
-test: install cuda-check
+# Builds the whole extension, torch glue included, against a CUDA build of torch with the local
+# nvcc and no GPU (cmake/cuda_torch_build.sh: into build/cuda-torch, the .venv is untouched),
+# imports it and checks its CUDA architectures. CUDA_TORCH_PYTHON: the Python of that torch;
+# without it the target is skipped (CI has a CPU torch only).
+CUDA_TORCH_PYTHON ?=
+.PHONY: cuda-build
+cuda-build:
+	@if [ -z "$(CUDA_TORCH_PYTHON)" ]; then \
+		echo "cuda-build: skipped (no CUDA torch given: make cuda-build CUDA_TORCH_PYTHON=/path/to/python)"; \
+	elif [ -z "$(NVCC)" ]; then echo "cuda-build: skipped (nvcc not found)"; \
+	else NVCC="$(NVCC)" MAX_JOBS=$(MAX_JOBS) bash cmake/cuda_torch_build.sh "$(CUDA_TORCH_PYTHON)" build/cuda-torch; fi
+
+test: install cuda-check cuda-build
 	$(BIN)/python -m pytest tests
 
 demo: install
