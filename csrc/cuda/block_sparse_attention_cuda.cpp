@@ -5,13 +5,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 
 #include "block_sparse_attention_checks.h"
 #include "cuda/block_sparse_attention_cuda.h"
+#include "cuda/device_check.h"
 
 namespace moediffuseq::cuda {
 namespace {
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     double scale) {
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
   check_cuda_inputs(q_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const CudaOpGuard guard(q_in.device());
   const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
   const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   check_bsa_tensor(out_in, "out", q_in);
   check_bsa_lse(lse_in, q_in);
   check_cuda_inputs(q_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const CudaOpGuard guard(q_in.device());
   const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
   const at::Tensor grad_out = contiguous_aligned(grad_out_in), out = contiguous_aligned(out_in);
   const at::Tensor lse = lse_in.contiguous();

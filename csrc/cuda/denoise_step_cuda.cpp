@@ -3,12 +3,12 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 
 #include "common/diffusion_kernels.h"
+#include "cuda/device_check.h"
 #include "diffusion_checks.h"
 #include "kernel_dtype.h"
 
@@ -41,7 +41,7 @@ void denoise_step_out_cuda(const at::Tensor& x_t_in, const at::Tensor& x0_hat_in
   check_same_device(b_in, x_t_in, kOp, "coef_x0", "x_t");
   check_same_device(c_in, x_t_in, kOp, "coef_x0_prev", "x_t");
   check_same_device(s_in, x_t_in, kOp, "coef_noise", "x_t");
-  const c10::cuda::CUDAGuard guard(x_t_in.device());
+  const CudaOpGuard guard(x_t_in.device());
   const at::Tensor x_t = x_t_in.contiguous(), x0_hat = x0_hat_in.contiguous(), anchor = anchor_in.contiguous();
   const at::Tensor x0_prev = x0_prev_in ? x0_prev_in->contiguous() : at::Tensor();
   const at::Tensor noise = noise_in ? noise_in->contiguous() : at::Tensor();

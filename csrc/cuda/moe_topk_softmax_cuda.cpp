@@ -5,11 +5,11 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <limits>
 
+#include "cuda/device_check.h"
 #include "cuda/moe_kernels.h"
 #include "kernel_dtype.h"
 #include "moe_checks.h"
@@ -19,7 +19,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> moe_topk_softmax_cuda(const at::Tensor& logits_in, int64_t k) {
   check_moe_topk_inputs(logits_in, k);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const CudaOpGuard guard(logits_in.device());
   at::Tensor logits = logits_in.contiguous();
   const auto st = logits.scalar_type();
   if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) {

@@ -5,13 +5,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 
 #include "common/diffusion_kernels.h"
+#include "cuda/device_check.h"
 #include "diffusion_checks.h"
 
 namespace moediffuseq::cuda {
@@ -22,7 +22,7 @@ constexpr int64_t kVocabChunk = 8192;  // a (4096, 8192) float32 buffer: 128 MiB
 
 at::Tensor nearest_embedding_cuda(const at::Tensor& x_in, const at::Tensor& emb_in) {
   check_nearest_embedding_inputs(x_in, emb_in, /*allow_half=*/true);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const CudaOpGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor x = x_in.to(at::kFloat).contiguous(), emb = emb_in.to(at::kFloat).contiguous();
   TORCH_CHECK(!x.isnan().any().item<bool>(), "nearest_embedding: x contains NaN");

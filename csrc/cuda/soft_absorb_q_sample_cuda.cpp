@@ -3,10 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/diffusion_kernels.h"
+#include "cuda/device_check.h"
 #include "diffusion_checks.h"
 #include "kernel_dtype.h"
 
@@ -32,7 +32,7 @@ at::Tensor soft_absorb_q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& 
   check_q_sample_schedule(x0_in, sqrt_ab_in, sqrt_1mab_in, uniform_in, gamma, kOp);
   check_same_device(m_in, x0_in, kOp, "m", "x0");
   check_devices(x0_in, mask_in, sqrt_ab_in, sqrt_1mab_in, uniform_in, "x0");
-  const c10::cuda::CUDAGuard guard(x0_in.device());
+  const CudaOpGuard guard(x0_in.device());
   const at::Tensor x0 = x0_in.contiguous(), m = m_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor sab = sqrt_ab_in.contiguous(), s1 = sqrt_1mab_in.contiguous();
   const at::Tensor noise = noise_in.contiguous(), uniform = uniform_in.contiguous();
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> soft_absorb_q_sample_backward_cuda(const at::
               kOp, ": target_mask must be bool (B, L) = (", grad_in.size(0), ", ", grad_in.size(1), "), got ",
               mask_in.scalar_type(), " ", mask_in.sizes());
   check_devices(grad_in, mask_in, sqrt_ab_in, sqrt_1mab_in, uniform_in, "grad");
-  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const CudaOpGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor sab = sqrt_ab_in.contiguous(), s1 = sqrt_1mab_in.contiguous(), uniform = uniform_in.contiguous();
   const int64_t B = grad.size(0), L = grad.size(1), d = grad.size(2);
