@@ -7,19 +7,22 @@
 //   GEMM -> activation -> grouped GEMM -> weighted combine (float32, no atomics).
 //
 // Grouped GEMMs: the CUTLASS sm_90a ptr-array kernels (moe_grouped_gemm*.cu) for bfloat16 /
-// float16 when D and F are multiples of 8 and the operands 16-byte aligned; otherwise (float32,
-// odd widths) one ATen matmul per non-empty expert on views of the same buffers.
+// float16 when D and F are multiples of 8, the operands 16-byte aligned and the GPU is sm_90a;
+// otherwise one ATen matmul per non-empty expert on views of the same buffers. That fallback
+// warns once naming why (float32, the documented slow path, does not warn), and with
+// MOEDIFFUSEQ_STRICT_CUTLASS=1 in the environment every refusal, float32 included, is an error.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "cuda/device_check.h"
 #include "cuda/moe_kernels.h"
 #include "kernel_dtype.h"
 #include "moe_checks.h"
@@ -79,11 +82,33 @@ bool packed_col_major(const at::Tensor& t) {
 bool has_layout(const at::Tensor& t, bool row_major) { return row_major ? packed_row_major(t) : packed_col_major(t); }
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
+// MOEDIFFUSEQ_STRICT_CUTLASS=1: a refused CUTLASS grouped GEMM is an error, not a fallback (read once).
+bool strict_cutlass() {
+  static const bool strict = [] {
+    const char* v = std::getenv("MOEDIFFUSEQ_STRICT_CUTLASS");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return strict;
+}
+
+// The CUTLASS grouped GEMM was refused for `reason`: the per-expert matmuls run instead, with
+// one warning per process (none for float32, the documented path), or an error when strict.
+void refuse_cutlass(const char* op, const std::string& reason, bool documented_path) {
+  TORCH_CHECK(!strict_cutlass(), op, ": the CUTLASS grouped GEMM cannot run (", reason,
+              ") and MOEDIFFUSEQ_STRICT_CUTLASS=1 forbids the per-expert matmul fallback");
+  if (!documented_path) {
+    TORCH_WARN_ONCE(op, ": the CUTLASS grouped GEMM cannot run (", reason,
+                    "); the experts run as per-expert matmuls, slower (warned once; "
+                    "MOEDIFFUSEQ_STRICT_CUTLASS=1 makes it an error)");
+  }
+}
+
 // One GEMM per non-empty expert: make(e, row0, n) gives the operands of expert e, whose grouped
 // rows are [row0, row0 + n). `layout` names how the views of a and b are laid out.
+// `no_tensor_cores` is empty when the dtype and widths suit the CUTLASS kernel, else why not.
 template <typename Make>
-void expert_gemms(const DeviceRouting& r, bool tensor_cores, GemmLayout layout, const at::Tensor& like,
-                  cudaStream_t stream, const char* op, const Make& make) {
+void expert_gemms(const DeviceRouting& r, const std::string& no_tensor_cores, GemmLayout layout,
+                  const at::Tensor& like, cudaStream_t stream, const char* op, const Make& make) {
   std::vector<GemmOperands> gemms;
   for (size_t e = 0; e + 1 < r.offsets.size(); ++e) {
     const int64_t n = r.offsets[e + 1] - r.offsets[e];
@@ -91,14 +116,15 @@ void expert_gemms(const DeviceRouting& r, bool tensor_cores, GemmLayout layout, 
   }
   if (gemms.empty()) return;
   const bool a_row = layout != GemmLayout::kColRow, b_row = layout != GemmLayout::kRowCol;
-  bool use_cutlass = tensor_cores;
+  const bool tensor_cores = no_tensor_cores.empty();
+  bool aligned = true;
   std::vector<GroupedGemmProblem> problems;
   for (const GemmOperands& g : gemms) {
     // (the layout test is only meaningful for the widths the tensor-core path takes, >= 8)
     TORCH_INTERNAL_ASSERT(!tensor_cores || (has_layout(g.a, a_row) && has_layout(g.b, b_row) &&
                                             packed_row_major(g.d)),
                           op, ": operand views do not match the GEMM layout");
-    use_cutlass = use_cutlass && aligned16(g.a) && aligned16(g.b) && aligned16(g.d);
+    aligned = aligned && aligned16(g.a) && aligned16(g.b) && aligned16(g.d);
     GroupedGemmProblem p;
     p.m = static_cast<int>(g.d.size(0));
     p.n = static_cast<int>(g.d.size(1));
@@ -111,9 +137,21 @@ void expert_gemms(const DeviceRouting& r, bool tensor_cores, GemmLayout layout, 
   const DType dtype = kernel_dtype(like, op);
   const int groups = static_cast<int>(problems.size());
   const int device = like.get_device();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  use_cutlass = use_cutlass && moe_grouped_gemm_supported(dtype, layout, groups, problems.data(), device, sms);
-  if (!use_cutlass) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int sms = props->multiProcessorCount;
+  std::string refusal = no_tensor_cores;
+  if (refusal.empty() && !aligned) {
+    refusal = "alignment: an operand does not start on a 16-byte boundary";
+  } else if (refusal.empty() && !device_runs_sm90a(static_cast<c10::DeviceIndex>(device))) {
+    refusal = "device: the kernel is sm_90a code and cuda:" + std::to_string(device) + " is sm_" +
+              std::to_string(props->major) + std::to_string(props->minor) + " (built for " MOEDIFFUSEQ_CUDA_ARCHS ")";
+  } else if (refusal.empty()) {
+    if (const char* status = moe_grouped_gemm_refusal(dtype, layout, groups, problems.data(), device, sms)) {
+      refusal = std::string("CUTLASS can_implement status: ") + status;
+    }
+  }
+  if (!refusal.empty()) {
+    refuse_cutlass(op, refusal, /*documented_path=*/like.scalar_type() == at::kFloat);
     for (GemmOperands& g : gemms) at::mm_out(g.d, g.a, g.b);
     return;
   }
@@ -125,9 +163,15 @@ void expert_gemms(const DeviceRouting& r, bool tensor_cores, GemmLayout layout, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tensor-core grouped GEMMs need 16-bit operands with 8-element (16-byte) aligned rows.
-bool tensor_core_shapes(const at::Tensor& x, const MoeShapes& s) {
-  return x.scalar_type() != at::kFloat && s.D % kGroupedGemmAlignment == 0 && s.F % kGroupedGemmAlignment == 0;
+// Tensor-core grouped GEMMs need 16-bit operands with 8-element (16-byte) aligned rows: empty
+// when x and the widths qualify, else the reason.
+std::string tensor_core_refusal(const at::Tensor& x, const MoeShapes& s) {
+  if (x.scalar_type() == at::kFloat) return "dtype: float32 operands (the grouped GEMM takes bfloat16 / float16)";
+  if (s.D % kGroupedGemmAlignment != 0 || s.F % kGroupedGemmAlignment != 0) {
+    return "alignment: D = " + std::to_string(s.D) + " and F = " + std::to_string(s.F) + " must be multiples of " +
+           std::to_string(kGroupedGemmAlignment);
+  }
+  return "";
 }
 
 void gather(const at::Tensor& src, const DeviceRouting& r, int64_t k, const float* scale, at::Tensor& dst,
@@ -176,13 +220,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_ffn_cuda(const at::Tensor& x_
   const MoeActivation act = parse_moe_activation(std::string(activation), op);
   const MoeShapes s =
       check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == MoeActivation::kSwiglu, op, true);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const CudaOpGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor x = x_in.contiguous(), weights = weights_in.contiguous(), indices = indices_in.contiguous();
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const DeviceRouting r = route(indices, s.E, op, stream);
   const int64_t N = s.T * s.k, V = r.num_valid();
-  const bool tc = tensor_core_shapes(x, s);
+  const std::string tc = tensor_core_refusal(x, s);
 
   at::Tensor hidden = at::empty({N, s.F1}, x.options());
   at::Tensor expert_out = at::empty({N, s.D}, x.options());
@@ -214,14 +258,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cuda
   const MoeShapes s =
       check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == MoeActivation::kSwiglu, op, true);
   check_moe_backward_inputs(grad_y_in, x_in, hidden_in, expert_out_in, s, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const CudaOpGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), weights = weights_in.contiguous();
   const at::Tensor indices = indices_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor hidden = hidden_in.contiguous(), expert_out = expert_out_in.contiguous();
   const DeviceRouting r = route(indices, s.E, op, stream);
   const int64_t V = r.num_valid();
-  const bool tc = tensor_core_shapes(x, s);
+  const std::string tc = tensor_core_refusal(x, s);
   const float* w = weights.data_ptr<float>();
 
   // grad of the routing weights: <dy[t], expert_out[row(t, j)]>, 0 for a dropped slot.

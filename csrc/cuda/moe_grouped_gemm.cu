@@ -2,7 +2,7 @@
 #include "cuda/moe_kernels.h"
 
 #define MOEDIFFUSEQ_DECLARE_GROUPED_GEMM(DTYPE, LAYOUT)                                                  \
-  bool moe_grouped_gemm_supported_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, int, int);         \
+  const char* moe_grouped_gemm_refusal_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, int, int);    \
   size_t moe_grouped_gemm_workspace_size_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, int, int); \
   const char* moe_grouped_gemm_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, void*, size_t, int, int, \
                                                   cudaStream_t);
@@ -29,12 +29,12 @@ MOEDIFFUSEQ_DECLARE_GROUPED_GEMM(kFloat16, kColRow)
                                        : FN##_kFloat16_kColRow(__VA_ARGS__);        \
   }
 
-bool moe_grouped_gemm_supported(DType dtype, GemmLayout layout, int groups, const GroupedGemmProblem* problems,
-                                int device, int sm_count) {
-  if (groups == 0) return true;
-  if (dtype == DType::kFloat32) return false;
-  MOEDIFFUSEQ_GROUPED_GEMM_CASES(moe_grouped_gemm_supported, groups, problems, device, sm_count)
-  return false;
+const char* moe_grouped_gemm_refusal(DType dtype, GemmLayout layout, int groups, const GroupedGemmProblem* problems,
+                                     int device, int sm_count) {
+  if (groups == 0) return nullptr;
+  if (dtype == DType::kFloat32) return "float32 operands";
+  MOEDIFFUSEQ_GROUPED_GEMM_CASES(moe_grouped_gemm_refusal, groups, problems, device, sm_count)
+  return "unknown layout";
 }
 
 size_t moe_grouped_gemm_workspace_size(DType dtype, GemmLayout layout, int groups,

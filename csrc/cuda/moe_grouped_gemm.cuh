@@ -162,12 +162,14 @@ struct MoeGroupedGemm {
     return shapes;
   }
 
-  // Whether CUTLASS takes these problems (alignment of every group's extents).
-  static bool supported(int groups, const GroupedGemmProblem* problems, int device, int sm_count) {
+  // nullptr when CUTLASS takes these problems (alignment of every group's extents), else the
+  // status can_implement returned.
+  static const char* refusal(int groups, const GroupedGemmProblem* problems, int device, int sm_count) {
     const Arrays arrays(groups);
     const std::vector<Shape> shapes = shapes_of(groups, problems);
     const auto args = arguments(groups, shapes.data(), nullptr, arrays, device, sm_count);
-    return Gemm::can_implement(args) == cutlass::Status::kSuccess;
+    const cutlass::Status status = Gemm::can_implement(args);
+    return status == cutlass::Status::kSuccess ? nullptr : cutlass::cutlassGetStatusString(status);
   }
 
   static size_t workspace_size(int groups, const GroupedGemmProblem* problems, int device, int sm_count) {
@@ -217,9 +219,9 @@ struct MoeGroupedGemm {
 // Explicit instantiation, one per file: MOEDIFFUSEQ_INSTANTIATE_GROUPED_GEMM(kBFloat16, kRowRow).
 #define MOEDIFFUSEQ_INSTANTIATE_GROUPED_GEMM(DTYPE, LAYOUT)                                            \
   namespace moediffuseq::cuda {                                                                       \
-  bool moe_grouped_gemm_supported_##DTYPE##_##LAYOUT(int groups, const GroupedGemmProblem* p,          \
-                                                     int device, int sm_count) {                      \
-    return MoeGroupedGemm<DType::DTYPE, GemmLayout::LAYOUT>::supported(groups, p, device, sm_count);  \
+  const char* moe_grouped_gemm_refusal_##DTYPE##_##LAYOUT(int groups, const GroupedGemmProblem* p,    \
+                                                          int device, int sm_count) {                 \
+    return MoeGroupedGemm<DType::DTYPE, GemmLayout::LAYOUT>::refusal(groups, p, device, sm_count);    \
   }                                                                                                   \
   size_t moe_grouped_gemm_workspace_size_##DTYPE##_##LAYOUT(int groups, const GroupedGemmProblem* p,  \
                                                             int device, int sm_count) {               \

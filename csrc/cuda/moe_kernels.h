@@ -29,10 +29,11 @@ cudaError_t launch_moe_activation_backward(const MoeActivationParams& p, cudaStr
 // moe_grouped_gemm_workspace_size: device bytes the run needs (problem, pointer and stride
 // arrays plus the CUTLASS workspace). moe_grouped_gemm: returns nullptr on success, else a
 // message naming the failed step.
-// moe_grouped_gemm_supported: whether the kernel takes the problems (float32: never; 16-bit:
-// the alignment rules above, checked by CUTLASS itself).
-bool moe_grouped_gemm_supported(DType dtype, GemmLayout layout, int groups, const GroupedGemmProblem* problems,
-                                int device, int sm_count);
+// moe_grouped_gemm_refusal: nullptr when the kernel takes the problems, else why not
+// (float32: always refused; 16-bit: the alignment rules above, checked by CUTLASS's
+// can_implement, whose status string is returned).
+const char* moe_grouped_gemm_refusal(DType dtype, GemmLayout layout, int groups, const GroupedGemmProblem* problems,
+                                     int device, int sm_count);
 size_t moe_grouped_gemm_workspace_size(DType dtype, GemmLayout layout, int groups,
                                        const GroupedGemmProblem* problems, int device, int sm_count);
 const char* moe_grouped_gemm(DType dtype, GemmLayout layout, int groups, const GroupedGemmProblem* problems,

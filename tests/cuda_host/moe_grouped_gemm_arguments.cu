@@ -63,11 +63,13 @@ void check_supported(const char* name) {
   using G = MoeGroupedGemm<kDType, kLayout>;
   const std::vector<int> rows = {1, 7, 300, 8191, 13};
   const auto good = moe_problems(kLayout, 2048, 4096, rows);
-  const bool ok = G::supported(static_cast<int>(good.size()), good.data(), 0, 132);
-  std::printf("%s: aligned MoE problems supported: %d\n", name, ok);
-  expect(ok, "aligned problems refused");
+  const char* refusal = G::refusal(static_cast<int>(good.size()), good.data(), 0, 132);
+  std::printf("%s: aligned MoE problems supported: %d\n", name, refusal == nullptr);
+  expect(refusal == nullptr, "aligned problems refused");
   const auto odd = moe_problems(kLayout, 2048, 4100 + 2, rows);  // F = 4102: rows of 8204 bytes
-  expect(!G::supported(static_cast<int>(odd.size()), odd.data(), 0, 132), "misaligned width accepted");
+  const char* odd_refusal = G::refusal(static_cast<int>(odd.size()), odd.data(), 0, 132);
+  std::printf("%s: misaligned width refused: %s\n", name, odd_refusal ? odd_refusal : "(accepted)");
+  expect(odd_refusal != nullptr, "misaligned width accepted");
   const size_t bytes = G::workspace_size(static_cast<int>(good.size()), good.data(), 0, 132);
   std::printf("%s: workspace %zu bytes\n", name, bytes);
   expect(bytes >= typename G::Arrays(static_cast<int>(good.size())).bytes, "workspace smaller than the arrays");
