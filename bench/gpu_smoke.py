@@ -307,7 +307,8 @@ def main() -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--op", choices=OPS, help="run this op only, in this process")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to run, each in its own process")
-    parser.add_argument("--jobs", type=int, default=None, help="processes at once (default: every op on cuda, 2 on cpu)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="processes at once (default: every op on cuda, 2 on cpu)")
     parser.add_argument("--op-timeout", type=float, default=120.0, help="seconds per op process")
     parser.add_argument("--sanitizer", action="store_true", help="run each op under compute-sanitizer memcheck")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)

@@ -142,8 +142,9 @@ def test_stage_selection_and_resumption(tmp_path):
 
 
 def test_the_summary_is_written_when_the_runner_is_stopped(tmp_path):
-    runner = subprocess.Popen([sys.executable, str(RUNNER)], env=runner_env(tmp_path, {"GPU_CHECK_FAKE": "smoke=hang"}),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = runner_env(tmp_path, {"GPU_CHECK_FAKE": "smoke=hang", "DEADLINE": "45"})
+    runner = subprocess.Popen([sys.executable, str(RUNNER)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     hang_pid = None
     for line in runner.stdout:
         if "[smoke] fake hang" in line:
@@ -175,7 +176,8 @@ def test_moe_bench_tells_the_cutlass_grouped_gemm_from_cublas_kernels():
             "GemmUniversal<>::Params)")
     mangled = "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalINS1_17GroupProblemShapeIN4cute5tupleIJiiiEEEEE"
     cublas = [
-        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
+        "__5x_cublas",
         "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT",
         "cutlass3x_sm90_tensorop_s64x128x16gemm_bf16_bf16_f32_bf16_bf16_128x128x64_1x1x1_0_tnn_align8_warpspecialized",
         "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(Params)",
