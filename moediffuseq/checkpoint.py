@@ -2,44 +2,117 @@
 
 A checkpoint is a directory: ``model/`` and ``ema/`` (safetensors weights + config.json, via
 ``MoEDiffuSeq.save_pretrained``), ``tokenizer.json``, ``trainer_state.pt`` (optimizer, LR
-schedule, step, data position, step sampler, every RNG state) and ``train_config.json``.
-It is written to a temporary directory and renamed into place, so a crash never leaves a
-half-written checkpoint: at worst the previous one survives (as ``<name>.old`` for a moment,
-which ``find_checkpoint`` also accepts).
+schedule, step, data position, step sampler, every RNG state), ``train_config.json`` and
+``step.json``. Every directory the trainer writes (checkpoints and the final ``model/``) is
+written to a temporary sibling ``.<name>.tmp-<pid>`` and renamed into place, so a crash never
+leaves a half-written one: at worst the previous one survives (as ``<name>.old`` for a moment,
+which ``find_checkpoint`` also accepts). Temporary directories left by a killed process are
+removed by the next write.
+
+With ``keep > 1`` the replaced checkpoints are kept as ``<name>-<step>`` (the newest ``keep - 1``
+of them); ``find_checkpoint`` falls back to the newest of these.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 STATE_FILE = "trainer_state.pt"
+STEP_FILE = "step.json"
 
 
-def save_checkpoint(directory: str | os.PathLike, write_contents) -> Path:
-    """Calls ``write_contents(tmp_dir)`` then swaps ``tmp_dir`` into ``directory``."""
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Removes ``.<name>.tmp-<pid>`` siblings of ``directory`` whose process is gone (or is this one)."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(directory.name)}\.tmp-(\d+)$")
+    if not directory.parent.is_dir():
+        return removed
+    for entry in directory.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and (int(match.group(1)) == os.getpid() or not _pid_alive(int(match.group(1)))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def history_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """The kept older checkpoints ``<name>-<step>`` next to ``directory``, oldest first."""
+    pattern = re.compile(rf"^{re.escape(directory.name)}-(\d+)$")
+    if not directory.parent.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.parent.iterdir() if (m := pattern.match(p.name))]
+    return sorted(found)
+
+
+def write_directory(directory: str | os.PathLike, write_contents: Callable[[Path], None], keep: int = 1) -> Path:
+    """Calls ``write_contents(tmp_dir)`` then swaps ``tmp_dir`` into ``directory``. With ``keep > 1``
+    the directory it replaces is kept as ``<name>-<its step>`` and the oldest beyond ``keep - 1``
+    such copies are removed."""
     directory = Path(directory)
+    remove_stale_temporaries(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_contents(tmp)
+    try:
+        write_contents(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
+        previous_step = checkpoint_step(directory) if keep > 1 else None
+        if previous_step is not None:
+            kept = directory.with_name(f"{directory.name}-{previous_step:08d}")
+            shutil.rmtree(kept, ignore_errors=True)
+            os.replace(directory, kept)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+    if keep > 1:
+        for _, path in history_dirs(directory)[:-(keep - 1)]:
+            shutil.rmtree(path, ignore_errors=True)
     return directory
 
 
+def save_checkpoint(directory: str | os.PathLike, write_contents: Callable[[Path], None], keep: int = 1) -> Path:
+    """A training checkpoint, written atomically (see ``write_directory``)."""
+    return write_directory(directory, write_contents, keep)
+
+
+def checkpoint_step(directory: Path) -> Optional[int]:
+    """The step recorded in a checkpoint's ``step.json`` (None when absent or unreadable)."""
+    try:
+        return int(json.loads((directory / STEP_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def find_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
-    """The complete checkpoint at ``directory`` (or its ``.old`` twin after an interrupted swap)."""
+    """The complete checkpoint at ``directory`` (or its ``.old`` twin after an interrupted swap,
+    or the newest kept ``<name>-<step>`` copy)."""
     directory = Path(directory)
-    for candidate in (directory, directory.with_name(directory.name + ".old")):
+    candidates = [directory, directory.with_name(directory.name + ".old")]
+    candidates += [p for _, p in reversed(history_dirs(directory))]
+    for candidate in candidates:
         if (candidate / STATE_FILE).is_file():
             return candidate
     return None
@@ -48,6 +121,7 @@ def find_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
 def write_state(directory: Path, state: dict[str, Any], train_config: dict) -> None:
     torch.save(state, directory / STATE_FILE)
     (directory / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
+    (directory / STEP_FILE).write_text(json.dumps({"step": int(state["step"])}) + "\n")
 
 
 def read_state(directory: Path) -> dict[str, Any]:

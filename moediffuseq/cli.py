@@ -20,6 +20,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -39,6 +41,31 @@ TRAIN_HELP = {
 }
 
 
+class CliError(Exception):
+    """A bad command line: printed as one ``error: ...`` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -46,35 +73,73 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _yaml_loader():
+    """A safe YAML loader that reads 1e-3 as a number (YAML 1.2), not as text (YAML 1.1)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
+
+
 def _load_config_file(path: Optional[str]) -> dict:
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"error: config file not found: {p}")
-    text = p.read_text()
+        raise CliError(f"--config: file not found: {p}")
+    is_yaml = p.suffix in (".yaml", ".yml")
     try:
-        if p.suffix in (".yaml", ".yml"):
+        text = p.read_text(encoding="utf-8-sig")
+        if is_yaml:
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_yaml_loader()) or {}
         else:
             data = json.loads(text)
     except Exception as e:
-        raise SystemExit(f"error: {p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}")
+        message = " ".join(str(e).split())
+        raise CliError(f"--config: {p} is not valid {'YAML' if is_yaml else 'JSON'}: {message}") from None
     if not isinstance(data, dict) or set(data) - {"preset", "model", "train"}:
-        raise SystemExit(f"error: {p}: expected a mapping with keys preset, model, train; got "
-                         f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        raise CliError(f"--config: {p}: expected a mapping with keys preset, model, train; got "
+                       f"{sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__}")
+    for section in ("model", "train"):
+        if not isinstance(data.get(section) or {}, dict):
+            raise CliError(f"--config: {p}: the {section} section must be a mapping, got "
+                           f"{type(data[section]).__name__}")
     return data
 
 
 def _device(name: str) -> str:
+    """The device to run on: ``auto`` is the local GPU when there is one, else the CPU. A CUDA
+    device that is not there is an error, before any work."""
     import torch
 
     if name == "auto":
         if torch.cuda.is_available():
             return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         return "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {name!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise CliError(f"--device {name!r}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise CliError(f"--device {name!r}: no CUDA device is available here (use --device cpu or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
@@ -85,9 +150,9 @@ def _data_dir(spec: str, rebuild: bool = False) -> Path:
         return build_corpus(spec, rebuild=rebuild)
     path = Path(spec)
     if not path.is_dir():
-        raise SystemExit(f"error: --data {spec!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor a directory")
+        raise CliError(f"--data {spec!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor a directory")
     if not (path / "train.jsonl").is_file():
-        raise SystemExit(f"error: {path} has no train.jsonl")
+        raise CliError(f"--data: {path} has no train.jsonl")
     return path
 
 
@@ -102,14 +167,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model preset (default: tiny)")
     p.add_argument("--config", help="YAML or JSON file with preset / model / train sections")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model field")
-    p.add_argument("--seq-len", type=int, help="sequence length L (the model's max_len)")
+    p.add_argument("--seq-len", type=_int_at_least(5), help="sequence length L (the model's max_len)")
     p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the training split)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of a trained tokenizer")
+    p.add_argument("--vocab-size", type=_int_at_least(5), default=8192, help="vocabulary size of a trained tokenizer")
     p.add_argument("--tokenizer-kind", default="bpe", choices=["bpe", "wordpiece"])
-    p.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
+    p.add_argument("--max-train-examples", type=_int_at_least(1), help="use only the first N training examples")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and report) malformed jsonl lines")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT (from OUT/checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are deleted)")
+    p.add_argument("--allow-change", action="store_true",
+                   help="with --resume: continue with a configuration that differs from the run's")
     group = p.add_argument_group("training (override the config file's train section)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -122,45 +190,178 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                                help=f"{TRAIN_HELP.get(f.name, '')} (default {f.default})")
 
 
+# model fields that the tokenizer decides
+TOKENIZER_FIELDS = ("vocab_size", "pad_id", "special_ids")
+
+
 def train_configs(args: argparse.Namespace, vocab_size: int, special, device: str = "cpu") -> tuple[Any, Any]:
     """The model and training configs from the preset, the config file and the flags (in that
     order of precedence, last wins). bf16 autocast defaults to on for a CUDA device, where the
-    attention kernels run in bf16/fp16 only."""
+    attention kernels run in bf16/fp16 only. A bad value is a ``CliError`` naming where it came
+    from (the flag, ``--set`` or the config file) and the field."""
+    from moediffuseq.fields import ConfigError
     from moediffuseq.model import MoEDiffuSeqConfig
     from moediffuseq.train import TrainConfig
 
     file_cfg = _load_config_file(args.config)
     preset = args.preset or file_cfg.get("preset", "tiny")
-    model_fields = dict(file_cfg.get("model") or {})
+    file_model = dict(file_cfg.get("model") or {})
+    file_train = dict(file_cfg.get("train") or {})
+    set_fields = {}
     for item in args.set:
         if "=" not in item:
-            raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
+            raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        model_fields[key.strip()] = _parse_value(value)
-    if args.seq_len:
+        set_fields[key.strip()] = _parse_value(value)
+    for where, names in ((f"--config {args.config}: model.", file_model), ("--set ", set_fields)):
+        for key in names:
+            if key in TOKENIZER_FIELDS:
+                raise CliError(f"{where}{key}: set by the tokenizer, not a model option (use --vocab-size to "
+                               "size a trained tokenizer, or --tokenizer)")
+    model_fields = {**file_model, **set_fields}
+    if args.seq_len is not None:
         model_fields["max_len"] = args.seq_len
     model_fields.update(vocab_size=vocab_size, pad_id=special.pad, special_ids=(special.cls, special.sep))
-    train_fields = dict(file_cfg.get("train") or {})
-    train_fields.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
+    flags = {k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
+    train_fields = {**file_train, **flags}
+    unknown = sorted(set(train_fields) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CliError(f"--config {args.config}: unknown train fields {unknown}")
     if device.startswith("cuda"):
         train_fields.setdefault("bf16", True)
+
+    def where(field: str, section: str) -> str:
+        if section == "train" and field in flags:
+            return "--" + field.replace("_", "-")
+        if section == "model" and field in set_fields:
+            return f"--set {field}"
+        if section == "model" and field == "max_len" and args.seq_len is not None:
+            return "--seq-len"
+        if field in (file_model if section == "model" else file_train):
+            return f"--config {args.config}: {section}.{field}"
+        return f"preset {preset}: {field}" if section == "model" else field
+
     try:
-        return MoEDiffuSeqConfig.preset(preset, **model_fields), TrainConfig(**train_fields)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: bad configuration: {e}")
+        model_cfg = MoEDiffuSeqConfig.preset(preset, **model_fields)
+    except ConfigError as e:
+        raise CliError(f"{where(e.field, 'model')}: {e}") from None
+    except ValueError as e:
+        raise CliError(f"bad model configuration: {e}") from None
+    try:
+        train_cfg = TrainConfig(**train_fields)
+    except ConfigError as e:
+        raise CliError(f"{where(e.field, 'train')}: {e}") from None
+    return model_cfg, train_cfg
+
+
+RUN_FILE = "run_config.json"  # the resolved configuration of a run, written when it starts
+
+
+def _run_files(out: Path, keep: Optional[Path] = None) -> list[Path]:
+    """The files and directories of a training run in ``out`` (what --overwrite deletes)."""
+    if not out.is_dir():
+        return []
+    names = {RUN_FILE, "tokenizer.json", "metrics.csv", "metrics.csv.tmp", "loss.png", "loss.png.tmp",
+             "tensorboard", "checkpoint", "checkpoint.old", "model", "model.old"}
+    pattern = re.compile(r"^(checkpoint-\d+|\.checkpoint\.tmp-\d+|\.model\.tmp-\d+)$")
+    found = [p for p in sorted(out.iterdir()) if p.name in names or pattern.match(p.name)]
+    return [p for p in found if keep is None or p.resolve() != keep.resolve()]
+
+
+def _check_out(args: argparse.Namespace, out: Path) -> list[Path]:
+    """Refuses to train into a run that --resume or --overwrite does not name; returns the run's files."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a directory")
+    if args.resume and args.overwrite:
+        raise CliError("--resume and --overwrite exclude each other")
+    if args.allow_change and not args.resume:
+        raise CliError("--allow-change goes with --resume")
+    existing = _run_files(out, keep=Path(args.tokenizer) if args.tokenizer else None)
+    if args.resume:
+        from moediffuseq.checkpoint import find_checkpoint
+
+        if not (out / RUN_FILE).is_file() and find_checkpoint(out / "checkpoint") is None:
+            raise CliError(f"--resume: {out} holds no run to resume (no {RUN_FILE}, no checkpoint); "
+                           "start it without --resume")
+    elif existing and not args.overwrite:
+        raise CliError(f"--out {out} already holds a training run ({', '.join(p.name for p in existing[:4])}); "
+                       "pass --resume to continue it or --overwrite to replace it")
+    return existing
+
+
+def _data_record(args: argparse.Namespace, data_dir: Path) -> dict:
+    return {"data": args.data if args.data in CORPORA else str(data_dir.resolve()),
+            "max_train_examples": args.max_train_examples, "skip_bad_lines": args.skip_bad_lines,
+            "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer
+            else f"trained {args.tokenizer_kind}, vocab_size {args.vocab_size}"}
+
+
+def _changes(before: dict, now: dict) -> list[str]:
+    from moediffuseq.train import NON_RESULT_FIELDS
+
+    out = []
+    for section in ("data", "model", "train"):
+        old, new = before.get(section) or {}, now[section]
+        for key in sorted(set(old) | set(new)):
+            if section == "train" and key in NON_RESULT_FIELDS:
+                continue
+            a, b = old.get(key), new.get(key)
+            if isinstance(a, list):
+                a = tuple(a)
+            if isinstance(b, list):
+                b = tuple(b)
+            if a != b:
+                out.append(f"{key} ({old.get(key)!r} -> {new.get(key)!r})")
+    return out
+
+
+def _previous_config(out: Path) -> Optional[dict]:
+    """The run's resolved configuration: run_config.json, or for a run without one, its checkpoint's."""
+    from moediffuseq.checkpoint import find_checkpoint
+
+    path = out / RUN_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise CliError(f"--resume: {path} is corrupt: {e}") from None
+    directory = find_checkpoint(out / "checkpoint")
+    try:
+        return {"train": json.loads((directory / "train_config.json").read_text()),
+                "model": json.loads((directory / "model" / "config.json").read_text())}
+    except (OSError, ValueError) as e:
+        raise CliError(f"--resume: {directory} has no readable configuration: {e}") from None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def cmd_train(args: argparse.Namespace) -> Path:
+    """Trains into ``--out``. A fresh run writes OUT/run_config.json (the resolved model, training
+    and data configuration) before anything else; ``--resume`` compares this command's resolved
+    configuration with it (a change is an error naming the fields, unless --allow-change)."""
     import torch
     import torch.distributed as dist
 
+    from moediffuseq.checkpoint import find_checkpoint
     from moediffuseq.data import Seq2SeqDataset, TextTokenizer, read_jsonl, split_path
+    from moediffuseq.data.tokenizer import SpecialIds
     from moediffuseq.model import MoEDiffuSeq
     from moediffuseq.train import DistributedContext, Trainer
 
     device = _device(args.device)
-    ctx = DistributedContext.from_environment(torch.device(device))
     out = Path(args.out)
+    existing = _check_out(args, out)
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise CliError(f"--tokenizer: file not found: {args.tokenizer}")
+    train_configs(args, args.vocab_size, SpecialIds(0, 1, 2, 3), device)  # every value checked before any work
+    ctx = DistributedContext.from_environment(torch.device(device))
+    if args.overwrite and ctx.is_main:
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     data_dir = _data_dir(args.data) if ctx.is_main else None
     if ctx.world_size > 1:  # the corpus is built once, by the main process
         holder = [str(data_dir)]
@@ -171,20 +372,41 @@ def cmd_train(args: argparse.Namespace) -> Path:
     valid_path = split_path(data_dir, "valid")
     valid_examples = read_jsonl(valid_path, on_error).examples if valid_path.is_file() else None
 
-    saved_tok = out / "checkpoint" / "tokenizer.json"
-    if args.resume and saved_tok.is_file():
-        tokenizer = TextTokenizer.load(saved_tok)
+    checkpoint = find_checkpoint(out / "checkpoint") if args.resume else None
+    run_tok = out / "tokenizer.json"
+    if checkpoint is not None and (checkpoint / "tokenizer.json").is_file():
+        tokenizer = TextTokenizer.load(checkpoint / "tokenizer.json")
+    elif args.resume and run_tok.is_file():
+        tokenizer = TextTokenizer.load(run_tok)
     elif args.tokenizer:
         tokenizer = TextTokenizer.load(args.tokenizer)
     else:
-        tok_path = out / "tokenizer.json"
+        tokenizer = None
         if ctx.is_main:
-            TextTokenizer.train((t for e in train_examples for t in (e.src, e.trg)), args.vocab_size,
-                                args.tokenizer_kind).save(out)
-        if ctx.world_size > 1:
-            dist.barrier()
-        tokenizer = TextTokenizer.load(tok_path)
+            tokenizer = TextTokenizer.train((t for e in train_examples for t in (e.src, e.trg)), args.vocab_size,
+                                            args.tokenizer_kind)
+    if ctx.world_size > 1:
+        holder = [tokenizer.tokenizer.to_str() if ctx.is_main else None]
+        dist.broadcast_object_list(holder, src=0)
+        if not ctx.is_main:
+            from tokenizers import Tokenizer
+
+            tokenizer = TextTokenizer(Tokenizer.from_str(holder[0]))
     model_cfg, train_cfg = train_configs(args, tokenizer.vocab_size, tokenizer.special, device)
+    resolved = {"data": _data_record(args, data_dir), "model": dataclasses.asdict(model_cfg),
+                "train": dataclasses.asdict(train_cfg)}
+    if args.resume:
+        changes = _changes(_previous_config(out), resolved)
+        if changes and not args.allow_change:
+            raise CliError(f"--resume: this command changes the run's configuration: {', '.join(changes)}; "
+                           "repeat the run's options, or pass --allow-change to continue with the new values")
+        if changes and ctx.is_main:
+            print(f"--allow-change: continuing with {', '.join(changes)}")
+    if ctx.is_main and (not args.resume or args.allow_change or not (out / RUN_FILE).is_file()):
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / RUN_FILE, resolved)
+    if ctx.is_main and not run_tok.is_file():
+        tokenizer.save(out)
     torch.manual_seed(train_cfg.seed)
     model = MoEDiffuSeq(model_cfg)
     train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len)
@@ -196,10 +418,14 @@ def cmd_train(args: argparse.Namespace) -> Path:
         print(f"model: {n_params / 1e6:.2f} M parameters, {model_cfg.n_layers} layers x {model_cfg.d_model}, "
               f"attention={model_cfg.attention}, ffn={model_cfg.ffn}; device {device}, {ctx.world_size} process(es), "
               f"{'bf16 autocast' if train_cfg.bf16 else 'fp32'}")
+        if args.resume and checkpoint is None:
+            print(f"--resume: no checkpoint in {out} yet: the run starts again from step 0")
     trainer = Trainer(model, tokenizer, train_set, valid_set, train_cfg, out, device)
-    model_dir = trainer.fit(resume=args.resume)
+    model_dir = trainer.fit(resume=checkpoint is not None, allow_change=args.allow_change)
     if ctx.is_main:
-        print(f"model: {model_dir}\nmetrics: {out / 'metrics.csv'}\nloss plot: {out / 'loss.png'}")
+        print(f"model: {model_dir}\nmetrics: {out / 'metrics.csv'}")
+        if (out / "loss.png").is_file():
+            print(f"loss plot: {out / 'loss.png'}")
     return model_dir
 
 
@@ -213,14 +439,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="a jsonl file or <corpus>:<split>, e.g. pycode:test")
     p.add_argument("--output", required=True, help="jsonl with source, reference, hypothesis, candidates")
     p.add_argument("--sampler", default="dpm++", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=10, help="sampling steps (default 10)")
-    p.add_argument("--mbr", type=int, default=1, help="samples per source; output is their MBR choice")
+    p.add_argument("--steps", type=_int_at_least(1), default=10, help="sampling steps (default 10)")
+    p.add_argument("--mbr", type=_int_at_least(1), default=1, help="samples per source; output is their MBR choice")
     p.add_argument("--clamp", action="store_true", help="round x0 predictions to the nearest embedding")
-    p.add_argument("--early-stop", type=int, default=0, help="stop when tokens are unchanged this many steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--target-len", type=int, help="target token budget for source truncation")
-    p.add_argument("--limit", type=int, help="only the first N examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--early-stop", type=_int_at_least(0), default=0,
+                   help="stop when tokens are unchanged this many steps")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16,
+                   help="sources per batch; the noise is drawn per batch, so outputs depend on it (and --seed)")
+    p.add_argument("--target-len", type=_int_at_least(1), help="target token budget for source truncation")
+    p.add_argument("--limit", type=_int_at_least(1), help="only the first N examples")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype of the model (default: bf16 on CUDA, "
                    "whose attention kernels need bf16 or fp16; fp32 on CPU)")
@@ -232,34 +460,68 @@ def _input_path(spec: str) -> Path:
 
     if ":" in spec and spec.split(":", 1)[0] in CORPORA:
         corpus, split = spec.split(":", 1)
-        return split_path(_data_dir(corpus), split)
-    return Path(spec)
+        try:
+            return split_path(_data_dir(corpus), split)
+        except ValueError as e:
+            raise CliError(f"--input {spec!r}: {e}") from None
+    path = Path(spec)
+    if path.is_dir():
+        raise CliError(f"--input {path} is a directory, not a jsonl file")
+    return path
+
+
+def _check_output(output: Path, inputs: Sequence[Path], flag: str = "--output") -> None:
+    """An output file must not be a directory nor one of the inputs (it would be overwritten)."""
+    if output.is_dir():
+        raise CliError(f"{flag} {output} is a directory, not a file")
+    for path in inputs:
+        if output.exists() and path.exists() and os.path.samefile(output, path):
+            raise CliError(f"{flag} {output} is also an input: it would be overwritten; write elsewhere")
 
 
 def cmd_generate(args: argparse.Namespace) -> Path:
     from moediffuseq.diffusion.samplers import SamplerConfig
     from moediffuseq.generate import GenerationConfig, generate_file
 
+    device = _device(args.device)
+    model_dir = Path(args.model)
+    output = Path(args.output)
+    input_path = _input_path(args.input)
+    _check_output(output, [input_path])
     cfg = GenerationConfig(SamplerConfig(args.sampler, args.steps, args.clamp, args.early_stop), args.mbr,
                            args.batch_size, args.target_len, args.seed, args.dtype)
-    n = generate_file(args.model, _input_path(args.input), args.output, cfg, _device(args.device), args.limit,
-                      args.skip_bad_lines)
-    print(f"wrote {n} generations to {args.output}")
-    return Path(args.output)
+    n = generate_file(model_dir, input_path, output, cfg, device, args.limit, args.skip_bad_lines)
+    print(f"wrote {n} generations to {output}")
+    return output
 
 
 # ---------------------------------------------------------------------------------- evaluate
 
+def _system_names(paths: Sequence[str]) -> list[str]:
+    """The file stems, or the paths as given where two stems are the same."""
+    stems = [Path(p).stem for p in paths]
+    names = [stem if stems.count(stem) == 1 else p for stem, p in zip(stems, paths)]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise CliError(f"evaluate: {paths[i]} is given twice")
+    return names
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from moediffuseq.evaluate import evaluate_texts, format_table, read_generations
 
+    names = _system_names(args.generations)
+    if args.json:
+        _check_output(Path(args.json), [Path(p) for p in args.generations], "--json")
     rows = {}
-    for path in args.generations:
+    for name, path in zip(names, args.generations):
         _, refs, hyps, cands = read_generations(path)
-        rows[Path(path).stem] = evaluate_texts(hyps, refs, cands)
+        rows[name] = evaluate_texts(hyps, refs, cands)
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, rows)
         print(f"metrics: {args.json}")
     return rows
 
@@ -282,8 +544,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moediffuseq", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="moediffuseq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="train a model on a corpus (torchrun for data-parallel)")
     add_train_args(p)
@@ -306,13 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command. Bad input (a flag's value, a file, a configuration, a diverged run) ends
+    with one ``error: ...`` line on stderr and exit status 2; Ctrl-C with 130."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CliError, OSError, ValueError, FloatingPointError) as e:
+        message = " ".join(line.strip() for line in str(e).splitlines())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,20 +20,24 @@ DEMO_MODEL = ["--set", "mse_target_only=true", "--set", "dropout=0.0"]
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
+    from moediffuseq.cli import _int_at_least
+
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--steps", type=int, default=DEMO_TRAIN["steps"], help="training steps")
-    p.add_argument("--seq-len", type=int, default=64, help="sequence length")
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--test-examples", type=int, default=200, help="held-out functions to generate for")
-    p.add_argument("--mbr", type=int, default=10, help="samples per source for MBR decoding (DiffuSeq: 10)")
+    p.add_argument("--steps", type=_int_at_least(1), default=DEMO_TRAIN["steps"], help="training steps")
+    p.add_argument("--seq-len", type=_int_at_least(5), default=64, help="sequence length")
+    p.add_argument("--vocab-size", type=_int_at_least(5), default=2048)
+    p.add_argument("--test-examples", type=_int_at_least(1), default=200, help="held-out functions to generate for")
+    p.add_argument("--mbr", type=_int_at_least(1), default=10, help="samples per source for MBR decoding (DiffuSeq: 10)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the demo's training run in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo's run in OUT")
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
     import torch
 
-    from moediffuseq.cli import build_parser, cmd_train
+    from moediffuseq.cli import CliError, _device, build_parser, cmd_train
     from moediffuseq.data import TextTokenizer, build_corpus, read_jsonl, split_path
     from moediffuseq.diffusion.samplers import SamplerConfig
     from moediffuseq.evaluate import evaluate_texts, format_table
@@ -42,6 +46,9 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a directory")
+    _device(args.device)
 
     def stamp(what: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f} s] {what}", flush=True)
@@ -58,6 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         argv += [f"--{key.replace('_', '-')}", str(value)]
     if args.no_progress:
         argv.append("--no-progress")
+    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
     model_dir = cmd_train(build_parser().parse_args(argv))
     stamp(f"trained: {model_dir}")
 
@@ -95,6 +103,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     for i in range(3):
         print(f"\nexample {i + 1}\n  reference: {references[i]}\n  generated: {systems['MoE-DiffuSeq tiny (trained)'][i]}")
     print(f"\nthe trained model beats both baselines on BLEU and ROUGE-L: {'yes' if learned else 'NO'}")
-    print(f"loss plot: {out / 'loss.png'}\nresults: {out / 'demo_results.md'}\n"
+    if (out / "loss.png").is_file():
+        print(f"loss plot: {out / 'loss.png'}")
+    print(f"results: {out / 'demo_results.md'}\n"
           f"total time: {time.perf_counter() - start:.0f} s")
     return rows

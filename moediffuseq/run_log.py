@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 from pathlib import Path
@@ -13,17 +14,20 @@ FIELDS = ("step", "split", "loss", "mse", "nll", "prior", "aux", "lr", "grad_nor
 
 
 class RunLog:
-    """Appends rows to ``metrics.csv``; on resume, rows after the resumed step are dropped."""
+    """Appends rows to ``metrics.csv``; on resume, rows after the resumed step are dropped (the
+    file is rewritten atomically, and a row cut short by a killed process is ignored)."""
 
     def __init__(self, out_dir: str | os.PathLike, resume_step: Optional[int] = None, tensorboard: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.csv"
         rows = self.read() if resume_step is not None and self.path.is_file() else []
         rows = [r for r in rows if int(r["step"]) <= (resume_step or 0)]
-        with self.path.open("w", newline="") as f:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, self.path)
         self.writer = None
         if tensorboard:
             try:
@@ -46,8 +50,24 @@ class RunLog:
                     self.writer.add_scalar(f"{split}/{key}", value, step)
 
     def read(self) -> list[dict]:
+        """The complete rows (a last line cut short by a kill has missing fields and is left out)."""
         with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
+            text = f.read()
+        if text and not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        rows = []
+        for row in csv.DictReader(io.StringIO(text, newline="")):
+            if None in row.values() or None in row:
+                continue
+            try:
+                int(row["step"])
+            except ValueError:
+                continue
+            rows.append(row)
+        return rows
+
+    def has_row(self, step: int, split: str) -> bool:
+        return any(int(r["step"]) == step and r["split"] == split for r in self.read())
 
     def plot(self) -> Optional[Path]:
         """loss.png: training loss (raw and smoothed) and validation loss against the step."""
@@ -80,8 +100,10 @@ class RunLog:
         ax.legend()
         fig.tight_layout()
         path = self.out_dir / "loss.png"
-        fig.savefig(path)
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, format="png")
         plt.close(fig)
+        os.replace(tmp, path)
         return path
 
     def close(self) -> None:

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moediffuseq.checkpoint import find_checkpoint, read_state, save_checkpoint, write_state
+from moediffuseq import fields
+from moediffuseq.checkpoint import (checkpoint_step, find_checkpoint, read_state, save_checkpoint, write_directory,
+                                    write_state)
 from moediffuseq.data import Seq2SeqDataset, TextTokenizer
 from moediffuseq.data.dataset import BatchStream
 from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make_timestep_sampler
@@ -54,19 +58,78 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 500          # validation loss and sample BLEU (0: only at the end)
-    eval_batches: int = 4
-    bleu_examples: int = 32        # validation sources generated for the sample BLEU
+    eval_batches: int = 4          # validation loss batches (0: no validation loss)
+    bleu_examples: int = 32        # validation sources generated for the sample BLEU (0: off)
     save_every: int = 1000         # checkpoint period in steps (0: only at the end and on Ctrl-C)
+    keep_checkpoints: int = 1      # checkpoints kept: the latest and the N - 1 before it
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr_decay not in ("linear", "cosine", "constant"):
-            raise ValueError(f"lr_decay must be linear, cosine or constant, got {self.lr_decay!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            fields.integer(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "seed", "eval_every", "eval_batches", "bleu_examples", "save_every"):
+            fields.integer(name, getattr(self, name), 0)
+        fields.number("lr", self.lr, 0.0, above=True)
+        fields.number("weight_decay", self.weight_decay, 0.0)
+        fields.number("clip_grad", self.clip_grad, 0.0)
+        fields.number("ema_decay", self.ema_decay, 0.0, 1.0, below=True)
+        fields.choice("lr_decay", self.lr_decay, ("linear", "cosine", "constant"))
+        fields.choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        fields.boolean("bf16", self.bf16)
+        fields.boolean("progress", self.progress)
+
+
+TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
+
+# fields that change neither the numbers of a run nor its outputs: free to change on --resume
+NON_RESULT_FIELDS = ("progress", "keep_checkpoints")
+
+
+class Diverged(FloatingPointError):
+    """The loss, the gradient or the weights became non-finite: the run stops before a bad
+    state reaches a checkpoint."""
+
+
+def _is_non_finite_error(error: RuntimeError) -> bool:
+    """The fused ops refuse NaN/inf inputs with a message naming them (e.g. moe_topk_softmax)."""
+    return "NaN" in str(error)
+
+
+class _HeldInterrupts:
+    """Ctrl-C (SIGINT) while the training state is being changed (a step, a checkpoint write) is
+    held until that change is complete and then raised as KeyboardInterrupt, so that the state a
+    Ctrl-C checkpoint saves is always that of a completed step. A second Ctrl-C while one is held
+    interrupts at once (the state is then not saved)."""
+
+    def __init__(self) -> None:
+        self.depth, self.pending, self.previous = 0, False, None
+
+    def __enter__(self) -> "_HeldInterrupts":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.depth and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -149,6 +212,9 @@ class Trainer:
         self.step = 0
         self._rng_after_step = self._rng_state()
         self.log: Optional[RunLog] = None
+        self._saved_step: Optional[int] = None  # step of the latest checkpoint written or resumed from
+        self._in_step = False                   # True while a step is changing the training state
+        self._interrupts = _HeldInterrupts()
 
     # ----------------------------------------------------------------------------------- state
     def _rng_state(self) -> dict:
@@ -166,9 +232,14 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def save(self) -> Optional[Path]:
-        """Writes the checkpoint of the last completed step (main process only)."""
+        """Writes the checkpoint of the last completed step (main process only), once the model
+        has passed ``check_healthy``: a diverged state never replaces a good checkpoint."""
+        if self._in_step:
+            raise RuntimeError("Trainer.save: the state is in the middle of a step")
         if not self.dist.is_main:
+            self._saved_step = self.step
             return None
+        self.check_healthy()
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(), "stream": self.stream.state_dict(),
                  "step_sampler": self.step_sampler.state_dict(), "rng": self._rng_after_step}
@@ -179,19 +250,31 @@ class Trainer:
             self.tokenizer.save(tmp)
             write_state(tmp, state, dataclasses.asdict(self.cfg))
 
-        return save_checkpoint(self.out_dir / "checkpoint", write)
+        with self._interrupts.held():
+            path = save_checkpoint(self.out_dir / "checkpoint", write, keep=self.cfg.keep_checkpoints)
+        self._saved_step = self.step
+        self._set_rng_state(self._rng_after_step)
+        return path
 
-    def resume(self) -> int:
-        """Loads ``out_dir/checkpoint``; returns the step it continues from."""
+    def resume(self, allow_change: bool = False) -> int:
+        """Loads ``out_dir/checkpoint``; returns the step it continues from. The checkpoint's model
+        config must equal this run's unless ``allow_change`` (the weights must still fit)."""
         directory = find_checkpoint(self.out_dir / "checkpoint")
         if directory is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out_dir / 'checkpoint'}")
         state = read_state(directory)
         for target, name in ((self.model, "model"), (self.ema, "ema")):
             loaded = MoEDiffuSeq.from_pretrained(directory / name, map_location=str(self.device))
-            if dataclasses.asdict(loaded.config) != dataclasses.asdict(self.model.config):
-                raise ValueError(f"{directory / name}: the checkpoint's model config differs from this run's")
-            target.load_state_dict(loaded.state_dict())
+            old, new = dataclasses.asdict(loaded.config), dataclasses.asdict(self.model.config)
+            changed = [k for k in new if old.get(k) != new[k]]
+            if changed and not allow_change:
+                raise ValueError(f"{directory / name}: the checkpoint's model config differs from this run's in "
+                                 f"{', '.join(f'{k} ({old.get(k)!r} -> {new[k]!r})' for k in changed)}")
+            try:
+                target.load_state_dict(loaded.state_dict())
+            except RuntimeError as e:
+                raise ValueError(f"{directory / name}: the checkpoint's weights do not fit this run's model "
+                                 f"config: {str(e).splitlines()[-1].strip()}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.stream.load_state_dict(state["stream"])
@@ -199,40 +282,94 @@ class Trainer:
         self.step = int(state["step"])
         self._rng_after_step = state["rng"]
         self._set_rng_state(state["rng"])
+        self._saved_step = self.step
         return self.step
+
+    # ---------------------------------------------------------------------------------- health
+    @torch.no_grad()
+    def check_healthy(self) -> None:
+        """Raises ``Diverged`` unless the weights (and their EMA) are finite and the loss of the
+        current weights on a fixed probe batch is finite (weights can be finite yet so large that
+        every forward overflows)."""
+        for model, what in ((self.model, "weights"), (self.ema, "EMA weights")):
+            bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                raise Diverged(f"step {self.step}: the {what} hold NaN or inf (in {', '.join(bad[:3])})")
+        was_training = self.model.training
+        self.model.eval()
+        n = min(len(self.train_set), self.cfg.batch_size)
+        batch = self.train_set.batch(torch.arange(n)).to(self.device)
+        t = torch.linspace(0, self.schedule.num_steps - 1, n).long().to(self.device)
+        try:
+            with self._autocast():
+                loss = float(diffusion_loss(self.model, self.schedule, batch.input_ids, batch.target_mask, t,
+                                            generator=torch.Generator(device=self.device).manual_seed(0)).loss)
+        except RuntimeError as e:
+            if not _is_non_finite_error(e):
+                raise
+            raise Diverged(f"step {self.step}: the model fails on a probe batch ({e})") from None
+        finally:
+            self.model.train(was_training)
+        if not math.isfinite(loss):
+            raise Diverged(f"step {self.step}: the loss of the weights on a probe batch is {loss}")
+
+    def _weights_finite(self) -> bool:
+        params = [p.detach() for p in self.model.parameters()]
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, ord=math.inf))).all())
+
+    def last_good_checkpoint(self) -> str:
+        directory = find_checkpoint(self.out_dir / "checkpoint")
+        if directory is None:
+            return "no checkpoint was written"
+        step = checkpoint_step(directory)
+        return f"the last good checkpoint is {directory}" + (f" (step {step})" if step is not None else "")
 
     # -------------------------------------------------------------------------------- training
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics. Raises
+        ``Diverged`` (the state then is that of a step cut short) when the loss or the gradient
+        is non-finite, or the update made the weights non-finite."""
         cfg = self.cfg
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self._in_step = True
+        number = self.step + 1
         sums = {"loss": 0.0, "mse": 0.0, "nll": 0.0, "prior": 0.0, "aux": 0.0}
         for micro in range(cfg.grad_accum):
             batch = self.train_set.batch(self.stream.next()).to(self.device)
             t, weights = self.step_sampler.sample(batch.input_ids.shape[0], generator=self.gen_cpu)
             sync = micro == cfg.grad_accum - 1 or self.dist.world_size == 1
-            with (contextlib.nullcontext() if sync else self.objective.no_sync()), self._autocast():
-                terms = self.objective(batch.input_ids, batch.target_mask, t.to(self.device),
-                                       weights.to(self.device), self.gen_dev)
+            try:
+                with (contextlib.nullcontext() if sync else self.objective.no_sync()), self._autocast():
+                    terms = self.objective(batch.input_ids, batch.target_mask, t.to(self.device),
+                                           weights.to(self.device), self.gen_dev)
+            except RuntimeError as e:
+                if not _is_non_finite_error(e):
+                    raise
+                raise Diverged(f"step {number}: the forward pass failed on non-finite values ({e})") from None
             (terms.loss / cfg.grad_accum).backward()
             self._update_step_sampler(t, terms.per_example)
             for key in sums:
                 value = terms.loss if key == "loss" else getattr(terms, key)
                 sums[key] += float(value.detach().float().mean()) / cfg.grad_accum
         if not math.isfinite(sums["loss"]):
-            raise FloatingPointError(f"step {self.step}: the loss is {sums['loss']}; lower the learning rate or "
-                                     "turn on gradient clipping")
+            raise Diverged(f"step {number}: the loss is {sums['loss']}; lower the learning rate or turn on "
+                           "gradient clipping")
         max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            raise Diverged(f"step {number}: the gradient norm is {grad_norm}")
         self.optimizer.step()
         self.lr_schedule.step()
+        if not self._weights_finite():
+            raise Diverged(f"step {number}: the update made the weights non-finite; lower the learning rate")
         self._update_ema()
         self.step += 1
         self._rng_after_step = self._rng_state()
+        self._in_step = False
         return {**sums, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _update_step_sampler(self, t: Tensor, losses: Tensor) -> None:
@@ -258,7 +395,7 @@ class Trainer:
     def validation_loss(self) -> Optional[float]:
         """Mean loss of the current weights on the first ``eval_batches`` validation batches,
         with fixed steps and noise so that values are comparable across the run."""
-        if self.valid_set is None:
+        if self.valid_set is None or self.cfg.eval_batches == 0:
             return None
         self.model.eval()
         g = torch.Generator(device=self.device).manual_seed(12345)
@@ -290,10 +427,17 @@ class Trainer:
         return self.train_set.target_length_quantile(0.5)
 
     # ------------------------------------------------------------------------------------ loop
-    def fit(self, resume: bool = False) -> Path:
-        """Trains to ``cfg.steps``; returns the directory of the final (EMA) model."""
+    def fit(self, resume: bool = False, allow_change: bool = False) -> Path:
+        """Trains to ``cfg.steps``; returns the directory of the final (EMA) model.
+
+        The order at every step boundary is: log, checkpoint (every ``save_every`` steps),
+        validation (every ``eval_every``), and at the end: checkpoint, validation, export. On
+        Ctrl-C the checkpoint of the last completed step is written (a Ctrl-C during a step or a
+        checkpoint write takes effect when it is complete), so ``resume`` continues exactly, also
+        from an interruption in the final validation or export: a validation missing from
+        metrics.csv at the resumed step is run again."""
         cfg = self.cfg
-        start_step = self.resume() if resume else 0
+        start_step = self.resume(allow_change) if resume else 0
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log = RunLog(self.out_dir, resume_step=start_step if resume else None)
@@ -301,50 +445,84 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.model.config.max_len
         begin = last = time.perf_counter()
         last_step = self.step
-        try:
-            while self.step < cfg.steps:
-                metrics = self.train_step()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    now = time.perf_counter()
-                    rate = tokens_per_step * (self.step - last_step) / max(now - last, 1e-9)
-                    last, last_step = now, self.step
-                    if self.log:
-                        self.log.log(self.step, "train", tokens_per_s=rate, elapsed_s=now - begin, **metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-                bar.update(1)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self._evaluate(time.perf_counter() - begin)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+        with self._interrupts:
+            try:
+                if resume and self._validation_due(self.step):
+                    self._evaluate(0.0)
+                while self.step < cfg.steps:
+                    with self._interrupts.held():  # the step and its metrics row
+                        metrics = self.train_step()
+                        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                            now = time.perf_counter()
+                            rate = tokens_per_step * (self.step - last_step) / max(now - last, 1e-9)
+                            last, last_step = now, self.step
+                            if self.log:
+                                self.log.log(self.step, "train", tokens_per_s=rate, elapsed_s=now - begin, **metrics)
+                            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                        bar.update(1)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+                    if self.step < cfg.steps and self._validation_due(self.step):
+                        self._evaluate(time.perf_counter() - begin)
+                bar.close()
+                if self._saved_step != self.step:
                     self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save()
-            if path is not None:
-                print(f"\ninterrupted at step {self.step}: checkpoint saved to {path}; continue with --resume")
-            raise
-        bar.close()
-        self._evaluate(time.perf_counter() - begin)
-        self.save()
-        return self._export()
+                if self._validation_due(self.step):
+                    self._evaluate(time.perf_counter() - begin)
+                return self._export()
+            except KeyboardInterrupt:
+                bar.close()
+                if self.dist.is_main:
+                    print(f"\n{self._save_on_interrupt()}", flush=True)
+                raise
+            except Diverged as e:
+                bar.close()
+                raise Diverged(f"{e}. The run stopped; {self.last_good_checkpoint()}") from None
+
+    def _save_on_interrupt(self) -> str:
+        if self._in_step:
+            return (f"interrupted twice in the middle of step {self.step + 1}: no checkpoint written; "
+                    f"{self.last_good_checkpoint()}; continue with --resume")
+        if self._saved_step != self.step:
+            try:
+                self.save()
+            except Diverged as e:
+                return f"interrupted at step {self.step}: {e}, not saved; {self.last_good_checkpoint()}"
+        return f"interrupted at step {self.step}: checkpoint saved to {self.out_dir / 'checkpoint'}; continue with --resume"
+
+    def _validation_due(self, step: int) -> bool:
+        """A validation belongs to ``step`` (every ``eval_every`` steps and the last) and is not in
+        metrics.csv yet (main process; the others never validate)."""
+        if not self.dist.is_main or self.log is None:
+            return False
+        if self.valid_set is None or (self.cfg.eval_batches == 0 and self.cfg.bleu_examples == 0):
+            return False
+        due = step == self.cfg.steps or (self.cfg.eval_every and step % self.cfg.eval_every == 0)
+        return bool(due) and not self.log.has_row(step, "valid")
 
     def _evaluate(self, elapsed: float) -> None:
         loss = self.validation_loss()
-        bleu = self.validation_bleu() if self.dist.is_main else None
-        if self.log and loss is not None:
+        bleu = self.validation_bleu()
+        if self.log and (loss is not None or bleu is not None):
             self.log.log(self.step, "valid", loss=loss, bleu=bleu, elapsed_s=elapsed)
             self.log.plot()
+        self._set_rng_state(self._rng_after_step)  # validation leaves the training randomness as it was
 
     def _export(self) -> Path:
-        """The final EMA model with its tokenizer and generation defaults, in ``out_dir/model``."""
+        """The final EMA model with its tokenizer and generation defaults, in ``out_dir/model``
+        (written to a temporary directory and renamed into place)."""
         directory = self.out_dir / "model"
         if self.dist.is_main:
-            self.ema.save_pretrained(directory)
-            self.tokenizer.save(directory)
-            (directory / GENERATION_FILE).write_text(json.dumps({"target_len": self.target_len()}) + "\n")
+            def write(tmp: Path) -> None:
+                self.ema.save_pretrained(tmp)
+                self.tokenizer.save(tmp)
+                (tmp / GENERATION_FILE).write_text(json.dumps({"target_len": self.target_len()}) + "\n")
+
+            with self._interrupts.held():
+                write_directory(directory, write)
             if self.log:
                 self.log.plot()
                 self.log.close()
         if self.dist.world_size > 1:
             dist.barrier()
         return directory
-

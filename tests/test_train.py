@@ -4,8 +4,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +102,7 @@ def test_checkpoint_errors(corpus, tmp_path, capsys):
     assert main(train_argv(corpus, out, 3)) == 0
     state = out / "checkpoint" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])
-    assert main(train_argv(corpus, out, 4, "--resume")) == 2
+    assert main(train_argv(corpus, out, 4, "--resume", "--allow-change")) == 2
     assert "corrupt" in capsys.readouterr().err
     weights = out / "model" / "model.safetensors"
     weights.write_bytes(b"\x00" * 16)
@@ -115,17 +117,18 @@ def test_interrupted_checkpoint_swap_keeps_the_previous_one(tmp_path):
     assert find_checkpoint(tmp_path / "checkpoint") == tmp_path / "checkpoint.old"
 
 
-def test_bad_configuration_is_named(corpus, tmp_path):
-    with pytest.raises(SystemExit, match="unknown config fields"):
-        main(train_argv(corpus, tmp_path / "x", 2, "--set", "n_layer=3"))
-    with pytest.raises(SystemExit, match="neither a built-in corpus"):
-        main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")])
+def test_bad_configuration_is_named(corpus, tmp_path, capsys):
+    assert main(train_argv(corpus, tmp_path / "x", 2, "--set", "n_layer=3")) == 2
+    assert "unknown config fields" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"), "--device", "cpu"]) == 2
+    assert "neither a built-in corpus" in capsys.readouterr().err
     config = tmp_path / "bad.yaml"
     config.write_text("model: [1, 2\n")
-    with pytest.raises(SystemExit, match="not valid YAML"):
-        main(train_argv(corpus, tmp_path / "z", 2, "--config", str(config)))
+    assert main(train_argv(corpus, tmp_path / "z", 2, "--config", str(config))) == 2
+    assert "not valid YAML" in capsys.readouterr().err
     with pytest.raises(ValueError, match="lr_decay"):
         TrainConfig(lr_decay="step")
+    assert not any((tmp_path / name).exists() for name in "xyz")  # refused before anything was written
 
 
 def test_config_file_and_flags(corpus, tmp_path):
@@ -168,3 +171,195 @@ def test_bf16_autocast_and_loss_aware_steps_train(corpus, tmp_path):
     losses = train_losses(out)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(l)) for _, l in losses)
     assert json.loads((out / "checkpoint" / "train_config.json").read_text())["bf16"] is True
+
+
+# ---------------------------------------------------------------------- never lose a user's run
+
+def snapshot(out):
+    """Every file of a run folder and its bytes."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def final_weights(out):
+    return MoEDiffuSeq.from_pretrained(out / "model").state_dict()
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+    """The uninterrupted 6-step run the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(train_argv(corpus, out, 6)) == 0
+    return out
+
+
+def test_train_into_an_existing_run_is_refused_unless_resume_or_overwrite(corpus, straight_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    before = snapshot(out)
+    assert main(train_argv(corpus, out, 6)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--resume" in err and "--overwrite" in err
+    assert snapshot(out) == before  # nothing touched
+    (out / "notes.txt").write_text("mine")
+    assert main(train_argv(corpus, out, 4, "--overwrite")) == 0
+    assert [s for s, _ in train_losses(out)] == [1, 2, 3, 4]  # a new run, nothing left of the old one
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not the run's stay
+    assert main(train_argv(corpus, out, 4, "--resume", "--overwrite")) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("moment", ["data", "backward", "update"])
+def test_ctrl_c_inside_a_step_checkpoints_that_step_and_resumes_exactly(corpus, straight_run, tmp_path, monkeypatch,
+                                                                        moment):
+    """SIGINT arriving in the middle of step 4 (after the batch is drawn, after the backward, after
+    the optimizer update): the checkpoint holds a completed step and the resumed run equals the
+    uninterrupted one bit for bit."""
+    from moediffuseq.data.dataset import BatchStream
+
+    out = tmp_path / "run"
+    state = {"trainer": None}
+    where = {"data": (BatchStream, "next"), "backward": (Trainer, "_update_step_sampler"),
+             "update": (Trainer, "_update_ema")}[moment]
+    real = getattr(*where)
+    real_step = Trainer.train_step
+
+    def remember(self):
+        state["trainer"] = self
+        return real_step(self)
+
+    def interrupting(self, *args):
+        if state["trainer"] is not None and state["trainer"].step == 3:
+            state["trainer"] = None
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", remember)
+    monkeypatch.setattr(*where, interrupting)
+    assert main(train_argv(corpus, out, 6)) == 130
+    assert read_state(find_checkpoint(out / "checkpoint"))["step"] == 4
+    monkeypatch.undo()
+    assert main(train_argv(corpus, out, 6, "--resume")) == 0
+    assert train_losses(out) == train_losses(straight_run)
+    assert same_weights(final_weights(out), final_weights(straight_run))
+
+
+def test_ctrl_c_in_the_final_validation_loses_nothing(corpus, straight_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = Trainer.validation_loss
+
+    def interrupted_at_the_end(self):
+        if self.step == 6:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "validation_loss", interrupted_at_the_end)
+    assert main(train_argv(corpus, out, 6)) == 130
+    assert read_state(find_checkpoint(out / "checkpoint"))["step"] == 6  # the final step is saved first
+    monkeypatch.undo()
+    assert main(train_argv(corpus, out, 6, "--resume")) == 0
+    assert same_weights(final_weights(out), final_weights(straight_run))
+    rows = [(r["step"], r["split"], r["loss"], r["bleu"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+    straight = [(r["step"], r["split"], r["loss"], r["bleu"]) for r in csv.DictReader(open(straight_run / "metrics.csv"))]
+    assert rows == straight  # the final validation ran once, after the resume
+
+
+def test_a_run_without_validation_loss_finishes(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(corpus, out, 3, "--eval-batches", "0")) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+    valid = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == ["3"] and valid[0]["loss"] == "" and valid[0]["bleu"] != ""
+
+
+def test_a_diverged_run_never_overwrites_the_last_good_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(corpus, out, 12, "--lr", "1e4", "--clip-grad", "0", "--save-every", "1", "--eval-every", "0")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step" in err and "the last good checkpoint is" in err, err
+    directory = find_checkpoint(out / "checkpoint")
+    for name in ("model", "ema"):
+        weights = MoEDiffuSeq.from_pretrained(directory / name).state_dict()  # refuses NaN / inf
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    good = read_state(directory)["step"]
+    assert f"(step {good})" in err and not (out / "model").exists()
+    # the good checkpoint resumes (and, being the same run, stops at the same step with the same message)
+    assert main([*argv, "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == err
+
+
+def test_resume_refuses_a_changed_configuration_unless_allowed(corpus, straight_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    before = snapshot(out)
+    assert main(train_argv(corpus, out, 6, "--resume", "--lr", "1e-2")) == 2
+    assert "lr (0.003 -> 0.01)" in capsys.readouterr().err
+    assert main(train_argv(corpus, out, 8, "--resume", "--lr", "1e-2", "--set", "dropout=0.0")) == 2
+    err = capsys.readouterr().err
+    assert "lr (0.003 -> 0.01)" in err and "dropout (0.1 -> 0.0)" in err and "steps (6 -> 8)" in err
+    assert "--allow-change" in err and snapshot(out) == before
+    assert main(train_argv(corpus, out, 6, "--resume", "--no-progress", "--keep-checkpoints", "2")) == 0  # not results
+    assert main(train_argv(corpus, out, 8, "--resume", "--allow-change")) == 0
+    assert [s for s, _ in train_losses(out)] == list(range(1, 9))
+    assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 8
+    assert json.loads((out / "checkpoint" / "train_config.json").read_text())["steps"] == 8
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(corpus, straight_run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(straight_run / "run_config.json", out)  # the run had started, nothing else was written
+    assert main(train_argv(corpus, out, 6, "--resume")) == 0
+    assert same_weights(final_weights(out), final_weights(straight_run))
+
+
+def test_keep_checkpoints_keeps_history(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(corpus, out, 6, "--save-every", "1", "--keep-checkpoints", "3")) == 0
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint"))
+    assert kept == ["checkpoint", "checkpoint-00000004", "checkpoint-00000005"]
+    assert read_state(out / "checkpoint-00000004")["step"] == 4
+    shutil.rmtree(out / "checkpoint")
+    assert find_checkpoint(out / "checkpoint") == out / "checkpoint-00000005"
+
+
+def test_stale_temporary_checkpoints_are_removed(tmp_path):
+    from moediffuseq.checkpoint import save_checkpoint
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".checkpoint.tmp-{dead}" / "model").mkdir(parents=True)  # left by a killed process
+    (tmp_path / f".checkpoint.tmp-{os.getppid()}").mkdir()  # a live process's write in progress
+    save_checkpoint(tmp_path / "checkpoint", lambda d: (d / "x").write_text("1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".checkpoint.tmp-{os.getppid()}", "checkpoint"]
+
+
+def test_an_interrupted_export_leaves_no_partial_model(corpus, straight_run, tmp_path, monkeypatch):
+    from moediffuseq.data import TextTokenizer
+
+    out = tmp_path / "run"
+    real = TextTokenizer.save
+
+    def interrupted(self, directory):
+        if Path(directory).name == "model" or Path(directory).name.startswith(".model.tmp"):
+            raise KeyboardInterrupt
+        return real(self, directory)
+
+    monkeypatch.setattr(TextTokenizer, "save", interrupted)
+    assert main(train_argv(corpus, out, 6)) == 130
+    assert not (out / "model").exists()
+    monkeypatch.undo()
+    assert main(train_argv(corpus, out, 6, "--resume")) == 0
+    assert same_weights(final_weights(out), final_weights(straight_run))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_no_loss_plot_is_announced_without_matplotlib(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "run"
+    assert main(train_argv(corpus, out, 2)) == 0
+    assert not (out / "loss.png").exists() and "loss plot" not in capsys.readouterr().out
