@@ -147,7 +147,7 @@ void expert_gemms(const DeviceRouting& r, const std::string& no_tensor_cores, Ge
               std::to_string(props->major) + std::to_string(props->minor) + " (built for " MOEDIFFUSEQ_CUDA_ARCHS ")";
   } else if (refusal.empty()) {
     if (const char* status = moe_grouped_gemm_refusal(dtype, layout, groups, problems.data(), device, sms)) {
-      refusal = std::string("CUTLASS can_implement status: ") + status;
+      refusal = std::string("CUTLASS can_implement refused the groups: ") + status;
     }
   }
   if (!refusal.empty()) {
