@@ -82,9 +82,10 @@ def main() -> int:
     (out / "lib64").symlink_to("lib")
     # nvcc.profile reads $(TOP)/targets/<arch>/{include,lib}: the same merged directories.
     for target in sorted((cuda / "targets").glob("*")) if (cuda / "targets").is_dir() else []:
-        (out / "targets" / target.name).mkdir(parents=True)
-        (out / "targets" / target.name / "include").symlink_to(os.path.relpath(out / "include", out / "targets" / target.name))
-        (out / "targets" / target.name / "lib").symlink_to(os.path.relpath(out / "lib", out / "targets" / target.name))
+        target_dir = out / "targets" / target.name
+        target_dir.mkdir(parents=True)
+        for name in ("include", "lib"):
+            (target_dir / name).symlink_to(os.path.relpath(out / name, target_dir))
     print(out)
     return 0
 

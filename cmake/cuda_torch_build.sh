@@ -26,7 +26,7 @@ elapsed() { echo "$(( $(date +%s) - start )) s"; }
 ROOT=$("$NVCC" -dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
 [ -n "$ROOT" ] || { echo "cuda-build: cannot find the toolkit of $NVCC"; exit 1; }
 ROOT=$(cd "$ROOT" && pwd -P)
-"$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'cuda-build: ' + sys.executable + ' has a CPU torch')"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else f'cuda-build: {sys.executable} has a CPU torch')"
 TK=$("$PY" cmake/cuda_toolkit_from_wheels.py --cuda "$ROOT" --out "$OUT/toolkit")
 echo "cuda-build: toolkit $TK (nvcc of $ROOT + the CUDA wheels of $PY)"
 
