@@ -16,7 +16,7 @@
 #   end_to_end          bench/end_to_end.py, short training and sampling
 # Each stage runs for at most min(its limit, time left - 30 s); a stage that overruns is killed
 # and the run goes on. Tests and benchmarks run with MOEDIFFUSEQ_STRICT_CUTLASS=1 (a CUTLASS
-# grouped GEMM refusal is an error, not a silent per-expert fallback).
+# grouped GEMM that refuses a bf16/fp16 problem it should take is an error, not a fallback).
 #
 #   bash bench/gpu_check.sh                                    # from the repository root
 #   DEADLINE=200 bash bench/gpu_check.sh                       # a second call: resumes

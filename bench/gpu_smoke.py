@@ -32,8 +32,9 @@ TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}
 OPS = ("block_sparse_attention", "moe_topk_softmax", "moe_ffn", "soft_absorb_q_sample", "denoise_step",
        "nearest_embedding")
 # dtypes per op and device. CUDA block-sparse attention has bfloat16 / float16 kernels only; CUDA
-# moe_ffn runs its CUTLASS grouped GEMM in bfloat16, and its float32 per-expert matmul path is an
-# error under MOEDIFFUSEQ_STRICT_CUTLASS=1, which the GPU check sets.
+# moe_ffn runs its CUTLASS grouped GEMM in bfloat16 (float32 takes a per-expert matmul path by
+# design); under MOEDIFFUSEQ_STRICT_CUTLASS=1, which the GPU check sets, a refused bf16 problem is
+# an error.
 DTYPES = {
     "cuda": {"block_sparse_attention": ("bfloat16",), "moe_ffn": ("bfloat16",)},
     "cpu": {},

@@ -4,8 +4,9 @@ Profiles (select with MOEDIFFUSEQ_HYPOTHESIS_PROFILE): "ci" (default; derandomiz
 to CI's time on 2 cores), "deep" (>= 1000 examples per property, for kernel work) and "gpu"
 (a few examples, no shrinking: the short first runs on a GPU machine, bench/gpu_check.sh).
 No CUDA query happens at import time: CUDA tests are marked and skipped at run time.
-MOEDIFFUSEQ_STRICT_CUTLASS defaults to 1: a CUTLASS grouped GEMM that refuses a problem is an
-error in the tests, not a silent per-expert fallback.
+MOEDIFFUSEQ_STRICT_CUTLASS defaults to 1: a CUTLASS grouped GEMM that refuses a bf16/fp16
+problem it should take is an error in the tests (float32 and widths that are not multiples of 8
+take the per-expert matmul path by design).
 """
 import functools
 import os

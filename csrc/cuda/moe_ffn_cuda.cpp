@@ -8,9 +8,11 @@
 //
 // Grouped GEMMs: the CUTLASS sm_90a ptr-array kernels (moe_grouped_gemm*.cu) for bfloat16 /
 // float16 when D and F are multiples of 8, the operands 16-byte aligned and the GPU is sm_90a;
-// otherwise one ATen matmul per non-empty expert on views of the same buffers. That fallback
-// warns once naming why (float32, the documented slow path, does not warn), and with
-// MOEDIFFUSEQ_STRICT_CUTLASS=1 in the environment every refusal, float32 included, is an error.
+// otherwise one ATen matmul per non-empty expert on views of the same buffers. The fallback is
+// by design for float32 (silent) and for widths that are not multiples of 8 (warned once); any
+// other refusal of a problem that qualifies (16-byte alignment of an operand, a GPU that is not
+// sm_90a, CUTLASS's can_implement) warns once naming why, and with MOEDIFFUSEQ_STRICT_CUTLASS=1
+// in the environment it is an error: the switch that tests and the GPU check set.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -92,11 +94,12 @@ bool strict_cutlass() {
 }
 
 // The CUTLASS grouped GEMM was refused for `reason`: the per-expert matmuls run instead, with
-// one warning per process (none for float32, the documented path), or an error when strict.
-void refuse_cutlass(const char* op, const std::string& reason, bool documented_path) {
-  TORCH_CHECK(!strict_cutlass(), op, ": the CUTLASS grouped GEMM cannot run (", reason,
+// one warning per process (none for float32). `by_design`: the dtype or the widths rule the
+// kernel out (tensor_core_refusal); otherwise the problem qualified and strict mode forbids it.
+void refuse_cutlass(const char* op, const std::string& reason, bool by_design, bool is_float32) {
+  TORCH_CHECK(by_design || !strict_cutlass(), op, ": the CUTLASS grouped GEMM cannot run (", reason,
               ") and MOEDIFFUSEQ_STRICT_CUTLASS=1 forbids the per-expert matmul fallback");
-  if (!documented_path) {
+  if (!is_float32) {
     TORCH_WARN_ONCE(op, ": the CUTLASS grouped GEMM cannot run (", reason,
                     "); the experts run as per-expert matmuls, slower (warned once; "
                     "MOEDIFFUSEQ_STRICT_CUTLASS=1 makes it an error)");
@@ -151,7 +154,7 @@ void expert_gemms(const DeviceRouting& r, const std::string& no_tensor_cores, Ge
     }
   }
   if (!refusal.empty()) {
-    refuse_cutlass(op, refusal, /*documented_path=*/like.scalar_type() == at::kFloat);
+    refuse_cutlass(op, refusal, /*by_design=*/!tensor_cores, /*is_float32=*/like.scalar_type() == at::kFloat);
     for (GemmOperands& g : gemms) at::mm_out(g.d, g.a, g.b);
     return;
   }
@@ -167,6 +170,7 @@ void expert_gemms(const DeviceRouting& r, const std::string& no_tensor_cores, Ge
 // when x and the widths qualify, else the reason.
 std::string tensor_core_refusal(const at::Tensor& x, const MoeShapes& s) {
   if (x.scalar_type() == at::kFloat) return "dtype: float32 operands (the grouped GEMM takes bfloat16 / float16)";
+  if (s.D == 0 || s.F == 0) return "widths: D = " + std::to_string(s.D) + ", F = " + std::to_string(s.F) + " (empty)";
   if (s.D % kGroupedGemmAlignment != 0 || s.F % kGroupedGemmAlignment != 0) {
     return "alignment: D = " + std::to_string(s.D) + " and F = " + std::to_string(s.F) + " must be multiples of " +
            std::to_string(kGroupedGemmAlignment);
