@@ -180,8 +180,9 @@ def test_global_target_span_as_in_the_model(device, dtype, dilation):
 
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
-    """L >= 4096 splits the dense parts (global rows, global keys) over several CTAs, and more
-    than 256 global tokens also leave some of their tiles whole: both paths against the reference."""
+    """L = 8300 splits the dense parts (global rows, global keys) over 2 CTAs (one split per 64
+    tiles of 64 rows, csrc/cuda/block_sparse_attention_cuda.h), and more than 256 global tokens
+    also leave some of their tiles whole: both paths against the reference."""
     skip_unless_ready("cuda")
     q, k, v, g, kp, grad = make_inputs(1, 2, 8300, 64, torch.bfloat16, seed=13, p_global=0.05, p_pad=0.05,
                                        device="cuda")
@@ -190,12 +191,14 @@ def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
 
 
 def test_split_dense_parts_with_batches_of_different_global_masks_on_cuda():
-    """The split path (L >= 4096) with B = 2 and a different global layout per batch element:
-    many scattered global tokens in one (some of their tiles whole, some split), a contiguous
-    global span plus padding in the other, so the per-batch global lists and split offsets differ."""
+    """The split path with 3 splits (L = 12300: 193 tiles of 64 rows) and B = 3 with a different
+    global layout per batch element: many scattered global tokens in one (some of their tiles
+    whole, some split), a contiguous global span plus padding in the second, global tokens whose
+    keys are all padded in the third (the split combine of rows without keys: zeros, lse +inf),
+    so the per-batch global lists and split offsets differ."""
     skip_unless_ready("cuda")
-    B, L = 2, 4500
-    q, k, v, _, _, grad = make_inputs(B, 2, L, 64, torch.bfloat16, seed=14, device="cuda")
+    B, L = 3, 12300
+    q, k, v, _, _, grad = make_inputs(B, 1, L, 64, torch.bfloat16, seed=14, device="cuda")
     gen = torch.Generator().manual_seed(14)
     global_mask = torch.zeros(B, L, dtype=torch.bool)
     global_mask[0] = torch.rand(L, generator=gen) < 0.07
@@ -204,6 +207,8 @@ def test_split_dense_parts_with_batches_of_different_global_masks_on_cuda():
     key_padding_mask = torch.zeros(B, L, dtype=torch.bool)
     key_padding_mask[0] = torch.rand(L, generator=gen) < 0.03
     key_padding_mask[1, -200:] = True
+    global_mask[2, 5000:5040] = True
+    key_padding_mask[2] = True
     assert int(global_mask[0].sum()) > 256 and int(global_mask[1].sum()) < 128
     check_against_reference(q, k, v, global_mask.cuda(), key_padding_mask.cuda(), grad, window=64, dilation=2)
 
@@ -411,3 +416,16 @@ def test_empty_batch_and_sequence(device):
         assert out.shape == shape
         out.sum().backward()
         assert q.grad.shape == shape
+
+
+def test_cuda_backward_is_reported_as_nondeterministic():
+    """dQ is a sum of float atomics on CUDA: torch.use_deterministic_algorithms hears of it."""
+    skip_unless_ready("cuda")
+    q, k, v, _, _, grad = make_inputs(1, 2, 200, 64, torch.bfloat16, seed=16, device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.warns(UserWarning, match="block_sparse_attention_backward"):
+            run_with_grads(block_sparse_attention, q, k, v, grad, window=8)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

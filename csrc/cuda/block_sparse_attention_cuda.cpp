@@ -29,6 +29,9 @@ void check_cuda_inputs(const at::Tensor& q) {
               "block_sparse_attention: the CUDA kernels support head dimensions 64 and 128, got D = ", q.size(3));
   TORCH_CHECK(q.size(2) < (int64_t(1) << 30), "block_sparse_attention: sequence length too large for the CUDA "
               "kernels, got L = ", q.size(2));
+  // the kernels put heads on gridDim.y and batches on gridDim.z, each limited to 65535
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535, "block_sparse_attention: the CUDA kernels take at most "
+              "65535 batches and 65535 heads, got B = ", q.size(0), ", H = ", q.size(1));
 }
 
 BsaDtype dtype_of(const at::Tensor& q) {
@@ -97,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
     double scale) {
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
+  // dQ (and the split dK, dV) are sums of float atomics: not bitwise reproducible run to run
+  at::globalContext().alertNotDeterministic("block_sparse_attention_backward (CUDA)");
   check_bsa_tensor(grad_out_in, "grad_out", q_in);
   check_bsa_tensor(out_in, "out", q_in);
   check_bsa_lse(lse_in, q_in);

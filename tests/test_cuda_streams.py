@@ -1,0 +1,44 @@
+"""Every CUDA op runs on the caller's current stream: the same results on a side stream as on
+the default one (a kernel launched on the wrong stream races with the work around it)."""
+import torch
+
+from conftest import skip_unless_ready
+from moediffuseq.ops import (block_sparse_attention, denoise_step, moe_ffn, moe_topk_softmax, nearest_embedding,
+                             soft_absorb_q_sample)
+
+
+def _run_all(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev, bf16 = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(2, 2, 300, 64, device=dev, generator=g, dtype=bf16) for _ in range(3))
+    glob = torch.rand(2, 300, device=dev, generator=g) < 0.05
+    attn = block_sparse_attention(q, k, v, window=16, global_mask=glob)
+    logits = torch.randn(100, 8, device=dev, generator=g)
+    weights, idx = moe_topk_softmax(logits, 2)
+    x = torch.randn(100, 64, device=dev, generator=g, dtype=bf16)
+    w1 = torch.randn(8, 64, 128, device=dev, generator=g, dtype=bf16) / 8
+    w2 = torch.randn(8, 128, 64, device=dev, generator=g, dtype=bf16) / 11
+    y = moe_ffn(x, weights, idx, w1, w2)
+    x0 = torch.randn(2, 50, 16, device=dev, generator=g)
+    m = torch.randn(16, device=dev, generator=g)
+    target = torch.rand(2, 50, device=dev, generator=g) < 0.5
+    coef = torch.rand(2, device=dev, generator=g)
+    xt = soft_absorb_q_sample(x0, m, target, coef, (1 - coef**2).sqrt(), gamma=0.5,
+                              noise=torch.randn(2, 50, 16, device=dev, generator=g),
+                              uniform=torch.rand(2, 50, device=dev, generator=g))
+    step = denoise_step(xt, x0, x0, target, m, coef, 1 - coef)
+    nearest = nearest_embedding(x0.reshape(-1, 16), torch.randn(97, 16, device=dev, generator=g))
+    return [attn, weights, idx, y, xt, step, nearest]
+
+
+def test_ops_follow_the_current_stream():
+    skip_unless_ready("cuda")
+    expected = _run_all(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = _run_all(0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
