@@ -138,3 +138,82 @@ def test_pycode_corpus_is_deterministic_and_split_by_file(tmp_path):
     assert not {e.src for e in train} & {e.src for e in test}
     with pytest.raises(ValueError, match="unknown corpus"):
         build_corpus("wikipedia", tmp_path / "c")
+
+
+def test_a_byte_order_mark_does_not_reject_the_first_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n" + GOOD + "\n").encode())
+    assert read_jsonl(path).examples == [Example("a b c", "d e")] * 2
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_special_token_names_in_user_text_are_text(kind):
+    texts = ["the [SEP] token and [PAD] and [CLS] and [UNK] appear in code", "plain words here"] * 10
+    tok = TextTokenizer.train(texts, vocab_size=200, kind=kind)
+    ids = tok.encode("the token [SEP] and [PAD] in code [CLS] here")
+    assert not set(ids) & {tok.special.pad, tok.special.cls, tok.special.sep}
+    decoded = tok.decode(ids)
+    for word in ("the", "token", "SEP", "and", "PAD", "code", "CLS", "here"):
+        assert word in decoded
+    ds = Seq2SeqDataset([Example("source [SEP] more source", "target [SEP] more target")], tok, seq_len=64)
+    row = ds.input_ids[0].tolist()
+    assert row.count(tok.special.sep) == 2  # only the packing's own separators
+
+
+def _long_texts(seed, n=12):
+    rng = torch.Generator().manual_seed(seed)
+    pieces = ["alpha", "beta", "ünïcode", "x" * 150, "   ", "\n", "\t", "def", "(a, b):", "==", "12345", "中文",
+              "[SEP]", "don't", "    return", ",", "."]
+    texts = []
+    for _ in range(n):
+        k = int(torch.randint(1, 400, (1,), generator=rng))
+        idx = torch.randint(0, len(pieces), (k,), generator=rng).tolist()
+        texts.append("".join(pieces[i] + (" " if j % 3 else "") for j, i in enumerate(idx)))
+    return texts + ["", "single", "x" * 5000, " " * 3000 + "tail"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_truncated_tokenization_equals_the_start_of_the_full_one(kind):
+    tok = TextTokenizer.train(_long_texts(0), vocab_size=300, kind=kind)
+    texts = _long_texts(1)
+    full = tok.encode_batch(texts)
+    for max_tokens in (1, 2, 7, 30, 100, 1000):
+        assert tok.encode_batch(texts, max_tokens=max_tokens) == [ids[:max_tokens] for ids in full], max_tokens
+
+
+def test_a_huge_line_is_tokenized_only_as_far_as_it_can_be_used():
+    """A 4 MB source costs what its first L tokens cost: only a prefix reaches the tokenizer."""
+    tok = TextTokenizer.train(["some words of text"] * 20, vocab_size=100)
+    seen = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def encode_batch(self, texts, **kwargs):
+            seen.extend(len(t) for t in texts)
+            return self.inner.encode_batch(texts, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    huge = "some words of text " * 200_000
+    reference = Seq2SeqDataset([Example("some words", "text")], tok, seq_len=32)
+    tok.tokenizer = Recording(tok.tokenizer)
+    ds = Seq2SeqDataset([Example(huge, "of text"), Example("some words", "text")], tok, seq_len=32)
+    assert max(seen) < 10_000
+    assert ds.truncated == 1 and int(ds.src_lengths[0]) == 30  # counted as truncated, capped at L - 2
+    assert torch.equal(ds.input_ids[1], reference.input_ids[0])
+    row = ds.input_ids[0].tolist()
+    source = tok.decode(row[1:row.index(tok.special.sep)])  # what is left of the source: its beginning
+    assert len(source) >= 20 and huge.startswith(source)
+
+
+def test_capped_lengths_truncate_like_the_full_ones():
+    for budget in range(2, 24):
+        for n_src in range(0, 40):
+            for n_trg in range(0, 40):
+                if n_src + n_trg == 0:
+                    continue
+                capped = truncate_pair(min(n_src, budget + 1), min(n_trg, budget + 1), budget)
+                assert capped == truncate_pair(n_src, n_trg, budget)

@@ -13,7 +13,8 @@ from moediffuseq.data.tokenizer import TextTokenizer
 
 
 class Seq2SeqDataset:
-    """Every example tokenised and packed once: ``input_ids`` (N, L), ``target_start`` (N,)."""
+    """Every example tokenised and packed once: ``input_ids`` (N, L), ``target_start`` (N,).
+    ``src_lengths`` / ``trg_lengths`` are token counts capped at L - 2 (one more than fits)."""
 
     def __init__(self, examples: Sequence[Example], tokenizer: TextTokenizer, seq_len: int) -> None:
         if not examples:
@@ -22,8 +23,11 @@ class Seq2SeqDataset:
             raise ValueError(f"seq_len must be >= 5, got {seq_len}")
         self.examples = list(examples)
         self.seq_len = seq_len
-        src = tokenizer.encode_batch([e.src for e in self.examples])
-        trg = tokenizer.encode_batch([e.trg for e in self.examples])
+        # a side longer than the budget is cut the same at any length beyond it (truncate_pair),
+        # so only budget + 1 tokens of each text are needed: a huge line costs no more than that
+        cap = seq_len - 3 + 1
+        src = tokenizer.encode_batch([e.src for e in self.examples], max_tokens=cap)
+        trg = tokenizer.encode_batch([e.trg for e in self.examples], max_tokens=cap)
         rows = [pack(s, t, seq_len, tokenizer.special) for s, t in zip(src, trg)]
         self.input_ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # (N, L)
         self.target_start = torch.tensor([r[1] for r in rows], dtype=torch.long)  # (N,)

@@ -59,7 +59,7 @@ def read_jsonl(path: str | os.PathLike, on_error: str = "raise") -> LoadedSplit:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     out = LoadedSplit([], path)
-    with path.open(encoding="utf-8", errors="strict") as f:
+    with path.open(encoding="utf-8-sig", errors="strict") as f:  # a byte-order mark is not text
         try:
             for number, line in enumerate(f, start=1):
                 if not line.strip():

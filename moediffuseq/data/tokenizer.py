@@ -13,12 +13,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
 TOKENIZER_FILE = "tokenizer.json"
+
+
+_WHITESPACE = " \t\n\r"
+
+
+def _last_whitespace_run(text: str) -> int:
+    """Start of the last run of ASCII whitespace in ``text`` (0 when there is none)."""
+    j = max(text.rfind(c) for c in _WHITESPACE)
+    if j < 0:
+        return 0
+    while j > 0 and text[j - 1] in _WHITESPACE:
+        j -= 1
+    return j
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,8 @@ class TextTokenizer:
             raise ValueError(f"{source}: the tokenizer lacks the special tokens {missing}; moediffuseq needs "
                              f"{list(SPECIAL_TOKENS)}")
         self.tokenizer = tokenizer
+        # "[SEP]" typed in a text is text, never the special token (nor are the other three)
+        self.tokenizer.encode_special_tokens = True
         self.special = SpecialIds(*ids)
 
     @property
@@ -48,8 +63,32 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], max_tokens: Optional[int] = None) -> list[list[int]]:
+        """Token ids of every text; with ``max_tokens``, the first ``max_tokens`` ids (exactly those
+        of the whole text) from tokenizing only a prefix of each text, so that a huge text costs
+        memory in proportion to ``max_tokens``, not to its length."""
+        texts = list(texts)
+        if max_tokens is None:
+            return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        out: list[Optional[list[int]]] = [None] * len(texts)
+        todo, chars = list(range(len(texts))), 8 * max_tokens + 64
+        while todo:
+            pieces = [texts[i][:chars] for i in todo]
+            again = []
+            for i, piece, enc in zip(todo, pieces, self.tokenizer.encode_batch(pieces, add_special_tokens=False)):
+                if len(piece) == len(texts[i]):
+                    out[i] = enc.ids[:max_tokens]
+                    continue
+                # Pre-tokenizers never join text across whitespace: the tokens that end before the
+                # prefix's last whitespace run are those of the whole text.
+                safe = _last_whitespace_run(piece)
+                ids = [token for token, (_, end) in zip(enc.ids, enc.offsets) if end <= safe]
+                if len(ids) >= max_tokens:
+                    out[i] = ids[:max_tokens]
+                else:
+                    again.append(i)
+            todo, chars = again, chars * 4
+        return out  # type: ignore[return-value]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
