@@ -402,6 +402,11 @@ def cmd_train(args: argparse.Namespace) -> Path:
                            "repeat the run's options, or pass --allow-change to continue with the new values")
         if changes and ctx.is_main:
             print(f"--allow-change: continuing with {', '.join(changes)}")
+    train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len)
+    valid_set = Seq2SeqDataset(valid_examples, tokenizer, model_cfg.max_len) if valid_examples else None
+    if train_cfg.batch_size * ctx.world_size > len(train_set):
+        raise CliError(f"--batch-size {train_cfg.batch_size} x {ctx.world_size} process(es) is more than the "
+                       f"{len(train_set)} training examples")
     if ctx.is_main and (not args.resume or args.allow_change or not (out / RUN_FILE).is_file()):
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RUN_FILE, resolved)
@@ -409,8 +414,6 @@ def cmd_train(args: argparse.Namespace) -> Path:
         tokenizer.save(out)
     torch.manual_seed(train_cfg.seed)
     model = MoEDiffuSeq(model_cfg)
-    train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len)
-    valid_set = Seq2SeqDataset(valid_examples, tokenizer, model_cfg.max_len) if valid_examples else None
     if ctx.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"data: {data_dir} ({len(train_set)} train, {len(valid_set) if valid_set else 0} valid; "
@@ -461,9 +464,10 @@ def _input_path(spec: str) -> Path:
     if ":" in spec and spec.split(":", 1)[0] in CORPORA:
         corpus, split = spec.split(":", 1)
         try:
-            return split_path(_data_dir(corpus), split)
+            split_path(".", split)  # the split name is checked before the corpus is built
         except ValueError as e:
             raise CliError(f"--input {spec!r}: {e}") from None
+        return split_path(_data_dir(corpus), split)
     path = Path(spec)
     if path.is_dir():
         raise CliError(f"--input {path} is a directory, not a jsonl file")

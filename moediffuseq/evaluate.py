@@ -76,19 +76,30 @@ def read_generations(path: str | os.PathLike) -> tuple[list[str], list[str], lis
     if not path.is_file():
         raise FileNotFoundError(f"generations file not found: {path}")
     src, ref, hyp, cands = [], [], [], []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-                src.append(str(obj.get("source", "")))
-                ref.append(str(obj["reference"]))
-                hyp.append(str(obj["hypothesis"]))
-                cands.append([str(c) for c in obj.get("candidates", [])])
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                if not isinstance(obj, dict):
+                    raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+                for key in ("reference", "hypothesis"):
+                    if not isinstance(obj[key], str):
+                        raise TypeError(f"{key!r} must be a string, got {json.dumps(obj[key])}")
+                source = obj.get("source", "")
+                if not isinstance(source, str):
+                    raise TypeError(f"'source' must be a string, got {json.dumps(source)}")
+                candidates = obj.get("candidates", [])
+                if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+                    raise TypeError(f"'candidates' must be a list of strings, got {json.dumps(candidates)[:80]}")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{number}: not a generation record with 'reference' and 'hypothesis' "
                                  f"({type(e).__name__}: {e})") from None
+            src.append(source)
+            ref.append(obj["reference"])
+            hyp.append(obj["hypothesis"])
+            cands.append(candidates)
     return src, ref, hyp, cands
 
 

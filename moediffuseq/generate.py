@@ -62,11 +62,19 @@ class Generation:
 
 
 def default_target_len(model_dir: str | os.PathLike | None, seq_len: int) -> int:
+    """The target budget saved by training in ``generation.json``, else a quarter of L."""
     if model_dir is not None:
         path = Path(model_dir) / GENERATION_FILE
         if path.is_file():
-            return int(json.loads(path.read_text())["target_len"])
-    return seq_len // 4
+            try:
+                value = json.loads(path.read_text(encoding="utf-8"))["target_len"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: expected a JSON object with an integer 'target_len' "
+                                 f"({type(e).__name__}: {e})") from None
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{path}: target_len must be an integer >= 1, got {value!r}")
+            return value
+    return max(1, seq_len // 4)
 
 
 def _decode(ids: Sequence[int], tokenizer: TextTokenizer) -> str:
@@ -89,7 +97,8 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
     L = model.config.max_len
     schedule = NoiseSchedule.create(model.config.schedule, model.config.diffusion_steps)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    rows = [pack_source(s, L, target_len, tokenizer.special) for s in tokenizer.encode_batch(list(sources))]
+    rows = [pack_source(s, L, target_len, tokenizer.special)
+            for s in tokenizer.encode_batch(list(sources), max_tokens=L - 2)]  # more never fits
     out: list[Generation] = []
     bar = progress_bar(len(rows), "generate", "seq", enabled=progress)
     for begin in range(0, len(rows), cfg.batch_size):
@@ -124,21 +133,33 @@ def generate_file(model_dir: str | os.PathLike, input_path: str | os.PathLike, o
                   skip_bad_lines: bool = False, progress: bool = True) -> int:
     """Reads a DiffuSeq jsonl file, writes one {source, reference, hypothesis, candidates} line
     per example; returns the number written."""
+    output_path = Path(output_path)
+    if not Path(input_path).is_file():
+        raise FileNotFoundError(f"input file not found: {input_path}")
+    if output_path.is_dir():
+        raise ValueError(f"output {output_path} is a directory, not a file")
+    if output_path.exists() and Path(input_path).exists() and os.path.samefile(output_path, input_path):
+        raise ValueError(f"output {output_path} is the input file: it would be overwritten")
     model = MoEDiffuSeq.from_pretrained(model_dir, map_location=device).to(device)
     tokenizer = TextTokenizer.load(model_dir)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"{model.config.vocab_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     examples = read_jsonl(input_path, "skip" if skip_bad_lines else "raise").examples[:limit]
     target_len = cfg.target_len or default_target_len(model_dir, model.config.max_len)
     results = generate(model, tokenizer, [e.src for e in examples], cfg, target_len, progress=progress)
-    output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(output_path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for ex, res in zip(examples, results):
-            f.write(json.dumps({"source": ex.src, "reference": ex.trg, "hypothesis": res.hypothesis,
-                                "candidates": res.candidates}, ensure_ascii=False) + "\n")
-    os.replace(tmp, output_path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for ex, res in zip(examples, results):
+                f.write(json.dumps({"source": ex.src, "reference": ex.trg, "hypothesis": res.hypothesis,
+                                    "candidates": res.candidates}, ensure_ascii=False) + "\n")
+        os.replace(tmp, output_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return len(results)
 

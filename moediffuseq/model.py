@@ -7,15 +7,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from moediffuseq import fields
+from moediffuseq.diffusion.schedule import SCHEDULES
 from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, MoEFeedForward
+from moediffuseq.ops.moe_ffn import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,12 +59,38 @@ class MoEDiffuSeqConfig:
     pad_id: int = 0
 
     def __post_init__(self) -> None:
+        """Every field is checked here (type and range), so a bad value from a config file or a
+        ``--set`` is refused with its name before anything is built."""
+        for name in ("vocab_size", "d_emb", "d_model", "n_layers", "n_heads", "dilation", "num_experts", "top_k",
+                     "d_expert", "d_ff", "diffusion_steps"):
+            fields.integer(name, getattr(self, name), 1)
+        fields.integer("max_len", self.max_len, 5)  # [CLS] src [SEP] trg [SEP]
+        for name in ("window", "global_target_max"):
+            fields.integer(name, getattr(self, name), 0)
+        fields.choice("attention", self.attention, ("sparse", "dense"))
+        fields.choice("ffn", self.ffn, ("moe", "dense"))
+        fields.choice("activation", self.activation, ACTIVATIONS)
+        fields.choice("schedule", self.schedule, SCHEDULES)
+        for name in ("pre_ln", "soft_absorbing", "mse_target_only"):
+            fields.boolean(name, getattr(self, name))
+        if self.capacity_factor is not None:
+            fields.number("capacity_factor", self.capacity_factor, 0.0, above=True)
+        fields.number("dropout", self.dropout, 0.0, 1.0, below=True)
+        fields.number("gamma", self.gamma, 0.0, 1.0)
+        fields.number("m_weight", self.m_weight, 0.0)
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.attention not in ("sparse", "dense"):
-            raise ValueError(f"attention must be 'sparse' or 'dense', got {self.attention!r}")
-        if self.ffn not in ("moe", "dense"):
-            raise ValueError(f"ffn must be 'moe' or 'dense', got {self.ffn!r}")
+            raise fields.ConfigError("d_model", f"({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.ffn == "moe" and self.top_k > self.num_experts:
+            raise fields.ConfigError("top_k", f"({self.top_k}) must be <= num_experts ({self.num_experts})")
+        fields.integer("pad_id", self.pad_id, 0)
+        if self.pad_id >= self.vocab_size:
+            raise fields.ConfigError("pad_id", f"({self.pad_id}) must be < vocab_size ({self.vocab_size})")
+        if not isinstance(self.special_ids, (list, tuple)):
+            raise fields.ConfigError("special_ids", f"must be a list of token ids, got {self.special_ids!r}")
+        for token in self.special_ids:
+            fields.integer("special_ids", token, 0)
+            if token >= self.vocab_size:
+                raise fields.ConfigError("special_ids", f"hold {token}, not < vocab_size ({self.vocab_size})")
         self.special_ids = tuple(self.special_ids)
 
     @classmethod
@@ -188,26 +219,59 @@ class MoEDiffuSeq(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "MoEDiffuSeq":
+        """Loads ``config.json`` + ``model.safetensors``. The config is checked against the tensor
+        shapes in the weights file's header before anything is allocated, and weights holding NaN
+        or inf are refused."""
         directory = Path(directory)
         try:
-            fields = json.loads((directory / CONFIG_FILE).read_text())
-            config = MoEDiffuSeqConfig(**fields)
+            values = json.loads((directory / CONFIG_FILE).read_text())
+            if not isinstance(values, dict):
+                raise TypeError(f"expected a JSON object, got {type(values).__name__}")
+            config = MoEDiffuSeqConfig(**values)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}") from e
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{directory / CONFIG_FILE} is not a valid MoE-DiffuSeq config: {e}") from e
-        model = cls(config)
+        path = directory / WEIGHTS_FILE
         try:
-            state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except FileNotFoundError as e:
             raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}") from e
         except Exception as e:  # safetensors raises its own error types on corrupt files
-            raise ValueError(f"{directory / WEIGHTS_FILE} is corrupt or not a safetensors file: {e}") from e
+            raise ValueError(f"{path} is corrupt or not a safetensors file: {e}") from e
+        _check_shapes(config, shapes, path)
+        model = cls(config)
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"{directory / WEIGHTS_FILE} does not match the config: {e}") from e
-        if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_FILE} does not match the config: missing {missing}, "
-                             f"unexpected {unexpected}")
+            state = load_file(str(path), device=map_location)
+        except Exception as e:
+            raise ValueError(f"{path} is corrupt or not a safetensors file: {e}") from e
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: tensor {name!r} holds NaN or inf values (weights of a diverged run?)")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # dtype or other mismatches not seen in the header
+            raise ValueError(f"{path} does not match the config: {e}") from e
         return model
+
+
+def _check_shapes(config: MoEDiffuSeqConfig, shapes: dict[str, tuple], path: Path) -> None:
+    """The tensor names and shapes a model of ``config`` has, against a weights file's header,
+    without allocating: the layer count first (a huge n_layers is refused before any module is
+    built), then every shape on the meta device."""
+    layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k))}
+    in_file = max(layer_ids) + 1 if layer_ids else 0
+    if in_file != config.n_layers:
+        raise ValueError(f"{path} does not match the config: config.json says n_layers={config.n_layers} "
+                         f"but the weights hold {in_file} layers")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MoEDiffuSeq(config).state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: {shapes[k]} in the file, {expected[k]} for the config" for k in sorted(expected)
+             if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {unexpected[:5]}"] if unexpected else [])
+        raise ValueError(f"{path} does not match the config: " + "; ".join(parts + wrong[:3]))
+

@@ -43,3 +43,30 @@ def test_errors_and_table(tmp_path):
         read_generations(path)
     table = format_table({"sys": evaluate_texts(["a b c d e"], ["a b c d e"])})
     assert table.splitlines()[2].startswith("| sys | 1.0000") and "n/a" in table
+
+
+def test_read_generations_refuses_wrong_types_instead_of_guessing(tmp_path):
+    path = tmp_path / "g.jsonl"
+    for record, why in (({"reference": "a", "hypothesis": "a", "candidates": "abc"}, "'candidates' must be a list"),
+                        ({"reference": None, "hypothesis": "a"}, "'reference' must be a string"),
+                        ({"reference": "a", "hypothesis": 3}, "'hypothesis' must be a string"),
+                        ({"reference": "a", "hypothesis": "b", "candidates": ["x", None]}, "'candidates'")):
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=rf"g.jsonl:1: .*{why}"):
+            read_generations(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"reference": "a", "hypothesis": "b"}).encode() + b"\n")
+    assert read_generations(path)[1:3] == (["a"], ["b"])  # a UTF-8 byte-order mark is not part of the text
+
+
+def test_evaluate_keeps_a_row_per_file_when_names_repeat(tmp_path, capsys):
+    from moediffuseq.cli import main
+
+    paths = []
+    for system, hyp in (("a", "x y"), ("b", "x z")):
+        (tmp_path / system).mkdir()
+        paths.append(tmp_path / system / "test.jsonl")
+        paths[-1].write_text(json.dumps({"reference": "x y", "hypothesis": hyp}) + "\n")
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", *map(str, paths), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert sorted(rows) == sorted(map(str, paths)) and rows[str(paths[0])] != rows[str(paths[1])]

@@ -110,3 +110,50 @@ def test_presets_and_bad_config():
         MoEDiffuSeqConfig.preset("tiny", layers=3)
     with pytest.raises(ValueError, match="divisible"):
         MoEDiffuSeqConfig(d_model=100, n_heads=12)
+
+
+def test_from_pretrained_checks_the_config_against_the_weights_before_building(tmp_path, monkeypatch):
+    """A config.json asking for a huge model is refused from the weights file's header, before a
+    single layer is built (n_layers = 1000000 would otherwise try to allocate hundreds of GB)."""
+    import moediffuseq.model as model_module
+
+    MoEDiffuSeq(tiny()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["n_layers"] = 1_000_000
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    built = []
+    real = model_module.DenoiserLayer.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        assert len(built) <= 10, "from_pretrained builds the layers of an unchecked config"
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.DenoiserLayer, "__init__", counted)
+    with pytest.raises(ValueError, match=r"n_layers=1000000 but the weights hold 2 layers"):
+        MoEDiffuSeq.from_pretrained(tmp_path)
+    assert not built
+
+
+def test_weights_with_nan_or_inf_are_refused(tmp_path):
+    model = MoEDiffuSeq(tiny())
+    with torch.no_grad():
+        model.layers[0].ln1.weight[3] = float("inf")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"'layers.0.ln1.weight' holds NaN or inf"):
+        MoEDiffuSeq.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("n_layers", "abc", "n_layers must be an integer >= 1, got the string 'abc'"),
+    ("n_heads", 0, "n_heads must be >= 1, got 0"),
+    ("max_len", 0, "max_len must be >= 5, got 0"),
+    ("dropout", float("nan"), "dropout must be a finite number"),
+    ("pre_ln", "yes", "pre_ln must be true or false"),
+    ("schedule", "cubic", "schedule must be one of"),
+    ("top_k", 5, r"top_k \(5\) must be <= num_experts \(4\)"),
+    ("pad_id", 500, r"pad_id \(500\) must be < vocab_size"),
+])
+def test_every_config_field_is_checked(field, value, why):
+    with pytest.raises(ValueError, match=why):
+        MoEDiffuSeqConfig.preset("tiny", vocab_size=120, **{field: value})
