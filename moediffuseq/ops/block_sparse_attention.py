@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moediffuseq.ops._double_backward import refuse_double_backward
+
 _OP = torch.ops.moediffuseq.block_sparse_attention
 _OP_BACKWARD = torch.ops.moediffuseq.block_sparse_attention_backward
 
@@ -96,6 +98,7 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(
     "moediffuseq::block_sparse_attention", _backward, setup_context=_setup_context
 )
+refuse_double_backward("block_sparse_attention_backward", "block_sparse_attention")
 
 
 def block_sparse_allowed_mask(

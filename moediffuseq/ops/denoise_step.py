@@ -31,10 +31,21 @@ def denoise_step(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: Tenso
         x_t, x0_hat, anchor, x0_prev, noise: (B, L, d), one dtype (float32 or bfloat16).
         target_mask: (B, L) bool; m: (d,) the absorbing vector (the centre of the noise).
         coef_*: floats or (B,) tensors (a, b, c, s above).
-        out: optional preallocated contiguous result (may be x_t itself: the update is
-            elementwise), to keep a sampling loop free of allocations.
+        out: optional preallocated contiguous result (may be x_t itself, or another (B, L, d)
+            input: the update is elementwise), to keep a sampling loop free of allocations. A
+            partial overlap with an input is an error; out= does not take part in autograd.
+
+    Differentiable (without ``out``) in every tensor input and coefficient, twice too: the
+    backward is written in plain PyTorch ops.
     """
     B = x_t.shape[0]
+    if out is not None:
+        _check_out(out, x_t=x_t, x0_hat=x0_hat, x0_prev=x0_prev, noise=noise, anchor=anchor,
+                   target_mask=target_mask, m=m)
+        inputs = (x_t, x0_hat, x0_prev, noise, anchor, m, coef_xt, coef_x0, coef_x0_prev, coef_noise)
+        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+            raise RuntimeError("denoise_step: out= does not take part in autograd; call it without out= to "
+                               "differentiate, or under torch.no_grad()")
     if (x0_prev is None) != (coef_x0_prev is None):
         raise ValueError("denoise_step: x0_prev and coef_x0_prev go together")
     if (noise is None) != (coef_noise is None):
@@ -47,6 +58,71 @@ def denoise_step(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: Tenso
         return _OP(*args)
     _OP_OUT(*args, out=out)
     return out
+
+
+def _byte_span(t: Tensor) -> tuple[int, int]:
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _check_out(out: Tensor, **inputs: Optional[Tensor]) -> None:
+    """``out`` may be one of the (B, L, d) inputs exactly (the update is elementwise) but must not
+    overlap any input otherwise: a partial overlap would read values already overwritten."""
+    elementwise = ("x_t", "x0_hat", "x0_prev", "noise", "anchor")
+    for name, t in inputs.items():
+        if t is None or t.numel() == 0 or out.numel() == 0 or t.device != out.device:
+            continue
+        if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        same = (name in elementwise and t.data_ptr() == out.data_ptr() and t.shape == out.shape
+                and t.stride() == out.stride() and t.dtype == out.dtype)
+        if same:
+            continue
+        (a0, a1), (b0, b1) = _byte_span(t), _byte_span(out)
+        if a0 < b1 and b0 < a1:
+            raise ValueError(f"denoise_step: out overlaps {name} without being it (a partial overlap gives a "
+                             "wrong result); pass a separate tensor or the input itself")
+
+
+def _setup_context(ctx, inputs, output):
+    x_t, x0_hat, x0_prev, noise, anchor, target_mask, m, coef_xt, coef_x0, coef_x0_prev, coef_noise = inputs
+    ctx.save_for_backward(x_t, x0_hat, x0_prev, noise, target_mask, m, coef_xt, coef_x0, coef_x0_prev, coef_noise)
+    ctx.dtypes = (x_t.dtype, x0_hat.dtype, None if x0_prev is None else x0_prev.dtype,
+                  None if noise is None else noise.dtype, anchor.dtype, m.dtype)
+
+
+def _backward(ctx, grad):
+    """The update is affine: gradients in plain PyTorch ops (so they are differentiable again)."""
+    x_t, x0_hat, x0_prev, noise, target_mask, m, a, b, c, s = ctx.saved_tensors
+    dt_xt, dt_x0, dt_prev, dt_noise, dt_anchor, dt_m = ctx.dtypes
+    need = ctx.needs_input_grad
+    keep = target_mask[..., None]  # (B, L, 1)
+    g = torch.where(keep, grad.float(), 0.0)  # (B, L, d) the target part
+    mf = m.float()
+
+    def col(coef):
+        return coef[:, None, None]  # (B, 1, 1)
+
+    def dot(x):
+        return (g * x).sum(dim=(1, 2))  # (B,)
+
+    grads = [
+        (col(a) * g).to(dt_xt) if need[0] else None,
+        (col(b) * g).to(dt_x0) if need[1] else None,
+        (col(c) * g).to(dt_prev) if need[2] and x0_prev is not None else None,
+        (col(s) * g).to(dt_noise) if need[3] and noise is not None else None,
+        torch.where(keep, 0.0, grad.float()).to(dt_anchor) if need[4] else None,
+        None,
+        (col(1 - a - b - c) * g).sum(dim=(0, 1)).to(dt_m) if need[6] else None,
+        dot(x_t.float() - mf) if need[7] else None,
+        dot(x0_hat.float() - mf) if need[8] else None,
+        dot(x0_prev.float() - mf) if need[9] and x0_prev is not None else None,
+        dot(noise.float()) if need[10] and noise is not None else None,
+    ]
+    return tuple(grads)
+
+
+torch.library.register_autograd("moediffuseq::denoise_step", _backward, setup_context=_setup_context)
 
 
 @torch.library.register_fake("moediffuseq::denoise_step")

@@ -3,6 +3,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from moediffuseq.ops._double_backward import refuse_double_backward
+
 _OP = torch.ops.moediffuseq.moe_ffn
 _OP_BACKWARD = torch.ops.moediffuseq.moe_ffn_backward
 
@@ -68,6 +70,7 @@ def _backward(ctx, grad_y, grad_hidden, grad_expert_out):
 
 
 torch.library.register_autograd("moediffuseq::moe_ffn", _backward, setup_context=_setup_context)
+refuse_double_backward("moe_ffn_backward", "moe_ffn")
 
 
 def _activate(h: Tensor, activation: str) -> Tensor:

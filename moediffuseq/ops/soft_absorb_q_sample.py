@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moediffuseq.ops._double_backward import refuse_double_backward
+
 _OP = torch.ops.moediffuseq.soft_absorb_q_sample
 _OP_BACKWARD = torch.ops.moediffuseq.soft_absorb_q_sample_backward
 
@@ -62,6 +64,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("moediffuseq::soft_absorb_q_sample", _backward, setup_context=_setup_context)
+refuse_double_backward("soft_absorb_q_sample_backward", "soft_absorb_q_sample")
 
 
 def soft_absorb_q_sample_ref(x0: Tensor, m: Tensor, target_mask: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
