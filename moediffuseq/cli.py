@@ -254,89 +254,11 @@ def train_configs(args: argparse.Namespace, vocab_size: int, special, device: st
     return model_cfg, train_cfg
 
 
-RUN_FILE = "run_config.json"  # the resolved configuration of a run, written when it starts
-
-
-def _run_files(out: Path, keep: Optional[Path] = None) -> list[Path]:
-    """The files and directories of a training run in ``out`` (what --overwrite deletes)."""
-    if not out.is_dir():
-        return []
-    names = {RUN_FILE, "tokenizer.json", "metrics.csv", "metrics.csv.tmp", "loss.png", "loss.png.tmp",
-             "tensorboard", "checkpoint", "checkpoint.old", "model", "model.old"}
-    pattern = re.compile(r"^(checkpoint-\d+|\.checkpoint\.tmp-\d+|\.model\.tmp-\d+)$")
-    found = [p for p in sorted(out.iterdir()) if p.name in names or pattern.match(p.name)]
-    return [p for p in found if keep is None or p.resolve() != keep.resolve()]
-
-
-def _check_out(args: argparse.Namespace, out: Path) -> list[Path]:
-    """Refuses to train into a run that --resume or --overwrite does not name; returns the run's files."""
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file, not a directory")
-    if args.resume and args.overwrite:
-        raise CliError("--resume and --overwrite exclude each other")
-    if args.allow_change and not args.resume:
-        raise CliError("--allow-change goes with --resume")
-    existing = _run_files(out, keep=Path(args.tokenizer) if args.tokenizer else None)
-    if args.resume:
-        from moediffuseq.checkpoint import find_checkpoint
-
-        if not (out / RUN_FILE).is_file() and find_checkpoint(out / "checkpoint") is None:
-            raise CliError(f"--resume: {out} holds no run to resume (no {RUN_FILE}, no checkpoint); "
-                           "start it without --resume")
-    elif existing and not args.overwrite:
-        raise CliError(f"--out {out} already holds a training run ({', '.join(p.name for p in existing[:4])}); "
-                       "pass --resume to continue it or --overwrite to replace it")
-    return existing
-
-
 def _data_record(args: argparse.Namespace, data_dir: Path) -> dict:
     return {"data": args.data if args.data in CORPORA else str(data_dir.resolve()),
             "max_train_examples": args.max_train_examples, "skip_bad_lines": args.skip_bad_lines,
             "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer
             else f"trained {args.tokenizer_kind}, vocab_size {args.vocab_size}"}
-
-
-def _changes(before: dict, now: dict) -> list[str]:
-    from moediffuseq.train import NON_RESULT_FIELDS
-
-    out = []
-    for section in ("data", "model", "train"):
-        old, new = before.get(section) or {}, now[section]
-        for key in sorted(set(old) | set(new)):
-            if section == "train" and key in NON_RESULT_FIELDS:
-                continue
-            a, b = old.get(key), new.get(key)
-            if isinstance(a, list):
-                a = tuple(a)
-            if isinstance(b, list):
-                b = tuple(b)
-            if a != b:
-                out.append(f"{key} ({old.get(key)!r} -> {new.get(key)!r})")
-    return out
-
-
-def _previous_config(out: Path) -> Optional[dict]:
-    """The run's resolved configuration: run_config.json, or for a run without one, its checkpoint's."""
-    from moediffuseq.checkpoint import find_checkpoint
-
-    path = out / RUN_FILE
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError as e:
-            raise CliError(f"--resume: {path} is corrupt: {e}") from None
-    directory = find_checkpoint(out / "checkpoint")
-    try:
-        return {"train": json.loads((directory / "train_config.json").read_text()),
-                "model": json.loads((directory / "model" / "config.json").read_text())}
-    except (OSError, ValueError) as e:
-        raise CliError(f"--resume: {directory} has no readable configuration: {e}") from None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def cmd_train(args: argparse.Namespace) -> Path:
@@ -350,11 +272,12 @@ def cmd_train(args: argparse.Namespace) -> Path:
     from moediffuseq.data import Seq2SeqDataset, TextTokenizer, read_jsonl, split_path
     from moediffuseq.data.tokenizer import SpecialIds
     from moediffuseq.model import MoEDiffuSeq
+    from moediffuseq.run_dir import RUN_FILE, check_run_dir, config_changes, previous_config, write_json
     from moediffuseq.train import DistributedContext, Trainer
 
     device = _device(args.device)
     out = Path(args.out)
-    existing = _check_out(args, out)
+    existing = check_run_dir(out, args.resume, args.overwrite, args.allow_change, args.tokenizer)
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise CliError(f"--tokenizer: file not found: {args.tokenizer}")
     train_configs(args, args.vocab_size, SpecialIds(0, 1, 2, 3), device)  # every value checked before any work
@@ -396,7 +319,7 @@ def cmd_train(args: argparse.Namespace) -> Path:
     resolved = {"data": _data_record(args, data_dir), "model": dataclasses.asdict(model_cfg),
                 "train": dataclasses.asdict(train_cfg)}
     if args.resume:
-        changes = _changes(_previous_config(out), resolved)
+        changes = config_changes(previous_config(out), resolved)
         if changes and not args.allow_change:
             raise CliError(f"--resume: this command changes the run's configuration: {', '.join(changes)}; "
                            "repeat the run's options, or pass --allow-change to continue with the new values")
@@ -409,7 +332,7 @@ def cmd_train(args: argparse.Namespace) -> Path:
                        f"{len(train_set)} training examples")
     if ctx.is_main and (not args.resume or args.allow_change or not (out / RUN_FILE).is_file()):
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / RUN_FILE, resolved)
+        write_json(out / RUN_FILE, resolved)
     if ctx.is_main and not run_tok.is_file():
         tokenizer.save(out)
     torch.manual_seed(train_cfg.seed)
@@ -525,7 +448,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, rows)
+        from moediffuseq.run_dir import write_json
+
+        write_json(path, rows)
         print(f"metrics: {args.json}")
     return rows
 

@@ -4,10 +4,12 @@ clipping and accumulation, bf16 autocast, uniform or loss-aware steps, periodic 
 data-parallel training when launched by torchrun (DDP: gloo on CPU, NCCL on GPU).
 
 Output directory layout:
+    run_config.json   the resolved configuration, written when the run starts (moediffuseq.run_dir)
     model/            the EMA weights, config.json, tokenizer.json, generation.json (final)
-    checkpoint/       the latest training checkpoint (see moediffuseq.checkpoint)
+    checkpoint/       the latest training checkpoint (see moediffuseq.checkpoint);
+                      checkpoint-<step>/ the earlier ones kept by keep_checkpoints
     metrics.csv       train and validation rows; tensorboard/ when tensorboard is installed
-    loss.png          the loss curve
+    loss.png          the loss curve (when matplotlib is installed)
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make
 from moediffuseq.diffusion.samplers import SamplerConfig
 from moediffuseq.evaluate import sentence_bleu
 from moediffuseq.generate import GENERATION_FILE, GenerationConfig, generate
+from moediffuseq.interrupts import HeldInterrupts
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import RunLog, progress_bar
 
@@ -93,43 +94,6 @@ class Diverged(FloatingPointError):
 def _is_non_finite_error(error: RuntimeError) -> bool:
     """The fused ops refuse NaN/inf inputs with a message naming them (e.g. moe_topk_softmax)."""
     return "NaN" in str(error)
-
-
-class _HeldInterrupts:
-    """Ctrl-C (SIGINT) while the training state is being changed (a step, a checkpoint write) is
-    held until that change is complete and then raised as KeyboardInterrupt, so that the state a
-    Ctrl-C checkpoint saves is always that of a completed step. A second Ctrl-C while one is held
-    interrupts at once (the state is then not saved)."""
-
-    def __init__(self) -> None:
-        self.depth, self.pending, self.previous = 0, False, None
-
-    def __enter__(self) -> "_HeldInterrupts":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.depth and not self.pending:
-            self.pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def held(self):
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if self.depth == 0 and self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -214,7 +178,7 @@ class Trainer:
         self.log: Optional[RunLog] = None
         self._saved_step: Optional[int] = None  # step of the latest checkpoint written or resumed from
         self._in_step = False                   # True while a step is changing the training state
-        self._interrupts = _HeldInterrupts()
+        self._interrupts = HeldInterrupts()
 
     # ----------------------------------------------------------------------------------- state
     def _rng_state(self) -> dict:
