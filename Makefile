@@ -4,12 +4,17 @@
 #   make demo      install, then the end-to-end demo (corpus, tokenizer, training, generation, scores)
 #   make bench     install, then the benchmarks (tables into bench/out/)
 #   make cuda-build CUDA_TORCH_PYTHON=/path/to/python   the extension against a CUDA torch, no GPU needed
-# Override TORCH_SPEC for another torch build, e.g. on a CUDA machine with its own torch:
+#   make install-check   sdist -> wheel -> a fresh environment with only torch: import, smoke, opcheck
+# torch: without an NVIDIA GPU (no working nvidia-smi) the CPU build, from a local wheel when pip
+# finds one offline, else from PyTorch's CPU index (TORCH_INDEX); with a GPU, the package index's
+# default (CUDA) build. Your own torch instead, e.g. on a machine that has one installed:
 #   make test VENV_FLAGS=--system-site-packages TORCH_SPEC=
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_INDEX ?= $(if $(HAS_GPU),,https://download.pytorch.org/whl/cpu)
 MAX_JOBS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moediffuseq-installed
@@ -22,9 +27,12 @@ install: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install --quiet numpy safetensors "setuptools>=68" "cmake>=3.25" ninja "pybind11>=2.12" \
-		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest \
+	$(if $(TORCH_SPEC),($(BIN)/python -m pip install --quiet --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null && \
+		$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)") || \
+		$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) \
+		--extra-index-url https://pypi.org/simple) "$(TORCH_SPEC)")
+	$(BIN)/python -m pip install --quiet numpy safetensors "setuptools>=77" "cmake>=3.25" ninja "pybind11>=2.12" \
+		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest build \
 		tokenizers tqdm sacrebleu rouge-score nltk aclsum pyyaml matplotlib
 	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
@@ -56,7 +64,11 @@ cuda-build:
 	elif [ -z "$(NVCC)" ]; then echo "cuda-build: skipped (nvcc not found)"; \
 	else NVCC="$(NVCC)" MAX_JOBS=$(MAX_JOBS) bash cmake/cuda_torch_build.sh "$(CUDA_TORCH_PYTHON)" build/cuda-torch; fi
 
-test: install cuda-check cuda-build
+.PHONY: install-check
+install-check: install
+	MAX_JOBS=$(MAX_JOBS) bash cmake/install_check.sh $(BIN)/python build/install-check
+
+test: install cuda-check cuda-build install-check
 	$(BIN)/python -m pytest tests
 
 demo: install

@@ -1,8 +1,11 @@
 # Optional CUDA backend: MOEDIFFUSEQ_CUDA = AUTO | ON | OFF (environment or -D).
 # AUTO builds it when nvcc is found *and* the installed torch is a CUDA build; ON fails loudly
 # when either is missing. CUTLASS/CuTe headers come from the pinned `nvidia-cutlass` package.
-# The architectures come from cmake/cuda_archs.cmake (resolved in torch.cmake, before
-# find_package(Torch)). Defines MOEDIFFUSEQ_WITH_CUDA and moediffuseq_add_cuda_sources(<target>).
+# A CUDA torch without nvcc (the usual pip or conda install) gets the CPU kernels under AUTO.
+# The architectures come from cmake/cuda_archs.cmake. Defines MOEDIFFUSEQ_WITH_CUDA and
+# moediffuseq_add_cuda_sources(<target>).
+include(cuda_archs)  # moediffuseq_resolve_cuda_archs()
+
 if(DEFINED ENV{MOEDIFFUSEQ_CUDA} AND NOT DEFINED MOEDIFFUSEQ_CUDA)
   set(MOEDIFFUSEQ_CUDA "$ENV{MOEDIFFUSEQ_CUDA}")
 endif()
@@ -25,15 +28,18 @@ if(NOT MOEDIFFUSEQ_CUDA STREQUAL "OFF")
   if(reason STREQUAL "")
     set(MOEDIFFUSEQ_WITH_CUDA ON)
   elseif(MOEDIFFUSEQ_CUDA STREQUAL "ON")
-    message(FATAL_ERROR "MOEDIFFUSEQ_CUDA=ON but ${reason}")
+    message(FATAL_ERROR "moediffuseq: MOEDIFFUSEQ_CUDA=ON but ${reason}: install the CUDA toolkit "
+                        "(nvcc on PATH or CUDACXX) and a CUDA build of torch, or build with MOEDIFFUSEQ_CUDA=AUTO")
   else()
-    message(STATUS "moediffuseq: CUDA kernels not built (${reason})")
+    message(NOTICE "moediffuseq: building the CPU kernels only (${reason}; MOEDIFFUSEQ_CUDA=ON makes this an error)")
   endif()
 endif()
 
 # At file scope: enable_language() inside a function leaves the CUDA rules out of the build.
 if(MOEDIFFUSEQ_WITH_CUDA)
   enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)  # CUDA::cudart: the runtime headers the torch glue includes
+  moediffuseq_resolve_cuda_archs()
 endif()
 
 include(cutlass)  # moediffuseq_find_cutlass(), MOEDIFFUSEQ_CUDA_FLAGS
@@ -51,6 +57,9 @@ function(moediffuseq_add_cuda_sources target)
     CUDA_STANDARD_REQUIRED ON
     CUDA_RUNTIME_LIBRARY Shared)
   target_include_directories(${target} PRIVATE ${MOEDIFFUSEQ_CUTLASS_INCLUDE_DIR})
+  moediffuseq_torch_library(c10_cuda c10_cuda)
+  moediffuseq_torch_library(torch_cuda torch_cuda)
+  target_link_libraries(${target} PRIVATE "${c10_cuda}" "${torch_cuda}" CUDA::cudart)
   target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:${MOEDIFFUSEQ_CUDA_FLAGS}>")
   # The built list, comma-separated (a ';' would split the definition): build_info().cuda_archs
   # and the device check of the CUDA glue (csrc/cuda/device_check.cpp) read it.

@@ -11,10 +11,8 @@
 # moediffuseq_resolve_cuda_archs() sets, in the caller's scope:
 #   MOEDIFFUSEQ_CUDA_ARCHS_REQUESTED   the list as given (cmake/check_cuda_archs.py takes it as is)
 #   MOEDIFFUSEQ_CUDA_ARCHITECTURES     the CUDA_ARCHITECTURES list, e.g. 90a-real
-#   MOEDIFFUSEQ_TORCH_CUDA_ARCH_LIST   the same in torch's format, e.g. 9.0a
-# moediffuseq_strip_torch_arch_flags() removes the -gencode / -arch flags that Caffe2's CMake
-# (find_package(Torch) with a CUDA torch) appends to CMAKE_CUDA_FLAGS and CUDA_NVCC_FLAGS, so
-# that the targets' CUDA_ARCHITECTURES is the only source of architectures.
+# The targets' CUDA_ARCHITECTURES is the only source of architectures: torch's CMake config,
+# which would add -gencode flags of its own, is not used (cmake/torch.cmake).
 
 set(MOEDIFFUSEQ_CUDA_ARCHS "" CACHE STRING
     "CUDA architectures of the kernels (empty: TORCH_CUDA_ARCH_LIST, else 9.0a); e.g. 90a or 9.0a")
@@ -38,11 +36,9 @@ function(moediffuseq_resolve_cuda_archs)
   string(REGEX REPLACE "[;, \t]+" ";" entries "${requested}")
   list(REMOVE_ITEM entries "")
   set(cmake_list "")
-  set(torch_list "")
   foreach(entry IN LISTS entries)
     if(entry MATCHES "^([0-9]+)\\.([0-9])([af]?)(\\+PTX)?$")
       set(arch "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
-      set(torch_entry "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}${CMAKE_MATCH_3}${CMAKE_MATCH_4}")
       if(CMAKE_MATCH_4)
         set(cmake_entry "${arch}")
       else()
@@ -50,60 +46,17 @@ function(moediffuseq_resolve_cuda_archs)
       endif()
     elseif(entry MATCHES "^([0-9]+)([0-9])([af]?)(-real|-virtual)?$")
       set(cmake_entry "${entry}")
-      set(torch_entry "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
-      if(NOT CMAKE_MATCH_4 STREQUAL "-real")
-        string(APPEND torch_entry "+PTX")
-      endif()
     else()
       message(FATAL_ERROR "moediffuseq: CUDA architecture '${entry}' (from ${origin} = '${requested}') is "
                           "neither X.Y[a|f][+PTX] (e.g. 9.0a) nor XY[a|f][-real|-virtual] (e.g. 90a)")
     endif()
     list(APPEND cmake_list "${cmake_entry}")
-    list(APPEND torch_list "${torch_entry}")
   endforeach()
   list(REMOVE_DUPLICATES cmake_list)
-  list(REMOVE_DUPLICATES torch_list)
   if(cmake_list STREQUAL "")
     message(FATAL_ERROR "moediffuseq: empty CUDA architecture list from ${origin}")
   endif()
   message(STATUS "moediffuseq: CUDA architectures ${cmake_list} (${origin}: ${requested})")
   set(MOEDIFFUSEQ_CUDA_ARCHS_REQUESTED "${requested}" PARENT_SCOPE)
   set(MOEDIFFUSEQ_CUDA_ARCHITECTURES "${cmake_list}" PARENT_SCOPE)
-  set(MOEDIFFUSEQ_TORCH_CUDA_ARCH_LIST "${torch_list}" PARENT_SCOPE)
 endfunction()
-
-# Removes -gencode / --generate-code / -arch / -code (with '=' or a separate argument) from a
-# space-separated flag string.
-function(moediffuseq_remove_arch_flags var)
-  set(flags " ${${var}} ")
-  string(REGEX REPLACE " (-gencode|--generate-code|-arch|--gpu-architecture|-code|--gpu-code)[= ]+[^ ]+" " "
-         flags "${flags}")
-  string(REGEX REPLACE "  +" " " flags "${flags}")
-  string(STRIP "${flags}" flags)
-  set(${var} "${flags}" PARENT_SCOPE)
-endfunction()
-
-macro(moediffuseq_strip_torch_arch_flags)
-  set(_moediffuseq_before "${CMAKE_CUDA_FLAGS}")
-  moediffuseq_remove_arch_flags(CMAKE_CUDA_FLAGS)
-  if(NOT _moediffuseq_before STREQUAL CMAKE_CUDA_FLAGS)
-    message(STATUS "moediffuseq: removed torch's -gencode flags from CMAKE_CUDA_FLAGS (CUDA_ARCHITECTURES decides)")
-  endif()
-  # CUDA_NVCC_FLAGS is a list (FindCUDA's): drop -gencode and the argument after it.
-  set(_moediffuseq_kept "")
-  set(_moediffuseq_skip OFF)
-  foreach(_moediffuseq_flag IN LISTS CUDA_NVCC_FLAGS)
-    if(_moediffuseq_skip)
-      set(_moediffuseq_skip OFF)
-    elseif(_moediffuseq_flag MATCHES "^(-gencode|--generate-code|-arch|--gpu-architecture|-code|--gpu-code)$")
-      set(_moediffuseq_skip ON)
-    elseif(NOT _moediffuseq_flag MATCHES "^(-gencode|--generate-code|-arch|--gpu-architecture|-code|--gpu-code)=")
-      list(APPEND _moediffuseq_kept "${_moediffuseq_flag}")
-    endif()
-  endforeach()
-  set(CUDA_NVCC_FLAGS "${_moediffuseq_kept}")
-  unset(_moediffuseq_before)
-  unset(_moediffuseq_kept)
-  unset(_moediffuseq_skip)
-  unset(_moediffuseq_flag)
-endmacro()

@@ -45,7 +45,7 @@ echo "cuda-build: built in $(elapsed)"
 
 # The package: every source entry linked, the new _C beside them.
 for entry in moediffuseq/*; do
-  case "$(basename "$entry")" in _C*.so | __pycache__) ;; *) ln -s "$PWD/$entry" "$PKG/" ;; esac
+  case "$(basename "$entry")" in _C*.so | _build_config.json | __pycache__) ;; *) ln -s "$PWD/$entry" "$PKG/" ;; esac
 done
 SO=$(ls "$PKG"/_C*.so)
 # (run from $OUT: the repository's own moediffuseq/ must not shadow the package under test)

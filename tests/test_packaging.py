@@ -1,6 +1,8 @@
 """What a user installs: a complete source distribution, the metadata (dependencies split into
 extras, one version, an SPDX license), and a clear word when an optional package is missing."""
 import importlib.metadata
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import moediffuseq
 from moediffuseq.extras import EXTRA_OF_MODULE, missing_extra_message
@@ -84,3 +87,160 @@ def test_missing_extra_names_the_install_line(module):
 def test_a_real_missing_module_is_not_blamed_on_an_extra():
     assert missing_extra_message(ModuleNotFoundError("No module named 'moediffuseq.nope'", name="moediffuseq.nope")) \
         is None
+
+
+def test_build_isolation_stops_at_once_with_the_commands(tmp_path):
+    """Under pip's build isolation torch is hidden: the backend refuses before installing any
+    build tool, naming the commands that work."""
+    venv = tmp_path / "empty"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "wheel", "--no-deps", "--wheel-dir",
+                             str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "torch is not importable in this build environment" in output
+    assert "pip install --no-build-isolation moediffuseq" in output
+    assert "Collecting cmake" not in output and "Collecting nvidia-cutlass" not in output
+
+
+def test_build_record_is_beside_the_extension_and_matches():
+    from moediffuseq.build_info import read_build_config
+
+    built = read_build_config()
+    assert built is not None, "the build wrote no _build_config.json beside _C"
+    assert built["torch"] == torch.__version__ and built["torch_cuda"] == (torch.version.cuda or "")
+    assert built["cuda_kernels"] == moediffuseq.build_info().has_cuda
+
+
+@pytest.mark.parametrize("built,runtime,cuda,problem", [
+    ({"torch": "2.13.0+cpu", "torch_cuda": "", "cuda_kernels": False}, "2.13.0+cu130", "13.0", None),
+    ({"torch": "2.13.0+cu130", "torch_cuda": "13.0", "cuda_kernels": False}, "2.13.0+cpu", None, None),
+    ({"torch": "2.13.0+cpu", "torch_cuda": "", "cuda_kernels": False}, "2.14.1+cpu", None,
+     "built for torch 2.13.0+cpu but torch 2.14.1+cpu is installed"),
+    ({"torch": "2.13.0+cu130", "torch_cuda": "13.0", "cuda_kernels": True}, "2.13.0+cpu", None,
+     "the installed torch 2.13.0+cpu is a CPU build"),
+    ({"torch": "2.13.0+cu130", "torch_cuda": "13.0", "cuda_kernels": True}, "2.13.0+cu126", "12.6",
+     "built for CUDA 13.0 but torch 2.13.0+cu126 uses CUDA 12.6"),
+])
+def test_a_build_for_another_torch_gets_one_clear_message(built, runtime, cuda, problem):
+    from moediffuseq.build_info import torch_mismatch
+
+    message = torch_mismatch(built, runtime, cuda)
+    if problem is None:
+        assert message is None
+    else:
+        assert problem in message and "pip install --no-build-isolation --force-reinstall" in message
+
+
+def test_import_checks_the_build_record_before_loading_the_extension(tmp_path):
+    """A package whose record says another torch stops at import with the message, not with an
+    undefined symbol from _C."""
+    package = tmp_path / "moediffuseq"
+    shutil.copytree(Path(moediffuseq.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "_build_config.json").write_text('{"torch": "2.99.0", "torch_cuda": "", "cuda_kernels": false}')
+    result = subprocess.run([sys.executable, "-c", "import moediffuseq"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"ImportError: moediffuseq was built for torch 2.99.0 but torch {torch.__version__} is installed" \
+        in result.stderr
+
+
+def test_extension_has_no_absolute_runpath():
+    """A wheel installed into another environment must not look for torch in the build's."""
+    dynamic = subprocess.run(["readelf", "-d", moediffuseq._C.__file__], check=True, capture_output=True,
+                             text=True).stdout
+    paths = [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "RPATH" in line or "RUNPATH" in line]
+    for entry in ":".join(paths).split(":"):
+        assert not entry or entry.startswith("$ORIGIN"), f"absolute run path {entry!r} in {moediffuseq._C.__file__}"
+
+
+def _make_install_commands(tmp_path, gpu: bool) -> str:
+    """The commands `make install` would run (make -n) on a machine with or without a GPU,
+    told apart by a working nvidia-smi on PATH."""
+    bin_dir = tmp_path / ("gpu" if gpu else "cpu")
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200'\n" if gpu else "#!/bin/sh\nexit 9\n")
+    smi.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run(["make", "-n", "-B", "install", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, env=env,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def test_make_installs_the_cpu_torch_without_a_gpu_and_the_default_with_one(tmp_path):
+    without_gpu = _make_install_commands(tmp_path, gpu=False)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in without_gpu
+    assert '--no-index --no-deps "torch==2.13.0"' in without_gpu  # a local CPU wheel first, offline
+    with_gpu = _make_install_commands(tmp_path, gpu=True)
+    assert "torch==2.13.0" in with_gpu and "download.pytorch.org" not in with_gpu
+
+
+def test_editable_rebuild_recompiles_nothing_when_nothing_changed():
+    """pip install -e . keeps its CMake tree (build/cmake-<python>-torch<version>): a second
+    install of unchanged sources compiles nothing."""
+    if not Path(moediffuseq.__file__).resolve().is_relative_to(ROOT):
+        pytest.skip("moediffuseq is not installed from this checkout")
+    (tree,) = (ROOT / "build").glob(f"cmake-*-torch{torch.__version__}")
+    compiled_before = (tree / ".ninja_log").read_text().count("\n")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e",
+                             str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    compiled = (tree / ".ninja_log").read_text().count("\n") - compiled_before  # ninja logs every command it runs
+    assert compiled == 0, f"{compiled} build commands ran for unchanged sources"
+
+
+_CUDA_TORCH_SIMULATION = '''
+import importlib.abc, importlib.util, sys
+
+class _CudaTorch(importlib.abc.MetaPathFinder):
+    """torch.version.cuda = "13.0": this torch presents itself as a CUDA build."""
+    def find_spec(self, name, path, target=None):
+        if name != "torch.version":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            module.cuda = "13.0"
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _CudaTorch())
+'''
+
+
+def _configure(tmp_path, python: str, cuda: str, simulate_cuda_torch: bool):
+    """CMake configure of the extension with no nvcc anywhere on PATH (the usual pip or conda
+    CUDA torch without the toolkit)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH", "PYTHONPATH")}
+    env["PATH"] = f"{Path(python).parent}:{Path(sys.executable).parent}:/usr/bin:/bin"
+    if simulate_cuda_torch:
+        (tmp_path / "site").mkdir(exist_ok=True)
+        (tmp_path / "site" / "sitecustomize.py").write_text(_CUDA_TORCH_SIMULATION)
+        env["PYTHONPATH"] = str(tmp_path / "site")
+    return subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / f"build-{cuda}"), "-GNinja",
+                           f"-DPython_EXECUTABLE={python}", f"-DMOEDIFFUSEQ_CUDA={cuda}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _cuda_torch_pythons():
+    pythons = [pytest.param(sys.executable, True, id="simulated-cuda-torch")]
+    real = os.environ.get("CUDA_TORCH_PYTHON")
+    pythons.append(pytest.param(real, False, id="real-cuda-torch", marks=pytest.mark.skipif(
+        not real, reason="set CUDA_TORCH_PYTHON to a Python with a CUDA build of torch")))
+    return pythons
+
+
+@pytest.mark.parametrize("python,simulate", _cuda_torch_pythons())
+def test_cuda_torch_without_the_toolkit_builds_the_cpu_kernels(tmp_path, python, simulate):
+    """AUTO: one line and the CPU kernels; ON: a clear error. torch's own CMake config (which
+    demands the CUDA libraries before the project can choose) is not involved."""
+    auto = _configure(tmp_path, python, "AUTO", simulate)
+    output = auto.stdout + auto.stderr
+    assert auto.returncode == 0, output[-3000:]
+    assert re.search(r"moediffuseq: torch \S+ \(CUDA \d+\.\d+\)", output), output[-3000:]
+    assert "building the CPU kernels only (no nvcc found" in output
+    assert "Caffe2" not in output and "-gencode" not in output
+    on = _configure(tmp_path, python, "ON", simulate)
+    assert on.returncode != 0
+    assert "MOEDIFFUSEQ_CUDA=ON but no nvcc found: install the CUDA toolkit" in " ".join((on.stdout + on.stderr).split())
