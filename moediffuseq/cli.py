@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from moediffuseq.data.corpora import CORPORA
+from moediffuseq.extras import missing_extra_message
 
 TRAIN_HELP = {
     "steps": "optimizer steps", "batch_size": "sequences per micro-batch per process",
@@ -503,6 +504,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency: name the extra that provides it
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     except (CliError, OSError, ValueError, FloatingPointError) as e:
         message = " ".join(line.strip() for line in str(e).splitlines())
         print(f"error: {message}", file=sys.stderr)

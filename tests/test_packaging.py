@@ -244,3 +244,37 @@ def test_cuda_torch_without_the_toolkit_builds_the_cpu_kernels(tmp_path, python,
     on = _configure(tmp_path, python, "ON", simulate)
     assert on.returncode != 0
     assert "MOEDIFFUSEQ_CUDA=ON but no nvcc found: install the CUDA toolkit" in " ".join((on.stdout + on.stderr).split())
+
+
+def _cli_without(modules: list[str], *argv: str, cwd=None) -> subprocess.CompletedProcess:
+    """The moediffuseq command in a fresh process where ``modules`` cannot be imported, as in an
+    environment that has the core install only."""
+    code = ("import sys\n"
+            f"for name in {modules!r}: sys.modules[name] = None  # import of it raises ModuleNotFoundError\n"
+            "from moediffuseq.cli import main\n"
+            f"sys.exit(main({list(argv)!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+OPTIONAL = ["tokenizers", "tqdm", "yaml", "sacrebleu", "rouge_score", "nltk", "aclsum", "matplotlib"]
+
+
+def test_the_cli_names_the_extra_a_command_needs(tmp_path):
+    info = _cli_without(OPTIONAL, "info")
+    assert info.returncode == 0, info.stderr[-2000:]
+    help_text = _cli_without(OPTIONAL, "generate", "--help")
+    assert help_text.returncode == 0 and "--dtype" in help_text.stdout, help_text.stderr[-2000:]
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text('{"src": "a b c", "trg": "c b a"}\n' * 8)
+    train = _cli_without(["tokenizers"], "train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1",
+                         "--device", "cpu")
+    assert train.returncode == 2
+    assert train.stderr.strip().splitlines()[-1] == \
+        "error: this needs the optional package 'tokenizers': pip install \"moediffuseq[train]\""
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text('{"source": "a", "reference": "b c", "hypothesis": "b c", "candidates": ["b c"]}\n')
+    evaluate = _cli_without(["sacrebleu", "nltk", "rouge_score"], "evaluate", str(gens))
+    assert evaluate.returncode == 2
+    assert "pip install \"moediffuseq[eval]\"" in evaluate.stderr and "Traceback" not in evaluate.stderr

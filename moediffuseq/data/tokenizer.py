@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+if TYPE_CHECKING:  # the `tokenizers` package (the "train" extra) is imported where it is used
+    from tokenizers import Tokenizer
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
 TOKENIZER_FILE = "tokenizer.json"
@@ -104,6 +105,8 @@ class TextTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextTokenizer":
         """From a tokenizer.json file, or a directory holding one."""
+        from tokenizers import Tokenizer
+
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
@@ -119,6 +122,8 @@ class TextTokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int = 8192, kind: str = "bpe",
               min_frequency: int = 2) -> "TextTokenizer":
         """Trains a tokenizer on ``texts`` (e.g. the sources and targets of the training split)."""
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
         if vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size must be > {len(SPECIAL_TOKENS)}, got {vocab_size}")
         if kind == "bpe":
