@@ -102,20 +102,13 @@ def sampling_speed(name: str, L: int, device: str, probe: int, bf16: bool) -> di
     model = MoEDiffuSeq(cfg).to(device).eval()
     schedule = NoiseSchedule.create(cfg.schedule, cfg.diffusion_steps)
     ids, target = batch(cfg, 1, device)
-    gm = model.global_mask(ids, target)
-    anchor = model.embed(ids)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-
-    def denoiser(x, t):
-        with autocast:
-            return model.denoise(x, t, gm)[0]
+    cond = model.condition(ids, target, torch.bfloat16 if bf16 else None)
 
     def run(sched, scfg):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        result = sample(denoiser, sched, anchor, target, model.m, scfg,
-                        generator=torch.Generator(device=device).manual_seed(0))
+        result = sample(cond, sched, scfg, generator=torch.Generator(device=device).manual_seed(0))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start, result.steps_taken

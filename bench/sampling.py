@@ -31,14 +31,9 @@ def run(model: MoEDiffuSeq, schedule: NoiseSchedule, batch: int, L: int, cfg: Sa
     ids = torch.randint(3, model.config.vocab_size, (batch, L), generator=g)
     target = torch.zeros(batch, L, dtype=torch.bool)
     target[:, L // 2:] = True
-    global_mask = model.global_mask(ids, target)
-    anchor = model.embed(ids)
-
-    def denoiser(x, t):
-        return model.denoise(x, t, global_mask)[0]
-
+    cond = model.condition(ids, target)
     start = time.perf_counter()
-    result = sample(denoiser, schedule, anchor, target, model.m, cfg, generator=g)
+    result = sample(cond, schedule, cfg, generator=g)
     return time.perf_counter() - start, result.steps_taken
 
 

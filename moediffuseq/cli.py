@@ -363,8 +363,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     from moediffuseq.generate import DTYPES
 
     p.add_argument("--model", required=True, help="a model directory (e.g. OUT/model from train)")
-    p.add_argument("--input", required=True, help="a jsonl file or <corpus>:<split>, e.g. pycode:test")
-    p.add_argument("--output", required=True, help="jsonl with source, reference, hypothesis, candidates")
+    p.add_argument("--input", help="a jsonl file ({\"src\": ...} lines; \"trg\" is the reference when present), "
+                   "<corpus>:<split> (e.g. pycode:test), a text file with one source per line, or - (stdin)")
+    p.add_argument("--text", action="append", default=[], help="a source text (repeatable), instead of --input")
+    p.add_argument("--output", help="jsonl with source, reference, hypothesis, candidates (default: print the "
+                   "generated texts, one per line)")
+    p.add_argument("--show-steps", action="store_true",
+                   help="print the first source's text after every sampling step (on stderr)")
     p.add_argument("--sampler", default="dpm++", choices=SAMPLERS)
     p.add_argument("--steps", type=_int_at_least(1), default=10, help="sampling steps (default 10)")
     p.add_argument("--mbr", type=_int_at_least(1), default=1, help="samples per source; output is their MBR choice")
@@ -407,19 +412,27 @@ def _check_output(output: Path, inputs: Sequence[Path], flag: str = "--output") 
             raise CliError(f"{flag} {output} is also an input: it would be overwritten; write elsewhere")
 
 
-def cmd_generate(args: argparse.Namespace) -> Path:
+def cmd_generate(args: argparse.Namespace) -> Optional[Path]:
     from moediffuseq.diffusion.samplers import SamplerConfig
     from moediffuseq.generate import GenerationConfig, generate_file
 
+    if (args.input is None) == (not args.text):
+        raise CliError("give the sources with --input or with --text (one of them)")
+    for text in args.text:
+        if not text.strip():
+            raise CliError("--text: an empty source")
     device = _device(args.device)
     model_dir = Path(args.model)
-    output = Path(args.output)
-    input_path = _input_path(args.input)
-    _check_output(output, [input_path])
+    output = Path(args.output) if args.output else None
+    input_path = None if args.input in (None, "-") else _input_path(args.input)
+    if output is not None:
+        _check_output(output, [input_path] if input_path else [])
     cfg = GenerationConfig(SamplerConfig(args.sampler, args.steps, args.clamp, args.early_stop), args.mbr,
                            args.batch_size, args.target_len, args.seed, args.dtype)
-    n = generate_file(model_dir, input_path, output, cfg, device, args.limit, args.skip_bad_lines)
-    print(f"wrote {n} generations to {output}")
+    n = generate_file(model_dir, input_path or args.input, output, cfg, device, args.limit, args.skip_bad_lines,
+                      texts=args.text or None, show_steps=args.show_steps)
+    if output is not None:
+        print(f"wrote {n} generations to {output}")
     return output
 
 
@@ -444,8 +457,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     rows = {}
     for name, path in zip(names, args.generations):
         _, refs, hyps, cands = read_generations(path)
+        if refs is None:
+            print(f"note: {path} has no references (generated for unlabeled sources): not scored")
+            continue
         rows[name] = evaluate_texts(hyps, refs, cands)
-    print(format_table(rows))
+    if rows:
+        print(format_table(rows))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -479,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a corpus (torchrun for data-parallel)")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("generate", help="generate outputs for a jsonl file with a trained model")
+    p = sub.add_parser("generate", help="generate outputs for sources (jsonl, text, --text, stdin) with a trained "
+                       "model")
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("evaluate", help="score generations (BLEU, ROUGE, diversity) and print a table")

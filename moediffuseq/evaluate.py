@@ -70,8 +70,10 @@ def evaluate_texts(hypotheses: Sequence[str], references: Sequence[str],
     return out
 
 
-def read_generations(path: str | os.PathLike) -> tuple[list[str], list[str], list[str], list[list[str]]]:
-    """(sources, references, hypotheses, candidates) of a file written by ``generate``."""
+def read_generations(path: str | os.PathLike
+                     ) -> tuple[list[str], Optional[list[str]], list[str], list[list[str]]]:
+    """(sources, references, hypotheses, candidates) of a file written by ``generate``; the
+    references are None when no line has one (generations for unlabeled sources)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"generations file not found: {path}")
@@ -85,6 +87,8 @@ def read_generations(path: str | os.PathLike) -> tuple[list[str], list[str], lis
                 if not isinstance(obj, dict):
                     raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
                 for key in ("reference", "hypothesis"):
+                    if key == "reference" and key not in obj and not ref:
+                        continue
                     if not isinstance(obj[key], str):
                         raise TypeError(f"{key!r} must be a string, got {json.dumps(obj[key])}")
                 source = obj.get("source", "")
@@ -97,10 +101,13 @@ def read_generations(path: str | os.PathLike) -> tuple[list[str], list[str], lis
                 raise ValueError(f"{path}:{number}: not a generation record with 'reference' and 'hypothesis' "
                                  f"({type(e).__name__}: {e})") from None
             src.append(source)
-            ref.append(obj["reference"])
+            if "reference" in obj:
+                ref.append(obj["reference"])
             hyp.append(obj["hypothesis"])
             cands.append(candidates)
-    return src, ref, hyp, cands
+    if ref and len(ref) != len(hyp):
+        raise ValueError(f"{path}: some lines have a 'reference' and some do not")
+    return src, ref or None, hyp, cands
 
 
 def format_table(rows: dict[str, dict[str, Optional[float]]]) -> str:

@@ -1,5 +1,7 @@
 """Generation: sources in, text out, with any sampler of ``moediffuseq.diffusion.samplers``
 (default DPM-Solver++ with 10 steps) and optional minimum-Bayes-risk selection over S samples.
+``moediffuseq.pipeline.MoEDiffuSeqPipeline`` wraps ``generate`` with a model directory's
+defaults; ``generate_file`` is the CLI's text in, text out.
 
 The source is packed as in training, every position after its [SEP] is generated, and the
 output is the argmax of lm_head(x0_hat) up to the first [SEP], padding removed (METHOD §6).
@@ -8,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from moediffuseq.data import TextTokenizer, pack_source, read_jsonl
+from moediffuseq.data import Example, TextTokenizer, pack_source, read_jsonl
 from moediffuseq.diffusion import NoiseSchedule
 from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
 from moediffuseq.evaluate import sentence_bleu
@@ -22,6 +25,8 @@ from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import progress_bar
 
 GENERATION_FILE = "generation.json"  # defaults saved by training next to the model (target_len)
+
+StepCallback = Callable[[int, int, list[str]], None]  # (model call, step t, texts of the batch)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +64,7 @@ class GenerationConfig:
 class Generation:
     hypothesis: str
     candidates: list[str]
+    steps: list[str] = field(default_factory=list)  # the first sample's text after every model call
 
 
 def default_target_len(model_dir: str | os.PathLike | None, seq_len: int) -> int:
@@ -87,13 +93,17 @@ def _decode(ids: Sequence[int], tokenizer: TextTokenizer) -> str:
 
 @torch.inference_mode()
 def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str], cfg: GenerationConfig,
-             target_len: int, progress: bool = False) -> list[Generation]:
+             target_len: int, progress: bool = False, callback: Optional[StepCallback] = None,
+             record_steps: bool = False) -> list[Generation]:
     """Generates one output per source (the MBR choice of ``cfg.mbr`` samples). The model runs
-    under autocast in ``generation_dtype(device, cfg.dtype)``; the sampler state stays fp32."""
+    under autocast in ``generation_dtype(device, cfg.dtype)``; the sampler state stays fp32.
+
+    ``callback(call, t, texts)`` is called after every model call of each batch's first sample
+    with the texts read from the current x0 prediction (one per source of the batch);
+    ``record_steps`` keeps them in ``Generation.steps``. Neither changes the outputs."""
     model.eval()
     device = next(model.parameters()).device
     dtype = generation_dtype(device, cfg.dtype)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     L = model.config.max_len
     schedule = NoiseSchedule.create(model.config.schedule, model.config.diffusion_steps)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -106,60 +116,98 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
         ids = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)  # (B, L)
         starts = torch.tensor([r[1] for r in chunk], device=device)
         target_mask = torch.arange(L, device=device)[None] >= starts[:, None]  # (B, L)
-        global_mask = model.global_mask(ids, target_mask)
-        anchor = model.embed(ids)  # (B, L, d)
+        cond = model.condition(ids, target_mask, dtype)
 
-        def denoiser(x, t):
-            with autocast:
-                return model.denoise(x, t, global_mask)[0]
+        def texts_of(x0: torch.Tensor) -> list[str]:
+            tokens = model.logits(x0).argmax(-1).tolist()  # (B, L)
+            return [_decode(tok[start:], tokenizer) for tok, start in zip(tokens, starts.tolist())]
 
-        samples = []  # S lists of B token lists
-        for _ in range(cfg.mbr):
-            result = sample(denoiser, schedule, anchor, target_mask, model.m, cfg.sampler, generator=generator,
-                            embedding=model.word_embedding.weight, logits_fn=model.logits)
-            tokens = model.logits(result.x0).argmax(-1).tolist()  # (B, L)
-            samples.append([_decode(tok[start:], tokenizer) for tok, start in zip(tokens, starts.tolist())])
+        steps: list[list[str]] = []  # per model call, B texts
+
+        def on_step(call: int, t: int, x0: torch.Tensor) -> None:
+            texts = texts_of(x0)
+            steps.append(texts)
+            if callback is not None:
+                callback(call, t, texts)
+
+        watch = on_step if callback is not None or record_steps else None
+        samples = [texts_of(sample(cond, schedule, cfg.sampler, generator=generator,
+                                   callback=watch if s == 0 else None).x0)
+                   for s in range(cfg.mbr)]  # S lists of B texts
         for b in range(len(chunk)):
             cands = [s[b] for s in samples]
             best = mbr_select([c.split() for c in cands], sentence_bleu) if len(cands) > 1 else 0
-            out.append(Generation(cands[best], cands))
+            out.append(Generation(cands[best], cands, [texts[b] for texts in steps] if record_steps else []))
         bar.update(len(chunk))
     bar.close()
     return out
 
 
-def generate_file(model_dir: str | os.PathLike, input_path: str | os.PathLike, output_path: str | os.PathLike,
-                  cfg: GenerationConfig, device: str = "cpu", limit: Optional[int] = None,
-                  skip_bad_lines: bool = False, progress: bool = True) -> int:
-    """Reads a DiffuSeq jsonl file, writes one {source, reference, hypothesis, candidates} line
-    per example; returns the number written."""
-    output_path = Path(output_path)
-    if not Path(input_path).is_file():
-        raise FileNotFoundError(f"input file not found: {input_path}")
-    if output_path.is_dir():
-        raise ValueError(f"output {output_path} is a directory, not a file")
-    if output_path.exists() and Path(input_path).exists() and os.path.samefile(output_path, input_path):
-        raise ValueError(f"output {output_path} is the input file: it would be overwritten")
-    model = MoEDiffuSeq.from_pretrained(model_dir, map_location=device).to(device)
-    tokenizer = TextTokenizer.load(model_dir)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model "
-                         f"{model.config.vocab_size}")
+def read_sources(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[Example]:
+    """The sources to generate for: a jsonl file (``{"src": ...}`` lines, ``trg`` optional: it is
+    the reference when present), any other file as plain text with one source per line (blank
+    lines skipped), or ``-`` for standard input as plain text."""
+    if str(path) == "-":
+        return [Example(line.strip()) for line in sys.stdin if line.strip()]
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, "skip" if skip_bad_lines else "raise", require_target=False).examples
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return [Example(line.strip()) for line in lines if line.strip()]
+
+
+def generate_file(model_dir: str | os.PathLike, input_path: Optional[str | os.PathLike],
+                  output_path: Optional[str | os.PathLike], cfg: GenerationConfig, device: str = "cpu",
+                  limit: Optional[int] = None, skip_bad_lines: bool = False, progress: bool = True,
+                  texts: Optional[Sequence[str]] = None, show_steps: bool = False) -> int:
+    """Generates for the sources of ``input_path`` (see ``read_sources``) or for ``texts``.
+    With ``output_path``, writes one {source, reference (when the input has one), hypothesis,
+    candidates} line per source; without, prints the hypotheses, one per line. ``show_steps``
+    prints the first source's text after every model call. Returns the number of sources."""
+    from moediffuseq.pipeline import MoEDiffuSeqPipeline
+
+    if output_path is not None:
+        output_path = Path(output_path)
+        if output_path.is_dir():
+            raise ValueError(f"output {output_path} is a directory, not a file")
+        if input_path is not None and output_path.exists() and Path(input_path).exists() \
+                and os.path.samefile(output_path, input_path):
+            raise ValueError(f"output {output_path} is the input file: it would be overwritten")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    examples = read_jsonl(input_path, "skip" if skip_bad_lines else "raise").examples[:limit]
-    target_len = cfg.target_len or default_target_len(model_dir, model.config.max_len)
-    results = generate(model, tokenizer, [e.src for e in examples], cfg, target_len, progress=progress)
+    examples = [Example(t) for t in texts] if texts is not None else read_sources(input_path, skip_bad_lines)
+    examples = examples[:limit]
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device=device)
+
+    batches = 0
+
+    def print_step(call: int, t: int, batch_texts: list[str]) -> None:  # the first source only
+        nonlocal batches
+        batches += call == 1
+        if batches == 1:
+            print(f"step {call:3d} (t={t:4d}): {batch_texts[0]}", file=sys.stderr, flush=True)
+
+    results = pipe.generate([e.src for e in examples], cfg, progress=progress and output_path is not None,
+                            callback=print_step if show_steps else None)
+    if output_path is None:
+        for res in results:
+            print(res.hypothesis)
+        return len(results)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(output_path.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
             for ex, res in zip(examples, results):
-                f.write(json.dumps({"source": ex.src, "reference": ex.trg, "hypothesis": res.hypothesis,
-                                    "candidates": res.candidates}, ensure_ascii=False) + "\n")
+                record = {"source": ex.src, **({"reference": ex.trg} if ex.trg is not None else {}),
+                          "hypothesis": res.hypothesis, "candidates": res.candidates}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, output_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return len(results)
-

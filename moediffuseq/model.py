@@ -1,6 +1,7 @@
 """The MoE-DiffuSeq denoiser (METHOD §2): embeddings, a transformer of block-sparse attention and
 mixture-of-experts layers, and the soft absorbing vector m. The diffusion process, the loss and
-the samplers live in moediffuseq/diffusion/ and only call ``denoise``.
+the samplers live in moediffuseq/diffusion/: the loss calls the model (``forward``, the
+denoiser), a sampler takes ``model.condition(input_ids, target_mask)``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from moediffuseq import fields
+from moediffuseq.diffusion.samplers import Conditioning
 from moediffuseq.diffusion.schedule import SCHEDULES
 from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, MoEFeedForward
 from moediffuseq.ops.moe_ffn import ACTIVATIONS
@@ -152,7 +154,7 @@ class DenoiserLayer(nn.Module):
 
 
 class MoEDiffuSeq(nn.Module):
-    """The denoiser: ``denoise(x_t, t, global_mask) -> (x0_hat, aux_loss)`` (METHOD §2)."""
+    """The denoiser: ``model(x_t, t, global_mask) -> (x0_hat, aux_loss)`` (METHOD §2)."""
 
     def __init__(self, config: MoEDiffuSeqConfig) -> None:
         super().__init__()
@@ -193,7 +195,7 @@ class MoEDiffuSeq(nn.Module):
         short = target_mask.sum(-1, keepdim=True) <= self.config.global_target_max  # (B, 1)
         return special | (target_mask & short)
 
-    def denoise(self, x_t: Tensor, t: Tensor, global_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x_t: Tensor, t: Tensor, global_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """x0_hat (B, L, d_emb) from x_t (B, L, d_emb) at steps t (B,); and the summed MoE aux loss."""
         B, L, _ = x_t.shape
         if L > self.config.max_len:
@@ -208,6 +210,23 @@ class MoEDiffuSeq(nn.Module):
             h, layer_aux = layer(h, attn_global)
             aux = aux + layer_aux
         return self.output_down(self.ln_out(h)), aux
+
+    def condition(self, input_ids: Tensor, target_mask: Tensor, dtype: Optional[torch.dtype] = None) -> Conditioning:
+        """The batch ``input_ids`` (B, L) with its target span ``target_mask`` (B, L) bound to this
+        model, ready for ``moediffuseq.diffusion.samplers.sample``: the embedded source as anchor,
+        m, the word embedding, the logits head and ``denoise(x_t, t) -> x0_hat``, which calls the
+        model with the batch's global mask, under autocast in ``dtype`` when one other than fp32
+        is given (the sampler's own state stays in the anchor's dtype)."""
+        global_mask = self.global_mask(input_ids, target_mask)
+        enabled = dtype is not None and dtype != torch.float32
+        device_type = input_ids.device.type
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return self(x_t, t, global_mask)[0]
+
+        return Conditioning(denoise, self.embed(input_ids), target_mask, self.m, self.word_embedding.weight,
+                            self.logits)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json + model.safetensors (no pickle)."""

@@ -43,10 +43,10 @@ def test_denoise_shapes_and_global_mask():
     ids, target = batch(B=2)
     g = model.global_mask(ids, target)
     assert g[:, 0].all() and g[:, 20].all() and g[:, 21:].all() and not g[:, 5].any()
-    x0, aux = model.denoise(torch.randn(2, 48, 64), torch.tensor([3, 7]), g)
+    x0, aux = model(torch.randn(2, 48, 64), torch.tensor([3, 7]), g)
     assert x0.shape == (2, 48, 64) and aux.dim() == 0
     with pytest.raises(ValueError, match="exceeds max_len"):
-        model.denoise(torch.randn(1, 49, 64), torch.tensor([0]))
+        model(torch.randn(1, 49, 64), torch.tensor([0]))
 
 
 def test_a_few_steps_reduce_the_loss():
@@ -77,7 +77,7 @@ def test_save_and_load_round_trip(tmp_path):
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
     x, t = torch.randn(2, 48, 64), torch.tensor([1, 2])
-    assert torch.equal(model.denoise(x, t)[0], loaded.denoise(x, t)[0])
+    assert torch.equal(model(x, t)[0], loaded(x, t)[0])
 
 
 def test_corrupt_checkpoints_are_named(tmp_path):

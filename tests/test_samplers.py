@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moediffuseq.diffusion import NoiseSchedule
-from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
+from moediffuseq.diffusion.samplers import Conditioning, SamplerConfig, mbr_select, sample
 
 MU, STD = 1.5, 0.5
 M = torch.tensor([0.3, -0.2, 0.1, 0.0])
@@ -26,12 +26,16 @@ def problem(B=64, L=16):
     return anchor, target
 
 
+def condition(anchor, target, denoise=exact_denoiser, **heads):
+    return Conditioning(denoise, anchor, target, M, **heads)
+
+
 @pytest.mark.parametrize("cfg", [SamplerConfig("ddpm", 2000), SamplerConfig("ddim", 100),
                                  SamplerConfig("dpm++", 10), SamplerConfig("dpm++", 20)],
                          ids=["ddpm-2000", "ddim-100", "dpm++-10", "dpm++-20"])
 def test_recovers_the_data_distribution(cfg):
     anchor, target = problem()
-    r = sample(exact_denoiser, SCHEDULE, anchor, target, M, cfg, generator=torch.Generator().manual_seed(1))
+    r = sample(condition(anchor, target), SCHEDULE, cfg, generator=torch.Generator().manual_seed(1))
     y = (r.x0 - M)[target]
     assert abs(y.mean().item() - MU) < 0.05
     assert abs(y.std().item() - STD) < 0.05
@@ -42,9 +46,9 @@ def test_recovers_the_data_distribution(cfg):
 @pytest.mark.parametrize("steps", [10, 15, 20])
 def test_dpm_solver_lands_near_a_1000_step_ddim_solution(steps):
     anchor, target = problem()
-    ref = sample(exact_denoiser, SCHEDULE, anchor, target, M, SamplerConfig("ddim", 1000),
+    ref = sample(condition(anchor, target), SCHEDULE, SamplerConfig("ddim", 1000),
                  generator=torch.Generator().manual_seed(2)).x0
-    out = sample(exact_denoiser, SCHEDULE, anchor, target, M, SamplerConfig("dpm++", steps),
+    out = sample(condition(anchor, target), SCHEDULE, SamplerConfig("dpm++", steps),
                  generator=torch.Generator().manual_seed(2)).x0
     rms = (out - ref).square().mean().sqrt().item()
     assert rms < 0.025, rms  # 5% of the data's standard deviation
@@ -58,7 +62,7 @@ def test_starting_noise_is_centred_on_m():
         starts.append(x.clone())  # the sampler updates x in place
         return exact_denoiser(x, t)
 
-    sample(recorder, SCHEDULE, anchor, target, M, SamplerConfig("ddim", 2), generator=torch.Generator().manual_seed(3))
+    sample(condition(anchor, target, recorder), SCHEDULE, SamplerConfig("ddim", 2), generator=torch.Generator().manual_seed(3))
     first = starts[0][target]  # (n, 4)
     torch.testing.assert_close(first.mean(0), M, atol=0.04, rtol=0)  # 4 standard errors
     assert abs(first.std().item() - 1) < 0.03
@@ -68,12 +72,24 @@ def test_clamping_rounds_to_the_embedding_and_early_stop():
     anchor, target = problem(B=4)
     emb = torch.randn(50, 4)
     logits_fn = lambda x: x @ emb.T  # noqa: E731
-    r = sample(exact_denoiser, SCHEDULE, anchor, target, M,
-               SamplerConfig("ddim", 200, clamp=True, early_stop_patience=3),
-               generator=torch.Generator().manual_seed(4), embedding=emb, logits_fn=logits_fn)
+    r = sample(condition(anchor, target, embedding=emb, logits=logits_fn), SCHEDULE,
+               SamplerConfig("ddim", 200, clamp=True, early_stop_patience=3), generator=torch.Generator().manual_seed(4))
     rows = r.x0[target]
     assert (rows[:, None, :] == emb[None]).all(-1).any(-1).all()  # every target vector is an embedding row
     assert r.stopped_early and r.steps_taken < 200
+
+
+def test_callback_sees_every_model_call_and_changes_nothing():
+    anchor, target = problem(B=4)
+    seen = []
+    cfg = SamplerConfig("dpm++", 5)
+    plain = sample(condition(anchor, target), SCHEDULE, cfg, generator=torch.Generator().manual_seed(5))
+    watched = sample(condition(anchor, target), SCHEDULE, cfg, generator=torch.Generator().manual_seed(5),
+                     callback=lambda call, t, x0: seen.append((call, t, x0.clone())))
+    assert torch.equal(plain.x0, watched.x0)
+    assert [c for c, _, _ in seen] == list(range(1, watched.steps_taken + 1))
+    assert [t for _, t, _ in seen] == sorted((t for _, t, _ in seen), reverse=True)
+    assert torch.equal(seen[-1][2], watched.x0)
 
 
 def test_bad_sampler_config():
@@ -81,7 +97,7 @@ def test_bad_sampler_config():
         SamplerConfig("euler")
     anchor, target = problem(B=2)
     with pytest.raises(ValueError, match="clamp=True needs the word embedding"):
-        sample(exact_denoiser, SCHEDULE, anchor, target, M, SamplerConfig("ddim", 5, clamp=True))
+        sample(condition(anchor, target), SCHEDULE, SamplerConfig("ddim", 5, clamp=True))
 
 
 def test_mbr_picks_the_consensus():

@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 SPLITS = ("train", "valid", "test")
 
@@ -24,7 +24,7 @@ class DataFormatError(ValueError):
 @dataclass(frozen=True)
 class Example:
     src: str
-    trg: str
+    trg: Optional[str] = None  # None: a source to generate for, without a reference
 
 
 @dataclass
@@ -34,7 +34,7 @@ class LoadedSplit:
     skipped: list[str] = field(default_factory=list)  # "file:line: why", one per skipped line
 
 
-def _parse_line(line: str) -> Example:
+def _parse_line(line: str, require_target: bool) -> Example:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -42,17 +42,20 @@ def _parse_line(line: str) -> Example:
     if not isinstance(obj, dict):
         raise DataFormatError(f"expected a JSON object, got {type(obj).__name__}")
     for key in ("src", "trg"):
+        if key == "trg" and key not in obj and not require_target:
+            continue
         if key not in obj:
             raise DataFormatError(f"missing key {key!r} (keys: {sorted(obj)})")
         if not isinstance(obj[key], str):
             raise DataFormatError(f"{key!r} must be a string, got {type(obj[key]).__name__}")
     if not obj["src"].strip():
         raise DataFormatError("empty 'src'")
-    return Example(obj["src"], obj["trg"])
+    return Example(obj["src"], obj.get("trg"))
 
 
-def read_jsonl(path: str | os.PathLike, on_error: str = "raise") -> LoadedSplit:
-    """Reads one split. Blank lines are allowed (and ignored); every other line must parse."""
+def read_jsonl(path: str | os.PathLike, on_error: str = "raise", require_target: bool = True) -> LoadedSplit:
+    """Reads one split. Blank lines are allowed (and ignored); every other line must parse. With
+    ``require_target=False`` (sources to generate for) a line may omit ``trg``."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
@@ -65,7 +68,7 @@ def read_jsonl(path: str | os.PathLike, on_error: str = "raise") -> LoadedSplit:
                 if not line.strip():
                     continue
                 try:
-                    out.examples.append(_parse_line(line))
+                    out.examples.append(_parse_line(line, require_target))
                 except DataFormatError as e:
                     where = f"{path}:{number}: {e}"
                     if on_error == "raise":

@@ -61,7 +61,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
     x_t = soft_absorb_q_sample(x0, model.m.to(x0.dtype), target_mask, ab_t.sqrt(), (1 - ab_t).sqrt(), gamma=gamma,
                                generator=generator)
     steps = schedule.timesteps.to(t.device)[t]  # (B,) steps of the original schedule
-    x0_hat, aux = model.denoise(x_t, steps, model.global_mask(input_ids, target_mask))
+    x0_hat, aux = model(x_t, steps, model.global_mask(input_ids, target_mask))
     mse_mask = target_mask if cfg.mse_target_only else None
     mse = _mean_over((x0_hat - x0).square().mean(-1), mse_mask)
     mse_t0 = _mean_over((x0_hat - emb).square().mean(-1), mse_mask)

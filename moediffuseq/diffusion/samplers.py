@@ -10,8 +10,10 @@ update, and applies each update with the fused ``denoise_step`` op:
 - ``dpm++``: DPM-Solver++(2M) with x0-prediction over time-uniform steps, first order at the
   first step (and at the last with ``lower_order_final``).
 
-``denoiser(x_t, t) -> x0_hat`` is any callable (the model's ``denoise`` bound to its global
-mask); ``t`` holds steps of the original schedule.
+A sampler takes one ``Conditioning``: the batch to complete (anchor, target mask), the
+absorbing vector m and ``denoise(x_t, t) -> x0_hat`` (``MoEDiffuSeq.condition`` builds it, the
+model bound to its global mask; tests build one around an analytic denoiser). ``t`` holds steps
+of the original schedule.
 """
 from __future__ import annotations
 
@@ -28,6 +30,19 @@ from moediffuseq.ops import denoise_step, nearest_embedding
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+StepCallback = Callable[[int, int, Tensor], None]
+
+
+@dataclass
+class Conditioning:
+    """One batch ready to sample: what the sampler needs from the model, and nothing else."""
+
+    denoise: Denoiser       # (x_t (B, L, d), t (B,)) -> x0_hat (B, L, d)
+    anchor: Tensor          # (B, L, d) the embedded source (and anything on non-target positions)
+    target_mask: Tensor     # (B, L) bool, the positions to generate
+    m: Tensor               # (d,) the absorbing vector (zeros without the soft absorbing state)
+    embedding: Optional[Tensor] = None  # (V, d) word embeddings, for clamping
+    logits: Optional[Callable[[Tensor], Tensor]] = None  # (..., d) -> (..., V), for early stopping
 
 
 @dataclass
@@ -58,30 +73,34 @@ def _batch(value: float, B: int, device) -> Tensor:
 
 
 class _Reverse:
-    """The shared state of one sampling run: anchors, m, clamping, early stopping."""
+    """The shared state of one sampling run: anchors, m, clamping, early stopping, the callback."""
 
-    def __init__(self, denoiser: Denoiser, anchor: Tensor, target_mask: Tensor, m: Tensor, cfg: SamplerConfig,
-                 embedding: Optional[Tensor], logits_fn: Optional[Callable[[Tensor], Tensor]]) -> None:
-        if cfg.clamp and embedding is None:
+    def __init__(self, cond: Conditioning, cfg: SamplerConfig, callback: Optional[StepCallback]) -> None:
+        if cfg.clamp and cond.embedding is None:
             raise ValueError("clamp=True needs the word embedding matrix")
-        if cfg.early_stop_patience and logits_fn is None:
-            raise ValueError("early stopping needs logits_fn to read the argmax tokens")
-        self.denoiser, self.anchor, self.target_mask, self.m = denoiser, anchor, target_mask, m
-        self.cfg, self.embedding, self.logits_fn = cfg, embedding, logits_fn
+        if cfg.early_stop_patience and cond.logits is None:
+            raise ValueError("early stopping needs the logits head to read the argmax tokens")
+        self.cond, self.anchor, self.target_mask = cond, cond.anchor, cond.target_mask
+        self.m = cond.m.to(cond.anchor.dtype)
+        self.cfg, self.callback = cfg, callback
         self.calls, self.unchanged, self.tokens = 0, 0, None
 
     def predict(self, x: Tensor, t: int) -> Tensor:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x0 = self.denoiser(x, t_batch).to(x.dtype)  # a denoiser under autocast answers in its dtype
+        x0 = self.cond.denoise(x, t_batch).to(x.dtype)  # a denoiser under autocast answers in its dtype
         self.calls += 1
         if self.cfg.clamp:
-            x0 = self.embedding[nearest_embedding(x0, self.embedding)].to(x0.dtype)
-        return torch.where(self.target_mask[..., None], x0, self.anchor)
+            embedding = self.cond.embedding
+            x0 = embedding[nearest_embedding(x0, embedding)].to(x0.dtype)
+        x0 = torch.where(self.target_mask[..., None], x0, self.anchor)
+        if self.callback is not None:
+            self.callback(self.calls, t, x0)
+        return x0
 
     def converged(self, x0: Tensor) -> bool:
         if not self.cfg.early_stop_patience:
             return False
-        tokens = self.logits_fn(x0).argmax(-1)
+        tokens = self.cond.logits(x0).argmax(-1)
         same = self.tokens is not None and torch.equal(tokens, self.tokens)
         self.unchanged = self.unchanged + 1 if same else 0
         self.tokens = tokens
@@ -103,20 +122,18 @@ def dpm_solver_timesteps(num_steps: int, steps: int) -> list[int]:
     return sorted(set(points), reverse=True)
 
 
-def sample(denoiser: Denoiser, schedule: NoiseSchedule, anchor: Tensor, target_mask: Tensor, m: Tensor,
-           cfg: SamplerConfig, *, generator: Optional[torch.Generator] = None, embedding: Optional[Tensor] = None,
-           logits_fn: Optional[Callable[[Tensor], Tensor]] = None) -> SampleResult:
+def sample(cond: Conditioning, schedule: NoiseSchedule, cfg: SamplerConfig, *,
+           generator: Optional[torch.Generator] = None, callback: Optional[StepCallback] = None) -> SampleResult:
     """Runs one sampler from noise to x0.
 
     Args:
-        denoiser: (x_t (B, L, d), t (B,)) -> x0_hat (B, L, d).
+        cond: the batch and the model (``MoEDiffuSeq.condition``).
         schedule: the training schedule (T steps); respaced here as the method needs.
-        anchor: (B, L, d) the embedded source (and anything on non-target positions).
-        target_mask: (B, L) bool, the positions to generate.
-        m: (d,) the absorbing vector (zeros without the soft absorbing state).
-        embedding: (V, d) word embeddings, for clamping; logits_fn: for early stopping.
+        callback: ``callback(call, t, x0)`` after every model call (1-based call number, the
+            step of the original schedule, the re-anchored x0 prediction (B, L, d)).
     """
-    rev = _Reverse(denoiser, anchor, target_mask, m.to(anchor.dtype), cfg, embedding, logits_fn)
+    rev = _Reverse(cond, cfg, callback)
+    anchor, target_mask = cond.anchor, cond.target_mask
     start = torch.randn(anchor.shape, generator=generator, device=anchor.device).to(anchor.dtype)
     x = torch.where(target_mask[..., None], start + rev.m, anchor).contiguous()  # target ~ N(m, I)
     if cfg.method == "dpm++":

@@ -1,0 +1,112 @@
+"""The pipeline and the model sampled whole: the same outputs as ``generate`` for the same seed,
+the per-step callback, text in and text out from the command line."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from moediffuseq.cli import main
+from moediffuseq.data import TextTokenizer
+from moediffuseq.diffusion import NoiseSchedule
+from moediffuseq.diffusion.samplers import SamplerConfig, sample
+from moediffuseq.generate import GENERATION_FILE, GenerationConfig, generate
+from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
+from moediffuseq.pipeline import MoEDiffuSeqPipeline
+
+SOURCES = ["alpha beta", "gamma delta epsilon", "zeta", "eta theta iota kappa"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = TextTokenizer.train(["alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"] * 20, vocab_size=80)
+    cfg = MoEDiffuSeqConfig.preset("tiny", vocab_size=len(tok), max_len=24, n_layers=1, d_model=32, n_heads=2,
+                                   d_emb=16, window=4, num_experts=2, d_expert=32, dropout=0.0)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("pipe") / "model"
+    MoEDiffuSeqPipeline(MoEDiffuSeq(cfg), tok, target_len=6).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("sampler, steps, mbr, batch_size, seed, clamp, early_stop", [
+    ("dpm++", 5, 1, 3, 1, False, 0), ("ddpm", 4, 3, 2, 7, False, 0), ("ddim", 3, 1, 16, 2, True, 1)])
+def test_pipeline_gives_the_outputs_of_generate(model_dir, sampler, steps, mbr, batch_size, seed, clamp, early_stop):
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
+    model, tokenizer = MoEDiffuSeq.from_pretrained(model_dir), TextTokenizer.load(model_dir)
+    cfg = GenerationConfig(SamplerConfig(sampler, steps, clamp, early_stop), mbr, batch_size, seed=seed)
+    expected = generate(model, tokenizer, SOURCES, cfg, target_len=6)
+    got = pipe(SOURCES, sampler=sampler, steps=steps, mbr=mbr, batch_size=batch_size, seed=seed, clamp=clamp,
+               early_stop=early_stop, return_candidates=True)
+    assert [(g.hypothesis, g.candidates) for g in got] == [(e.hypothesis, e.candidates) for e in expected]
+    assert pipe(SOURCES, sampler=sampler, steps=steps, mbr=mbr, batch_size=batch_size, seed=seed, clamp=clamp,
+                early_stop=early_stop) == [e.hypothesis for e in expected]
+
+
+def test_callback_and_steps_watch_the_text_emerge_without_changing_it(model_dir):
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
+    seen = []
+    plain = pipe(SOURCES, steps=4, batch_size=3)
+    watched = pipe(SOURCES, steps=4, batch_size=3, return_steps=True,
+                   callback=lambda step, t, texts: seen.append((step, t, texts)))
+    assert [w.hypothesis for w in watched] == plain
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5] * 2  # dpm++ with 4 steps: 5 model calls; 2 batches
+    assert [len(texts) for _, _, texts in seen] == [3] * 5 + [1] * 5
+    assert watched[0].steps == [texts[0] for _, _, texts in seen[:5]]
+    assert watched[0].steps[-1] == watched[0].hypothesis
+    assert watched[3].steps == [texts[0] for _, _, texts in seen[5:]]
+    assert pipe("zeta", steps=4, batch_size=3) == pipe(["zeta"], steps=4, batch_size=3)[0]
+
+
+def test_the_model_is_sampled_whole_through_forward(model_dir):
+    """A sampler takes ``model.condition(...)``; every model call goes through ``forward``."""
+    model = MoEDiffuSeq.from_pretrained(model_dir).eval()
+    ids = torch.tensor([[1, 5, 6, 2, 0, 0, 0, 0]])
+    target = torch.arange(8)[None] >= 4
+    cond = model.condition(ids, target)
+    assert torch.equal(cond.anchor, model.embed(ids)) and cond.m is model.m
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[1]))
+    with torch.inference_mode():
+        result = sample(cond, NoiseSchedule.create("sqrt", 2000), SamplerConfig("ddim", 3),
+                        generator=torch.Generator().manual_seed(0))
+    assert len(calls) == result.steps_taken == 3
+    assert torch.equal(result.x0[~target], cond.anchor[~target])
+    x, t = torch.randn(1, 8, 16), torch.tensor([5])
+    torch.testing.assert_close(cond.denoise(x, t), model(x, t, model.global_mask(ids, target))[0])
+
+
+def test_from_pretrained_reads_the_target_length_and_checks_the_tokenizer(model_dir, tmp_path):
+    assert json.loads((model_dir / GENERATION_FILE).read_text()) == {"target_len": 6}
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
+    assert pipe.target_len == 6 and pipe.device == torch.device("cpu")
+    bigger = MoEDiffuSeq(dataclasses.replace(pipe.model.config, vocab_size=len(pipe.tokenizer) + 1))
+    with pytest.raises(ValueError, match="tokenizer has"):
+        MoEDiffuSeqPipeline(bigger, pipe.tokenizer)
+
+
+def test_generate_takes_text_in_and_gives_text_out(model_dir, tmp_path, capsys, monkeypatch):
+    expected = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")(SOURCES[:2], steps=3)
+    base = ["generate", "--model", str(model_dir), "--steps", "3", "--device", "cpu"]
+    assert main([*base, "--text", SOURCES[0], "--text", SOURCES[1]]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    plain = tmp_path / "sources.txt"
+    plain.write_text(f"{SOURCES[0]}\n\n{SOURCES[1]}\n")
+    assert main([*base, "--input", str(plain)]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    monkeypatch.setattr("sys.stdin", plain.open())
+    assert main([*base, "--input", "-"]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    unlabeled = tmp_path / "unlabeled.jsonl"
+    unlabeled.write_text("\n".join(json.dumps({"src": s}) for s in SOURCES[:2]) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main([*base, "--input", str(unlabeled), "--output", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["hypothesis"] for r in records] == expected and "reference" not in records[0]
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    assert "no references" in capsys.readouterr().out
+    assert main([*base, "--text", SOURCES[0], "--show-steps"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == expected[:1]
+    assert [line.split(":", 1)[0] for line in captured.err.splitlines()] == [
+        f"step {i:3d} (t={t:4d})" for i, t in zip(range(1, 5), (1999, 1333, 666, 0))]
