@@ -4,16 +4,23 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(moediffuseq, m) {
-  // Block-sparse attention (METHOD §3). q, k, v: (B, H, L, D). Returns the output (B, H, L, D)
-  // and the per-row log-sum-exp of the scaled scores (B, H, L) in float32, +inf for a row with
-  // no allowed key (its output is zero), which the backward uses to rebuild the probabilities.
+  // Block-sparse attention (METHOD §3). q: (B, H, L, D), k, v: (B, H_kv, L, D) with H a multiple
+  // of H_kv (grouped-query attention: query head h reads key/value head h / (H / H_kv));
+  // layout "blhd" takes all three as (B, L, heads, D) instead (any strides with a contiguous D).
+  // allowed(i, j) = j not padded and (i global or j global or (|i - j| <= window * dilation and
+  // (i - j) mod dilation == 0)) and, when causal, j <= i: a global token then attends to the past
+  // only and is attended by the queries at or after it. Returns the output in the layout and
+  // shape of q (contiguous) and the per-row log-sum-exp of the scaled scores (B, H, L) in float32,
+  // +inf for a row with no allowed key (its output is zero), which the backward uses to rebuild
+  // the probabilities. The gradients come back in the shapes (and layout) of q, k, v.
   m.def(
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, int window, int dilation, "
-      "Tensor? global_mask, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+      "Tensor? global_mask, Tensor? key_padding_mask, float scale, bool causal=False, "
+      "str layout=\"bhld\") -> (Tensor out, Tensor lse)");
   m.def(
       "block_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int window, int dilation, Tensor? global_mask, Tensor? key_padding_mask, "
-      "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "float scale, bool causal=False, str layout=\"bhld\") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
   // Mixture-of-experts routing (METHOD §4): softmax over experts in float32, top-k by logit
   // (ties: the lowest expert index), weights renormalised over the k chosen (float32, (T, k)),

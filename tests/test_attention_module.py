@@ -56,3 +56,34 @@ def test_bad_input_shape():
     attn = BlockSparseSelfAttention(32, 4)
     with pytest.raises(ValueError, match=r"x must be \(B, L, 32\)"):
         attn(torch.randn(2, 10, 16))
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_causal_grouped_query_sparse_equals_dense(n_kv_heads):
+    """causal=True with grouped key/value heads: the fused kind (layout "blhd", strided views of
+    the projection) against SDPA with is_causal / a causal padding mask and enable_gqa."""
+    torch.manual_seed(3)
+    sparse = BlockSparseSelfAttention(64, 4, window=100, kind="sparse", causal=True, n_kv_heads=n_kv_heads)
+    dense = BlockSparseSelfAttention(64, 4, kind="dense", causal=True, n_kv_heads=n_kv_heads)
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(2, 77, 64, requires_grad=True)
+    for pad in (None, torch.arange(77).expand(2, 77) >= torch.tensor([[77], [60]])):
+        ys, yd = sparse(x, key_padding_mask=pad), dense(x, key_padding_mask=pad)
+        torch.testing.assert_close(ys, yd, atol=2e-5, rtol=2e-5)
+        (gs,) = torch.autograd.grad(ys.square().sum(), x)
+        (gd,) = torch.autograd.grad(yd.square().sum(), x)
+        torch.testing.assert_close(gs, gd, atol=1e-4, rtol=1e-4)
+
+
+def test_causal_window_sees_only_the_past():
+    torch.manual_seed(4)
+    attn = BlockSparseSelfAttention(32, 2, window=3, causal=True, n_kv_heads=1)
+    x = torch.randn(1, 50, 32, requires_grad=True)
+    (g,) = torch.autograd.grad(attn(x)[0, 25].sum(), x)
+    touched = g[0].abs().sum(-1) > 0
+    assert touched[22:26].all() and not touched[:22].any() and not touched[26:].any()
+
+
+def test_bad_kv_heads():
+    with pytest.raises(ValueError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
+        BlockSparseSelfAttention(32, 4, n_kv_heads=3)

@@ -2,6 +2,7 @@
 
 Every test runs on CPU and, where a GPU and the CUDA kernels are present, on CUDA (bfloat16 and
 float16 there, head dimensions 64 and 128; the float64 reference runs on the same device).
+Causal and grouped-query attention run on CPU only (the CUDA entry refuses them by name).
 """
 import math
 
@@ -29,16 +30,24 @@ def default_dtype(device):
     return torch.float32 if device == "cpu" else torch.bfloat16
 
 
-def make_inputs(B, H, L, D, dtype, seed, p_global=0.0, p_pad=0.0, pad_batch=False, device="cpu"):
+def shape_of(B, H, L, D, layout):
+    return (B, H, L, D) if layout == "bhld" else (B, L, H, D)
+
+
+def make_inputs(B, H, L, D, dtype, seed, p_global=0.0, p_pad=0.0, pad_batch=False, device="cpu", kv_heads=None,
+                layout="bhld"):
+    """q (and grad) with H heads, k and v with kv_heads (default H), all in ``layout``."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    Hkv = H if kv_heads is None else kv_heads
+    q, k, v = (torch.randn(shape_of(B, h, L, D, layout), generator=gen).to(device=device, dtype=dtype)
+               for h in (H, Hkv, Hkv))
     global_mask = (torch.rand(B, L, generator=gen) < p_global).to(device) if p_global > 0 else None
     key_padding_mask = (torch.rand(B, L, generator=gen) < p_pad).to(device) if p_pad > 0 else None
     if pad_batch:  # the last batch element has every key padded
         key_padding_mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, L, dtype=torch.bool)
         key_padding_mask = key_padding_mask.to(device)
         key_padding_mask[-1] = True
-    grad = torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
+    grad = torch.randn(shape_of(B, H, L, D, layout), generator=gen).to(device=device, dtype=dtype)
     return q, k, v, global_mask, key_padding_mask, grad
 
 
@@ -49,45 +58,53 @@ def run_with_grads(fn, q, k, v, grad, **kw):
     return out.detach(), grads
 
 
-def lse_ref(q, k, global_mask, key_padding_mask, window, dilation, scale=None, dtype=torch.float64):
+def lse_ref(q, k, global_mask, key_padding_mask, window, dilation, scale=None, dtype=torch.float64, causal=False,
+            layout="bhld"):
     """The op's log-sum-exp (B, H, L): logsumexp over the allowed keys of the scaled scores
     q . k * scale, computed in ``dtype``; +inf for a row with no allowed key."""
+    if layout == "blhd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
     B, H, L, D = q.shape
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     allowed = block_sparse_allowed_mask(L, window=window, dilation=dilation, global_mask=global_mask,
-                                        key_padding_mask=key_padding_mask, batch=B, device=q.device)[:, None]
+                                        key_padding_mask=key_padding_mask, batch=B, device=q.device,
+                                        causal=causal)[:, None]
     scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # (B, H, L, L)
     lse = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)  # (B, H, L)
     return lse.masked_fill(~allowed.any(-1), float("inf"))
 
 
-def check_lse(q, k, v, global_mask, key_padding_mask, window, dilation, scale=None):
+def check_lse(q, k, v, global_mask, key_padding_mask, window, dilation, scale=None, causal=False, layout="bhld"):
     """The lse output of torch.ops.moediffuseq.block_sparse_attention (float32, the saved input
     of the backward) against lse_ref: the same rows are +inf, the others within tolerance of
     the float64 reference (baseline: the float32 computation from the same inputs)."""
     op_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     _, lse = torch.ops.moediffuseq.block_sparse_attention(q, k, v, window, dilation, global_mask, key_padding_mask,
-                                                          op_scale)
-    ref = lse_ref(q, k, global_mask, key_padding_mask, window, dilation, op_scale)
-    base = lse_ref(q, k, global_mask, key_padding_mask, window, dilation, op_scale, dtype=torch.float32)
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+                                                          op_scale, causal, layout)
+    kw = dict(causal=causal, layout=layout)
+    ref = lse_ref(q, k, global_mask, key_padding_mask, window, dilation, op_scale, **kw)
+    base = lse_ref(q, k, global_mask, key_padding_mask, window, dilation, op_scale, dtype=torch.float32, **kw)
+    B, H, L = (q.shape[:3] if layout == "bhld" else (q.shape[0], q.shape[2], q.shape[1]))
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, L)
     empty = ref == float("inf")
     assert torch.equal(lse == float("inf"), empty), "lse: +inf exactly on the rows with no allowed key"
     assert_close_to_reference(lse[~empty], ref[~empty], base[~empty], "lse", compute_dtype=torch.float32)
 
 
-def check_against_reference(q, k, v, global_mask, key_padding_mask, grad, window, dilation, scale=None):
+def check_against_reference(q, k, v, global_mask, key_padding_mask, grad, window, dilation, scale=None, causal=False,
+                            layout="bhld"):
     kw = dict(window=window, dilation=dilation, global_mask=global_mask,
-              key_padding_mask=key_padding_mask, scale=scale)
+              key_padding_mask=key_padding_mask, scale=scale, causal=causal, layout=layout)
     out, grads = run_with_grads(block_sparse_attention, q, k, v, grad, **kw)
     ref, ref_grads = run_with_grads(block_sparse_attention_ref, q, k, v, grad, **kw)  # float64
     base, base_grads = run_with_grads(block_sparse_attention_ref, q, k, v, grad, upcast=False, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close_to_reference(out, ref, base, "out")
-    for name, g, rg, bg in zip("qkv", grads, ref_grads, base_grads):
-        assert g.dtype == q.dtype and g.shape == q.shape
+    for name, x, g, rg, bg in zip("qkv", (q, k, v), grads, ref_grads, base_grads):
+        assert g.dtype == q.dtype and g.shape == x.shape
         assert_close_to_reference(g, rg, bg, f"grad_{name}")
-    check_lse(q, k, v, global_mask, key_padding_mask, window, dilation, scale)
+    check_lse(q, k, v, global_mask, key_padding_mask, window, dilation, scale, causal, layout)
 
 
 lengths = st.one_of(st.integers(1, 160), st.sampled_from([255, 256, 257, 513, 1025, 1100]))
@@ -109,6 +126,10 @@ def problems(draw, device="cpu"):
         pad_batch=draw(st.booleans()),
         dtype=draw(st.sampled_from(DEVICE_DTYPES[device])),
         seed=draw(st.integers(0, 2**31 - 1)),
+        # causal and grouped-query heads: CPU kernels only
+        causal=draw(st.booleans()) if device == "cpu" else False,
+        group=draw(st.sampled_from([1, 1, 2, 3])) if device == "cpu" else 1,
+        layout=draw(st.sampled_from(["bhld", "blhd"])),
     )
 
 
@@ -121,6 +142,13 @@ EXAMPLES = {
              dtype=torch.float32, seed=1),
         dict(B=2, H=1, L=97, D=40, window=3, dilation=4, p_global=0.1, p_pad=0.1, pad_batch=True,
              dtype=torch.bfloat16, seed=2),
+        # causal x GQA x layout: a window wider than a 512-key chunk, global keys past the window
+        dict(B=1, H=2, L=1025, D=72, window=600, dilation=1, p_global=0.02, p_pad=0.1, pad_batch=False,
+             dtype=torch.float32, seed=20, causal=True, group=3, layout="blhd"),
+        dict(B=2, H=1, L=257, D=40, window=5, dilation=3, p_global=0.1, p_pad=0.1, pad_batch=True,
+             dtype=torch.bfloat16, seed=21, causal=True, group=2, layout="bhld"),
+        dict(B=1, H=1, L=300, D=16, window=2, dilation=2, p_global=1.0, p_pad=0.5, pad_batch=False,
+             dtype=torch.float32, seed=22, causal=True, group=4, layout="blhd"),
     ],
     "cuda": [
         dict(B=1, H=1, L=1, D=64, window=0, dilation=1, p_global=0.0, p_pad=0.0, pad_batch=False,
@@ -131,14 +159,19 @@ EXAMPLES = {
              dtype=torch.float16, seed=2),
         dict(B=1, H=1, L=300, D=128, window=70, dilation=3, p_global=1.0, p_pad=0.5, pad_batch=False,
              dtype=torch.float16, seed=3),
+        dict(B=2, H=2, L=200, D=64, window=9, dilation=2, p_global=0.05, p_pad=0.1, pad_batch=False,
+             dtype=torch.bfloat16, seed=4, layout="blhd"),
     ],
 }
 
 
 def check_problem(p, device):
-    q, k, v, g, kp, grad = make_inputs(p["B"], p["H"], p["L"], p["D"], p["dtype"], p["seed"],
-                                       p["p_global"], p["p_pad"], p["pad_batch"], device=device)
-    check_against_reference(q, k, v, g, kp, grad, p["window"], p["dilation"])
+    group, layout = p.get("group", 1), p.get("layout", "bhld")
+    q, k, v, g, kp, grad = make_inputs(p["B"], p["H"] * group, p["L"], p["D"], p["dtype"], p["seed"],
+                                       p["p_global"], p["p_pad"], p["pad_batch"], device=device,
+                                       kv_heads=p["H"], layout=layout)
+    check_against_reference(q, k, v, g, kp, grad, p["window"], p["dilation"], causal=p.get("causal", False),
+                            layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -224,18 +257,62 @@ def test_window_and_dilation_beyond_the_sequence(device, window, dilation):
     check_against_reference(q, k, v, g, kp, grad, window=window, dilation=dilation)
 
 
-def test_allowed_mask_is_the_contract():
-    """The reference's mask against the METHOD §3 formula, pair by pair."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_allowed_mask_is_the_contract(causal):
+    """The reference's mask against the METHOD §3 formula, pair by pair; causal: also j <= i,
+    global tokens included (a global query sees only the past, a global key only the future)."""
     L, w, d = 23, 2, 3
     gen = torch.Generator().manual_seed(0)
     g = torch.rand(2, L, generator=gen) < 0.15
     kp = torch.rand(2, L, generator=gen) < 0.2
-    mask = block_sparse_allowed_mask(L, window=w, dilation=d, global_mask=g, key_padding_mask=kp, batch=2)
+    mask = block_sparse_allowed_mask(L, window=w, dilation=d, global_mask=g, key_padding_mask=kp, batch=2,
+                                     causal=causal)
     for b in range(2):
         for i in range(L):
             for j in range(L):
                 expect = (not kp[b, j]) and bool(g[b, i] or g[b, j] or (abs(i - j) <= w * d and (i - j) % d == 0))
+                expect = expect and (j <= i or not causal)
                 assert bool(mask[b, i, j]) == expect, (b, i, j)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_output_ignores_the_future(dtype):
+    """Changing k and v at positions > i (global ones included) leaves rows <= i bitwise equal,
+    and their gradients with respect to those keys are exactly zero."""
+    L, cut = 300, 170
+    q, k, v, g, _, grad = make_inputs(1, 4, L, 16, dtype, seed=30, p_global=0.1, kv_heads=2, layout="blhd")
+    g[0, cut + 5] = True  # a global token in the future of the rows compared
+    kw = dict(window=40, dilation=2, global_mask=g, causal=True, layout="blhd")
+    out, (dq, dk, dv) = run_with_grads(block_sparse_attention, q, k, v, grad * (torch.arange(L) <= cut)[:, None, None],
+                                       **kw)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, cut + 1:] = torch.randn_like(k2[:, cut + 1:])
+    v2[:, cut + 1:] = 100.0
+    out2 = block_sparse_attention(q, k2, v2, **kw)
+    assert torch.equal(out[:, :cut + 1], out2[:, :cut + 1])
+    assert not torch.equal(out[:, cut + 1:], out2[:, cut + 1:])
+    assert dk[:, cut + 1:].abs().max() == 0 and dv[:, cut + 1:].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blhd_reads_the_views_of_a_fused_qkv_projection(dtype):
+    """q, k, v as strided views of one (B, L, 3, H, D) projection output (no copy), and the
+    same values in contiguous (B, H, L, D) tensors, give the same output (transposed) and grads."""
+    B, L, H, D = 2, 131, 3, 24
+    qkv = torch.randn(B, L, 3, H, D, generator=torch.Generator().manual_seed(31)).to(dtype).requires_grad_()
+    q, k, v = qkv.unbind(2)  # (B, L, H, D) each, row stride 3 H D
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    g = torch.rand(B, L, generator=torch.Generator().manual_seed(32)) < 0.05
+    out = block_sparse_attention(q, k, v, window=7, global_mask=g, causal=True, layout="blhd")
+    grad = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    leaves = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention(*leaves, window=7, global_mask=g, causal=True)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.transpose(1, 2))
+    assert out.shape == (B, L, H, D) and out.is_contiguous()
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=0, atol=0)
+    for i in range(3):
+        torch.testing.assert_close(dqkv[:, :, i], ref_grads[i].transpose(1, 2), rtol=0, atol=0)
 
 
 def test_rows_without_keys_are_zero_with_zero_grads(device):
@@ -302,6 +379,14 @@ def test_opcheck(masks, device, dtype):
     torch.library.opcheck(torch.ops.moediffuseq.block_sparse_attention.default, args)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_opcheck_causal_grouped_query(layout, dtype):
+    q, k, v, g, kp, _ = make_inputs(2, 4, 37, 16, dtype, seed=9, p_global=0.1, p_pad=0.2, kv_heads=2, layout=layout)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 3, 2, g, kp, 0.25, True, layout)
+    torch.library.opcheck(torch.ops.moediffuseq.block_sparse_attention.default, args)
+
+
 def test_opcheck_backward_op(device):
     q, k, v, g, kp, grad = make_inputs(1, 2, 45, head_dim(device, 8), default_dtype(device), seed=10, p_global=0.1,
                                        p_pad=0.1, device=device)
@@ -355,8 +440,17 @@ def _good():
 
 BAD_INPUTS = [
     ("q rank", lambda a: a.update(q=a["q"][0]), r"q must be \(B, H, L, D\)"),
-    ("k shape", lambda a: a.update(k=a["k"][:, :, :8]), r"k must have the shape of q"),
-    ("v shape", lambda a: a.update(v=a["v"][:1]), r"v must have the shape of q"),
+    ("k shape", lambda a: a.update(k=a["k"][:, :, :8]), r"k must be \(B, H_kv, L, D\) with the B, L and D of q"),
+    ("v shape", lambda a: a.update(v=a["v"][:1]), r"v must be \(B, H_kv, L, D\) with the B, L and D of q"),
+    ("v heads differ from k", lambda a: a.update(v=a["v"][:, :1]), r"v must have the shape of k"),
+    ("H_q not a multiple of H_kv", lambda a: a.update(q=torch.randn(2, 3, 16, 8)),
+     r"the query heads H = 3 must be a multiple of the key/value heads H_kv = 2 \(grouped-query attention"),
+    ("mismatched layouts: q blhd, k and v bhld",
+     lambda a: a.update(q=a["q"].transpose(1, 2).contiguous(), layout="blhd"),
+     r'k must be \(B, L, H_kv, D\) with the B, L and D of q \[2, 16, 2, 8\] \(layout "blhd"; both tensors in '
+     r"the same layout\)"),
+    ("blhd q rank", lambda a: a.update(q=a["q"][0], layout="blhd"), r"q must be \(B, L, H, D\)"),
+    ("unknown layout", lambda a: a.update(layout="bshd"), r'layout must be "bhld" or "blhd"'),
     ("k dtype", lambda a: a.update(k=a["k"].double()), r"k must have the dtype of q"),
     ("float64", lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()),
      r"must be float32 or bfloat16"),
@@ -406,6 +500,17 @@ def test_bad_input_is_named_on_cuda(case, mutate, message):
     mutate(args)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
         block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize("what", ["causal", "grouped-query"])
+def test_cuda_refuses_what_its_kernels_lack(what):
+    """Causal and grouped-query attention have CPU kernels only: CUDA says so, never a silent
+    wrong result."""
+    skip_unless_ready("cuda")
+    q, k, v, _, _, _ = make_inputs(1, 4, 64, 64, torch.bfloat16, seed=17, device="cuda",
+                                   kv_heads=2 if what == "grouped-query" else 4)
+    with pytest.raises(RuntimeError, match=f"{what}.*CPU"):
+        block_sparse_attention(q, k, v, window=4, causal=what == "causal")
 
 
 def test_empty_batch_and_sequence(device):

@@ -2,7 +2,8 @@
 // probabilities tile by tile from the forward's log-sum-exp, as flash attention does:
 //   P = exp(scale * q.k - lse),  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
 //   dV += P^T dO,  dQ += scale * dS K,  dK += scale * dS^T Q.
-// Work items are whole heads (batch*head), so each thread owns the dK/dV rows it accumulates.
+// Work items are whole key/value heads (batch*kv_head) with every query head of their group
+// (grouped-query attention), so each thread owns the dK/dV rows it accumulates.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -31,8 +32,9 @@ struct KeyChunk {
 template <typename T>
 struct QueryTile {
   const T* q;     // (M x D) A operand, leading dimension lda
-  const T* dout;  // (M x D) A operand, leading dimension lda
+  const T* dout;  // (M x D) A operand, leading dimension lda_dout
   int64_t lda;
+  int64_t lda_dout;
   BMat<T> q_b;     // Q (M x D) as B operand, for dK
   BMat<T> dout_b;  // dO (M x D) as B operand, for dV
   const float* lse;    // (M) log-sum-exp; +inf removes the row
@@ -61,17 +63,18 @@ struct BackwardScratch {
   std::vector<float> dkg, dvg, delta, dk, dv;
 };
 
-// Operands of M query rows (rows of q and dout with leading dimension ld).
+// Operands of M query rows (rows of q and dout with leading dimensions ldq and ldo).
 template <typename T>
-QueryTile<T> query_tile(BackwardScratch<T>& w, const T* q, const T* dout, int64_t ld, int64_t M, int64_t D) {
+QueryTile<T> query_tile(BackwardScratch<T>& w, const T* q, int64_t ldq, const T* dout, int64_t ldo, int64_t M,
+                        int64_t D) {
   if constexpr (!kPairPacked<T>) {
-    return {q, dout, ld, {q, ld}, {dout, ld}, w.lse.data(), w.delta_rows.data()};
+    return {q, dout, ldq, ldo, {q, ldq}, {dout, ldo}, w.lse.data(), w.delta_rows.data()};
   } else {
-    copy_rows_padded(q, ld, M, D, w.q.data(), w.ldq);
-    copy_rows_padded(dout, ld, M, D, w.dout.data(), w.ldq);
-    pack_rows(q, ld, M, D, w.q_b.data(), packed_ld<T>(D));
-    pack_rows(dout, ld, M, D, w.dout_b.data(), packed_ld<T>(D));
-    return {w.q.data(), w.dout.data(), w.ldq, {w.q_b.data(), packed_ld<T>(D)},
+    copy_rows_padded(q, ldq, M, D, w.q.data(), w.ldq);
+    copy_rows_padded(dout, ldo, M, D, w.dout.data(), w.ldq);
+    pack_rows(q, ldq, M, D, w.q_b.data(), packed_ld<T>(D));
+    pack_rows(dout, ldo, M, D, w.dout_b.data(), packed_ld<T>(D));
+    return {w.q.data(), w.dout.data(), w.ldq, w.ldq, {w.q_b.data(), packed_ld<T>(D)},
             {w.dout_b.data(), packed_ld<T>(D)}, w.lse.data(), w.delta_rows.data()};
   }
 }
@@ -89,7 +92,7 @@ void tile_step(BackwardScratch<T>& w, const QueryTile<T>& qt, const KeyChunk<T>&
   mask(s, kLdS);
   const float es = softmax_scale(scale);
   for (int64_t m = 0; m < M; ++m) exp_scaled(s + m * kLdS, N, es, qt.lse[m], s + m * kLdS);
-  tile_gemm<T>(M, N, D, qt.dout, qt.lda, kc.vt, dp, kLdS, false);
+  tile_gemm<T>(M, N, D, qt.dout, qt.lda_dout, kc.vt, dp, kLdS, false);
   using Vec = at::vec::Vectorized<float>;
   for (int64_t m = 0; m < M; ++m) {
     const float* pr = s + m * kLdS;
@@ -120,36 +123,34 @@ void store_rows(const float* src, int64_t M, int64_t D, T* dst, int64_t ld, cons
   }
 }
 
+// Gradients through query head h of batch b, whose key/value operands are built in w.head:
+// writes its dQ rows, adds to the dK/dV accumulators (w.dk, w.dv natural order; w.dkg, w.dvg
+// for the global keys).
 template <typename T>
-void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& plan, int64_t bh,
-                   BackwardScratch<T>& w) {
-  const int64_t H = p.heads, L = p.seqlen, D = p.head_dim, b = bh / H;
+void backward_query_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& plan, int64_t b, int64_t h,
+                         BackwardScratch<T>& w) {
+  const int64_t L = p.seqlen, D = p.head_dim;
   const ResidueOrder& order = plan.order;
   const int64_t d = order.d, Gk = plan.num_global_keys[b], Gq = plan.num_global_queries[b];
-  const T* q = static_cast<const T*>(p.q) + bh * L * D;
-  const T* k = static_cast<const T*>(p.k) + bh * L * D;
-  const T* v = static_cast<const T*>(p.v) + bh * L * D;
-  const T* o = static_cast<const T*>(p.out) + bh * L * D;
-  const T* dout = static_cast<const T*>(p.grad_out) + bh * L * D;
-  const float* lse = p.lse + bh * L;
-  T* dq_out = static_cast<T*>(p.grad_q) + bh * L * D;
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  float* dk = kFloat ? reinterpret_cast<float*>(p.grad_k) + bh * L * D : w.dk.data();
-  float* dv = kFloat ? reinterpret_cast<float*>(p.grad_v) + bh * L * D : w.dv.data();
-  std::fill_n(dk, L * D, 0.f);
-  std::fill_n(dv, L * D, 0.f);
-  std::fill_n(w.dkg.data(), Gk * D, 0.f);
-  std::fill_n(w.dvg.data(), Gk * D, 0.f);
-  w.head.build(k, v, b);
+  const int64_t ldq = p.q_strides.row, ldo = p.grad_out_strides.row, ldout = p.out_strides.row;
+  const int64_t lddq = p.grad_q_strides.row;
+  const T* q = static_cast<const T*>(p.q) + p.q_strides.at(b, h, 0);
+  const T* o = static_cast<const T*>(p.out) + p.out_strides.at(b, h, 0);
+  const T* dout = static_cast<const T*>(p.grad_out) + p.grad_out_strides.at(b, h, 0);
+  const float* lse = p.lse + (b * p.heads + h) * L;
+  T* dq_out = static_cast<T*>(p.grad_q) + p.grad_q_strides.at(b, h, 0);
+  float* dk = w.dk.data();
+  float* dv = w.dv.data();
   const HeadOperands<T>& ops = w.head;
   for (int64_t i = 0; i < L; ++i) {
     float acc = 0.f;
-    for (int64_t c = 0; c < D; ++c) acc += static_cast<float>(dout[i * D + c]) * static_cast<float>(o[i * D + c]);
+    for (int64_t c = 0; c < D; ++c) {
+      acc += static_cast<float>(dout[i * ldo + c]) * static_cast<float>(o[i * ldout + c]);
+    }
     w.delta[i] = acc;
   }
   const int64_t* gq = plan.global_queries.data() + b * plan.max_global_queries;
-  std::fill(w.is_global_query.begin(), w.is_global_query.end(), 0);
-  for (int64_t g = 0; g < Gq; ++g) w.is_global_query[gq[g]] = 1;
+  const int64_t* gkeys = plan.global_keys.data() + b * plan.max_global_keys;
 
   // Pass 1: query blocks over their windows and the global keys outside them. Global query
   // rows are removed here (lse = +inf) and handled densely in pass 2.
@@ -162,7 +163,8 @@ void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& p
       w.lse[m] = w.is_global_query[i] ? kInf : lse[i];
       w.delta_rows[m] = w.delta[i];
     }
-    const QueryTile<T> qt = query_tile(w, q + (r + d * t0) * D, dout + (r + d * t0) * D, d * D, M, D);
+    const int64_t first_row = r + d * t0;
+    const QueryTile<T> qt = query_tile(w, q + first_row * ldq, d * ldq, dout + first_row * ldo, d * ldo, M, D);
     std::fill_n(w.dq.data(), M * D, 0.f);
     const auto [lo, hi] = plan.local_range(r, t0, t1);
     for (int64_t c0 = lo; c0 < hi; c0 += kMaxChunk) {
@@ -172,21 +174,29 @@ void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& p
                            dk + first * D, dv + first * D, d * D};
       const uint8_t* cls = plan.classes(b) + off + c0;
       tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
-        mask_local(s, lds, M, N, t0, c0, plan.window, cls);
+        mask_local(s, lds, M, N, t0, c0, plan.window, plan.causal, cls);
       });
     }
+    const int64_t last_query = r + d * (t1 - 1);
     if (Gk > 0) global_keep_flags(plan, b, r, lo, hi, w.keep.data());
     for (int64_t g0 = 0; g0 < Gk; g0 += kMaxChunk) {
+      if (plan.causal && gkeys[g0] > last_query) break;  // these keys and all later ones are in the future
       const int64_t N = std::min(kMaxChunk, Gk - g0);
       const KeyChunk<T> kc{ops.global_kt().col(g0), ops.global_vt().col(g0), ops.global_rows().row(g0),
                            w.dkg.data() + g0 * D, w.dvg.data() + g0 * D, D};
       const uint8_t* keep = w.keep.data() + g0;
-      tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) { mask_columns(s, lds, M, N, keep); });
+      tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
+        mask_columns(s, lds, M, N, keep);
+        if (plan.causal) {
+          mask_future_keys(s, lds, M, N, [&](int64_t c) { return gkeys[g0 + c]; },
+                           [&](int64_t m) { return r + d * (t0 + m); });
+        }
+      });
     }
-    store_rows(w.dq.data(), M, D, dq_out + (r + d * t0) * D, d * D, nullptr);
+    store_rows(w.dq.data(), M, D, dq_out + first_row * lddq, d * lddq, nullptr);
   }
 
-  // Pass 2: global query rows against every non-padded key.
+  // Pass 2: global query rows against every non-padded key (at or before them when causal).
   for (int64_t g0 = 0; g0 < Gq; g0 += kBlockQ) {
     const int64_t M = std::min(kBlockQ, Gq - g0);
     const int64_t* rows = gq + g0;
@@ -196,13 +206,14 @@ void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& p
     }
     // gathered q rows, then gathered dO rows after them in the same buffer
     std::vector<T>& buf = w.rows_copy;
-    gather_rows(q, rows, M, D, buf.data(), D);
-    gather_rows(dout, rows, M, D, buf.data() + kBlockQ * D, D);
-    const QueryTile<T> qt = query_tile(w, buf.data(), buf.data() + kBlockQ * D, D, M, D);
+    gather_rows(q, ldq, rows, M, D, buf.data(), D);
+    gather_rows(dout, ldo, rows, M, D, buf.data() + kBlockQ * D, D);
+    const QueryTile<T> qt = query_tile(w, buf.data(), D, buf.data() + kBlockQ * D, D, M, D);
     std::fill_n(w.dq.data(), M * D, 0.f);
     for (int64_t r = 0; r < std::min(d, L); ++r) {
       const int64_t Lr = order.length(r), off = order.offset(r);
       for (int64_t c0 = 0; c0 < Lr; c0 += kMaxChunk) {
+        if (plan.causal && r + d * c0 > rows[M - 1]) break;  // rows ascend: all in the future
         const int64_t N = std::min(kMaxChunk, Lr - c0);
         const int64_t first = r + d * c0;
         const KeyChunk<T> kc{ops.kt().col(off + c0), ops.vt().col(off + c0), ops.rows(r).row(c0),
@@ -211,32 +222,54 @@ void backward_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& p
         for (int64_t c = 0; c < N; ++c) w.keep[c] = cls[c] != kPaddedKey;
         tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
           mask_columns(s, lds, M, N, w.keep.data());
+          if (plan.causal) {
+            mask_future_keys(s, lds, M, N, [&](int64_t c) { return r + d * (c0 + c); },
+                             [&](int64_t m) { return rows[m]; });
+          }
         });
       }
     }
-    store_rows(w.dq.data(), M, D, dq_out, D, rows);
+    store_rows(w.dq.data(), M, D, dq_out, lddq, rows);
   }
+}
 
-  // Global keys' gradients back to their positions, then the output dtype.
+// Key/value head hk of batch b: every query head of its group, then its dK and dV.
+template <typename T>
+void backward_kv_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& plan, int64_t b, int64_t hk,
+                      BackwardScratch<T>& w) {
+  const int64_t L = p.seqlen, D = p.head_dim, group = p.heads / p.kv_heads;
+  const int64_t Gk = plan.num_global_keys[b], Gq = plan.num_global_queries[b];
+  std::fill_n(w.dk.data(), L * D, 0.f);
+  std::fill_n(w.dv.data(), L * D, 0.f);
+  std::fill_n(w.dkg.data(), Gk * D, 0.f);
+  std::fill_n(w.dvg.data(), Gk * D, 0.f);
+  w.head.build(static_cast<const T*>(p.k) + p.k_strides.at(b, hk, 0), p.k_strides.row,
+               static_cast<const T*>(p.v) + p.v_strides.at(b, hk, 0), p.v_strides.row, b);
+  const int64_t* gq = plan.global_queries.data() + b * plan.max_global_queries;
+  std::fill(w.is_global_query.begin(), w.is_global_query.end(), 0);
+  for (int64_t g = 0; g < Gq; ++g) w.is_global_query[gq[g]] = 1;
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) backward_query_head(p, plan, b, h, w);
+
+  // Global keys' gradients back to their positions, then the output dtype and strides.
   const int64_t* gkeys = plan.global_keys.data() + b * plan.max_global_keys;
   for (int64_t g = 0; g < Gk; ++g) {
     for (int64_t c = 0; c < D; ++c) {
-      dk[gkeys[g] * D + c] += w.dkg[g * D + c];
-      dv[gkeys[g] * D + c] += w.dvg[g * D + c];
+      w.dk[gkeys[g] * D + c] += w.dkg[g * D + c];
+      w.dv[gkeys[g] * D + c] += w.dvg[g * D + c];
     }
   }
-  if constexpr (!kFloat) {
-    store_rows(dk, L, D, static_cast<T*>(p.grad_k) + bh * L * D, D, nullptr);
-    store_rows(dv, L, D, static_cast<T*>(p.grad_v) + bh * L * D, D, nullptr);
-  }
+  store_rows(w.dk.data(), L, D, static_cast<T*>(p.grad_k) + p.grad_k_strides.at(b, hk, 0), p.grad_k_strides.row,
+             nullptr);
+  store_rows(w.dv.data(), L, D, static_cast<T*>(p.grad_v) + p.grad_v_strides.at(b, hk, 0), p.grad_v_strides.row,
+             nullptr);
 }
 
 template <typename T>
 void backward_impl(const BlockSparseAttentionParams& p) {
   const BlockSparsePlan plan = make_plan(p);
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
-    BackwardScratch<T> w(plan, p.head_dim, kPairPacked<T>);
-    for (int64_t bh = begin; bh < end; ++bh) backward_head(p, plan, bh, w);
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    BackwardScratch<T> w(plan, p.head_dim, /*own_dkv=*/true);
+    for (int64_t item = begin; item < end; ++item) backward_kv_head(p, plan, item / p.kv_heads, item % p.kv_heads, w);
   });
 }
 

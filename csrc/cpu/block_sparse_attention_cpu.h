@@ -7,7 +7,8 @@
 
 namespace moediffuseq::cpu {
 
-// dtype: Float or BFloat16. Inputs contiguous (B, H, L, D); see BlockSparseAttentionParams.
+// dtype: Float or BFloat16. Tensors with strides (last dimension contiguous); see
+// BlockSparseAttentionParams.
 void block_sparse_attention_fwd_cpu(const BlockSparseAttentionParams& params, c10::ScalarType dtype);
 void block_sparse_attention_bwd_cpu(const BlockSparseAttentionParams& params, c10::ScalarType dtype);
 

@@ -36,23 +36,27 @@ class HeadOperands {
     }
   }
 
-  // Rebuilds the operands for head (b, h) given its K and V, both (L x D) contiguous.
-  void build(const T* k, const T* v, int64_t b) {
+  // Rebuilds the operands for a key/value head of batch b given its K and V, (L x D) with
+  // leading dimensions ldk and ldv.
+  void build(const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t b) {
     const ResidueOrder& order = plan_.order;
     const int64_t d = order.d, D = D_;
     const int64_t* gkeys = plan_.global_keys.data() + b * plan_.max_global_keys;
     const int64_t G = plan_.num_global_keys[b];
     k_ = k;
     v_ = v;
+    ldk_ = ldk;
+    ldv_ = ldv;
     const T* rows_src = set_ == kForwardOperands ? v : k;  // the operand used row-wise
+    const int64_t ld_src = set_ == kForwardOperands ? ldv : ldk;
     for (int64_t r = 0; r < std::min(d, order.L); ++r) {
       const int64_t off = order.offset(r), len = order.length(r);
-      pack_transposed(k + r * D, d * D, len, D, kt_.data() + (kPairPacked<T> ? 2 * off : off), ldt_);
+      pack_transposed(k + r * ldk, d * ldk, len, D, kt_.data() + (kPairPacked<T> ? 2 * off : off), ldt_);
       if (set_ == kBackwardOperands) {
-        pack_transposed(v + r * D, d * D, len, D, vt_.data() + (kPairPacked<T> ? 2 * off : off), ldt_);
+        pack_transposed(v + r * ldv, d * ldv, len, D, vt_.data() + (kPairPacked<T> ? 2 * off : off), ldt_);
       }
       if constexpr (kPairPacked<T>) {
-        pack_rows(rows_src + r * D, d * D, len, D, rows_.data() + plan_.pair_offset[r] * packed_ld<T>(D),
+        pack_rows(rows_src + r * ld_src, d * ld_src, len, D, rows_.data() + plan_.pair_offset[r] * packed_ld<T>(D),
                   packed_ld<T>(D));
       }
     }
@@ -64,10 +68,10 @@ class HeadOperands {
         std::copy(gathered_.begin(), gathered_.begin() + G * D, grows_.begin());
       }
     };
-    gather_rows(k, gkeys, G, D, gathered_.data(), D);
+    gather_rows(k, ldk, gkeys, G, D, gathered_.data(), D);
     pack_transposed(gathered_.data(), D, G, D, kgt_.data(), ldg_);
     if (set_ == kBackwardOperands) keep_rows();  // global K rows, for dQ
-    gather_rows(v, gkeys, G, D, gathered_.data(), D);
+    gather_rows(v, ldv, gkeys, G, D, gathered_.data(), D);
     if (set_ == kBackwardOperands) {
       pack_transposed(gathered_.data(), D, G, D, vgt_.data(), ldg_);
     } else {
@@ -82,10 +86,11 @@ class HeadOperands {
   // Rows of residue subsequence r (L_r x D): V for the forward set, K for the backward set.
   BMat<T> rows(int64_t r) const {
     const T* src = set_ == kForwardOperands ? v_ : k_;
+    const int64_t ld = set_ == kForwardOperands ? ldv_ : ldk_;
     if constexpr (kPairPacked<T>) {
       return {rows_.data() + plan_.pair_offset[r] * packed_ld<T>(D_), packed_ld<T>(D_)};
     } else {
-      return {src + r * D_, plan_.order.d * D_};
+      return {src + r * ld, plan_.order.d * ld};
     }
   }
   // Global keys transposed (D x G), global values transposed (backward), global rows (G x D):
@@ -101,6 +106,7 @@ class HeadOperands {
   int64_t ldt_ = 0, ldg_ = 0;
   const T* k_ = nullptr;
   const T* v_ = nullptr;
+  int64_t ldk_ = 0, ldv_ = 0;
   std::vector<T> kt_, vt_, kgt_, vgt_, rows_, grows_, gathered_;
 };
 

@@ -7,6 +7,9 @@
 // kMaxChunk keys, through a per-head transposed copy of K in residue order) and then the
 // global keys outside that range (through a per-head gathered copy). Global query rows are
 // recomputed densely over all keys afterwards. No L x L matrix is ever formed.
+// Causal: key j <= query i. Within a residue subsequence slot order is position order, so a
+// block's window ends at its own last slot, and key chunks (window, global keys, dense rows)
+// that start after the block's last query position are skipped, not masked.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -46,6 +49,7 @@ struct ResidueOrder {
 struct BlockSparsePlan {
   ResidueOrder order;
   int64_t window = 0;
+  bool causal = false;
   std::vector<uint8_t> key_class;            // (B, L), residue order
   std::vector<int64_t> global_keys;          // (B, max_global_keys) natural positions
   std::vector<int64_t> num_global_keys;      // (B)
@@ -60,7 +64,7 @@ struct BlockSparsePlan {
   // The contiguous range [lo, hi) of residue-r key slots visited by queries [t0, t1); lo is
   // even so that chunks start on a row pair of pair-packed operands.
   std::pair<int64_t, int64_t> local_range(int64_t r, int64_t t0, int64_t t1) const {
-    return {std::max<int64_t>(0, t0 - window) / 2 * 2, std::min(order.length(r), t1 + window)};
+    return {std::max<int64_t>(0, t0 - window) / 2 * 2, std::min(order.length(r), causal ? t1 : t1 + window)};
   }
   const uint8_t* classes(int64_t b) const { return key_class.data() + b * order.L; }
   // True when every query of block [t0, t1) of residue r is global: the dense pass over global
@@ -79,6 +83,7 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   const int64_t B = p.batch, L = p.seqlen, d = p.dilation;
   plan.order = ResidueOrder{L, d};
   plan.window = p.window;
+  plan.causal = p.causal;
   plan.key_class.assign(B * L, kNormalKey);
   plan.num_global_keys.assign(B, 0);
   plan.num_global_queries.assign(B, 0);
@@ -118,17 +123,18 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   return plan;
 }
 
-// rows (n x D, leading dimension ld) = x[index[g]] for x (L x D).
+// rows (n x D, leading dimension ld) = x[index[g]] for x (L x D, leading dimension ldx).
 template <typename T>
-inline void gather_rows(const T* x, const int64_t* index, int64_t n, int64_t D, T* rows, int64_t ld) {
-  for (int64_t g = 0; g < n; ++g) std::copy(x + index[g] * D, x + index[g] * D + D, rows + g * ld);
+inline void gather_rows(const T* x, int64_t ldx, const int64_t* index, int64_t n, int64_t D, T* rows, int64_t ld) {
+  for (int64_t g = 0; g < n; ++g) std::copy(x + index[g] * ldx, x + index[g] * ldx + D, rows + g * ld);
 }
 
 // Scores of query rows t0.. (of one residue subsequence) against key slots c0.. of the same
-// subsequence: keeps (|t - t'| <= w and not padded) or (global and not padded); else -inf.
-// The band is applied with plain fills; the few global / padded columns are patched after.
+// subsequence: keeps (|t - t'| <= w and not padded) or (global and not padded), and with
+// `causal` only t' <= t; else -inf. The band is applied with plain fills; the few global /
+// padded columns are patched after.
 inline void mask_local(float* S, int64_t lds, int64_t M, int64_t N, int64_t t0, int64_t c0,
-                       int64_t w, const uint8_t* cls) {
+                       int64_t w, bool causal, const uint8_t* cls) {
   int64_t special[kMaxChunk];
   int64_t nspecial = 0;
   for (int64_t c = 0; c < N; ++c) {
@@ -137,12 +143,13 @@ inline void mask_local(float* S, int64_t lds, int64_t M, int64_t N, int64_t t0, 
   float saved[kMaxChunk];
   for (int64_t m = 0; m < M; ++m) {
     float* row = S + m * lds;
-    const int64_t lo = t0 + m - w - c0, hi = t0 + m + w - c0;  // band, inclusive
+    const int64_t lo = t0 + m - w - c0, hi = t0 + m + (causal ? 0 : w) - c0;  // band, inclusive
+    const int64_t last = causal ? t0 + m - c0 : N;  // a global key is kept up to this column
     for (int64_t s = 0; s < nspecial; ++s) saved[s] = row[special[s]];
     if (lo > 0) std::fill_n(row, std::min(lo, N), -kInf);
     if (hi + 1 < N) std::fill(row + std::max<int64_t>(hi + 1, 0), row + N, -kInf);
     for (int64_t s = 0; s < nspecial; ++s) {
-      row[special[s]] = cls[special[s]] == kGlobalKey ? saved[s] : -kInf;
+      row[special[s]] = cls[special[s]] == kGlobalKey && special[s] <= last ? saved[s] : -kInf;
     }
   }
 }
@@ -154,6 +161,18 @@ inline void mask_columns(float* S, int64_t lds, int64_t M, int64_t N, const uint
     for (int64_t c = 0; c < N; ++c) {
       if (!keep[c]) row[c] = -kInf;
     }
+  }
+}
+
+// Causal mask of a tile whose key positions key_pos(c) ascend with c: row m keeps the keys at
+// positions <= query_pos(m).
+template <typename KeyPos, typename QueryPos>
+inline void mask_future_keys(float* S, int64_t lds, int64_t M, int64_t N, const KeyPos& key_pos,
+                             const QueryPos& query_pos) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = S + m * lds;
+    const int64_t i = query_pos(m);
+    for (int64_t c = N - 1; c >= 0 && key_pos(c) > i; --c) row[c] = -kInf;
   }
 }
 

@@ -1,5 +1,6 @@
 // CUDA host entry points of block_sparse_attention: validation (shared with the CPU backend),
-// contiguity and alignment, outputs and workspace, device guard and current stream, and the
+// the supported subset (no causal, no grouped-query heads: refused by name), contiguous (B, H, L, D)
+// copies for layout "blhd", contiguity and alignment, outputs and workspace, device guard and current stream, and the
 // dispatcher registration. Built only against a CUDA build of torch; the kernels themselves
 // are torch-free (block_sparse_attention_cuda.h).
 #include <ATen/ATen.h>
@@ -23,8 +24,14 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
   return c;
 }
 
-void check_cuda_inputs(const at::Tensor& q) {
+// q and k are the logical (B, H, L, D) views.
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, bool causal) {
   TORCH_CHECK(q.is_cuda(), "block_sparse_attention: expected CUDA tensors, got ", q.device());
+  TORCH_CHECK(!causal, "block_sparse_attention: causal=True has CPU kernels only; the CUDA kernels support "
+              "causal=False (sliding/dilated window, global tokens, key padding, layouts \"bhld\" and \"blhd\")");
+  TORCH_CHECK(k.size(1) == q.size(1), "block_sparse_attention: grouped-query attention (H_kv = ", k.size(1),
+              " key/value heads for H = ", q.size(1), " query heads) has CPU kernels only; the CUDA kernels "
+              "support H_kv = H");
   TORCH_CHECK(bsa_cuda_supports_head_dim(q.size(3)),
               "block_sparse_attention: the CUDA kernels support head dimensions 64 and 128, got D = ", q.size(3));
   TORCH_CHECK(q.size(2) < (int64_t(1) << 30), "block_sparse_attention: sequence length too large for the CUDA "
@@ -72,16 +79,22 @@ struct GlobalBuffers {
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t window, int64_t dilation,
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
-    double scale) {
-  check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
-  check_cuda_inputs(q_in);
+    double scale, bool causal, c10::string_view layout_name) {
+  const BsaLayout layout = parse_bsa_layout(layout_name);
+  check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale, layout);
+  check_cuda_inputs(bsa_logical(q_in, layout), bsa_logical(k_in, layout), causal);
   const CudaOpGuard guard(q_in.device());
-  const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
+  // The CUDA kernels take contiguous (B, H, L, D): "blhd" goes through a transposed copy here.
+  const at::Tensor q = contiguous_aligned(bsa_logical(q_in, layout));
+  const at::Tensor k = contiguous_aligned(bsa_logical(k_in, layout));
+  const at::Tensor v = contiguous_aligned(bsa_logical(v_in, layout));
   const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
-  BlockSparseAttentionParams p = make_bsa_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  // the output in the layout of q, contiguous there
+  const auto in_layout = [&](const at::Tensor& t) { return bsa_logical(t, layout).contiguous(); };
+  if (q.numel() == 0) return {in_layout(out), lse};
+  BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, false);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -91,31 +104,34 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   GlobalBuffers buffers;
   buffers.fill(ws, q, p.global_mask != nullptr, /*backward=*/false);
   C10_CUDA_CHECK(block_sparse_attention_fwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
-  return {out, lse};
+  return {in_layout(out), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t window, int64_t dilation,
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
-    double scale) {
-  check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale);
+    double scale, bool causal, c10::string_view layout_name) {
+  const BsaLayout layout = parse_bsa_layout(layout_name);
+  check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale, layout);
   // dQ (and the split dK, dV) are sums of float atomics: not bitwise reproducible run to run
   at::globalContext().alertNotDeterministic("block_sparse_attention_backward (CUDA)");
-  check_bsa_tensor(grad_out_in, "grad_out", q_in);
-  check_bsa_tensor(out_in, "out", q_in);
-  check_bsa_lse(lse_in, q_in);
-  check_cuda_inputs(q_in);
+  check_bsa_tensor(grad_out_in, "grad_out", q_in, "q", layout);
+  check_bsa_tensor(out_in, "out", q_in, "q", layout);
+  check_bsa_lse(lse_in, bsa_logical(q_in, layout));
+  check_cuda_inputs(bsa_logical(q_in, layout), bsa_logical(k_in, layout), causal);
   const CudaOpGuard guard(q_in.device());
-  const at::Tensor q = contiguous_aligned(q_in), k = contiguous_aligned(k_in), v = contiguous_aligned(v_in);
-  const at::Tensor grad_out = contiguous_aligned(grad_out_in), out = contiguous_aligned(out_in);
+  const auto logical = [&](const at::Tensor& t) { return contiguous_aligned(bsa_logical(t, layout)); };
+  const at::Tensor q = logical(q_in), k = logical(k_in), v = logical(v_in);
+  const at::Tensor grad_out = logical(grad_out_in), out = logical(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor grad_v = at::empty_like(v, at::MemoryFormat::Contiguous);
-  if (q.numel() == 0) return {grad_q, grad_k, grad_v};
-  BlockSparseAttentionParams p = make_bsa_params(q, window, dilation, global_mask, key_padding_mask, scale);
+  const auto in_layout = [&](const at::Tensor& t) { return bsa_logical(t, layout).contiguous(); };
+  if (q.numel() == 0) return {in_layout(grad_q), in_layout(grad_k), in_layout(grad_v)};
+  BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, false);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -133,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   GlobalBuffers buffers;
   buffers.fill(ws, q, p.global_mask != nullptr, /*backward=*/true);
   C10_CUDA_CHECK(block_sparse_attention_bwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
-  return {grad_q, grad_k, grad_v};
+  return {in_layout(grad_q), in_layout(grad_k), in_layout(grad_v)};
 }
 
 }  // namespace

@@ -22,23 +22,30 @@ class BlockSparseSelfAttention(nn.Module):
             probabilities).
         kind: "sparse" (the fused op) or "dense" (full attention over all non-padded keys
             through scaled_dot_product_attention: the DiffuSeq baseline).
+        causal: keys at or before the query only (global tokens included).
+        n_kv_heads: key/value heads (grouped-query attention); defaults to ``n_heads``.
 
     forward(x (B, L, d_model), global_mask (B, L) bool, key_padding_mask (B, L) bool)
     -> (B, L, d_model). ``global_mask`` is ignored by "dense", where every token is global.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, window: int = 256, dilation: int = 1,
-                 dropout: float = 0.0, kind: str = "sparse") -> None:
+                 dropout: float = 0.0, kind: str = "sparse", causal: bool = False,
+                 n_kv_heads: Optional[int] = None) -> None:
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
         if window < 0 or dilation < 1:
             raise ValueError(f"need window >= 0 and dilation >= 1, got window={window}, dilation={dilation}")
-        self.d_model, self.n_heads = d_model, n_heads
-        self.window, self.dilation, self.kind = window, dilation, kind
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.window, self.dilation, self.kind, self.causal = window, dilation, kind, causal
+        hd = d_model // n_heads
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * hd)  # q heads, then k heads, then v heads
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
@@ -47,26 +54,34 @@ class BlockSparseSelfAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, L, {self.d_model}), got {tuple(x.shape)}")
         B, L, _ = x.shape
-        hd = self.d_model // self.n_heads
-        qkv = self.qkv(x).view(B, L, 3, self.n_heads, hd)  # (B, L, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
+        hd, H, Hkv = self.d_model // self.n_heads, self.n_heads, self.n_kv_heads
+        qkv = self.qkv(x).view(B, L, H + 2 * Hkv, hd)  # (B, L, H + 2 H_kv, D)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)  # (B, L, H, D), (B, L, H_kv, D) x 2: strided views
         if self.kind == "sparse":
             y = block_sparse_attention(q, k, v, window=self.window, dilation=self.dilation,
-                                       global_mask=global_mask, key_padding_mask=key_padding_mask)
+                                       global_mask=global_mask, key_padding_mask=key_padding_mask,
+                                       causal=self.causal, layout="blhd")  # (B, L, H, D), no transpose copy
         else:
-            y = _dense_attention(q, k, v, key_padding_mask)
-        y = y.transpose(1, 2).reshape(B, L, self.d_model)  # (B, L, H*D)
+            y = _dense_attention(*(t.transpose(1, 2) for t in (q, k, v)), key_padding_mask,
+                                 self.causal).transpose(1, 2)  # (B, L, H, D)
+        y = y.reshape(B, L, self.d_model)  # (B, L, H*D)
         return self.dropout(self.proj(y))
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_heads={self.n_heads}, kind={self.kind}, "
-                f"window={self.window}, dilation={self.dilation}")
+        kv = f", n_kv_heads={self.n_kv_heads}" if self.n_kv_heads != self.n_heads else ""
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}{kv}, kind={self.kind}, "
+                f"window={self.window}, dilation={self.dilation}, causal={self.causal}")
 
 
-def _dense_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+def _dense_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                     causal: bool = False) -> Tensor:
+    gqa = k.shape[1] != q.shape[1]
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    L = q.shape[2]
     keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, L)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    if causal:
+        keep = keep & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # (B, 1, L, L)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
     # a query whose keys are all padded outputs zeros, as in the sparse op
     return y.masked_fill(~keep.any(-1, keepdim=True), 0.0)

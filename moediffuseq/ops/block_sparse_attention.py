@@ -1,11 +1,16 @@
 """Block-sparse (sliding + dilated window + global tokens) attention, METHOD §3.
 
 allowed(i, j) = j not padded and (i global or j global or (|i - j| <= window * dilation and
-(i - j) mod dilation == 0)). A query row with no allowed key outputs zeros and gets zero
-gradients.
+(i - j) mod dilation == 0)), and with ``causal=True`` additionally j <= i: a global token then
+attends to the past only (and is attended by every query at or after it), so a causal model never
+sees the future through a global token. A query row with no allowed key outputs zeros and gets
+zero gradients.
+
+Grouped-query attention: k and v may have H_kv heads, H_q a multiple of H_kv; query head h reads
+key/value head h // (H_q // H_kv), with no repeated copy of k and v.
 """
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -14,6 +19,9 @@ from moediffuseq.ops._double_backward import refuse_double_backward
 
 _OP = torch.ops.moediffuseq.block_sparse_attention
 _OP_BACKWARD = torch.ops.moediffuseq.block_sparse_attention_backward
+
+Layout = Literal["bhld", "blhd"]
+_LAYOUTS = ("bhld", "blhd")
 
 
 def block_sparse_attention(
@@ -26,20 +34,29 @@ def block_sparse_attention(
     global_mask: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    causal: bool = False,
+    layout: Layout = "bhld",
 ) -> Tensor:
     """Fused block-sparse attention.
 
     Args:
-        q, k, v: (B, H, L, D), float32 or bfloat16, same dtype and device.
+        q: (B, H_q, L, D) for ``layout="bhld"``, (B, L, H_q, D) for ``layout="blhd"``;
+            float32 or bfloat16 on CPU, bfloat16 or float16 on CUDA.
+        k, v: (B, H_kv, L, D) (or (B, L, H_kv, D)), the dtype and device of q; H_q must be a
+            multiple of H_kv (grouped-query attention; H_kv = H_q is plain multi-head).
         window: one-sided window w >= 0 (neighbours on each side, in dilated steps).
         dilation: d >= 1; the window covers offsets 0, +-d, ..., +-w*d.
         global_mask: optional bool (B, L), True marks a global token (attends to and is
-            attended by every position).
+            attended by every position; under ``causal`` only by / to positions on its left).
         key_padding_mask: optional bool (B, L), True marks a padded position (never a key).
         scale: multiplies q . k; defaults to 1 / sqrt(D).
+        causal: additionally require j <= i (key at or before the query).
+        layout: ``"bhld"`` or ``"blhd"``: the memory layout of q, k, v and of the output. Any
+            strides with a contiguous last dimension are read as they are (the q, k, v views of
+            a fused QKV projection need no copy).
 
     Returns:
-        (B, H, L, D) in the dtype of q. Softmax and accumulation run in float32.
+        The shape and layout of q, in its dtype. Softmax and accumulation run in float32.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -49,28 +66,45 @@ def block_sparse_attention(
             raise ValueError(
                 f"block_sparse_attention: {name} must be on the device of q ({q.device}), got {t.device}"
             )
+    if layout not in _LAYOUTS:
+        raise ValueError(f'block_sparse_attention: layout must be "bhld" or "blhd", got {layout!r}')
     if scale is None:
         if q.dim() != 4:
-            raise ValueError(f"block_sparse_attention: q must be (B, H, L, D), got shape {tuple(q.shape)}")
+            shape = "(B, H, L, D)" if layout == "bhld" else "(B, L, H, D)"
+            raise ValueError(f"block_sparse_attention: q must be {shape} (layout {layout!r}), got shape {tuple(q.shape)}")
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-    out, _ = _OP(q, k, v, int(window), int(dilation), global_mask, key_padding_mask, float(scale))
+    out, _ = _OP(q, k, v, int(window), int(dilation), global_mask, key_padding_mask, float(scale), bool(causal),
+                 layout)
     return out
 
 
+def _logical(t: Tensor, layout: str) -> Tensor:
+    """The (B, H, L, D) view of a tensor in ``layout``."""
+    return t.transpose(1, 2) if layout == "blhd" else t
+
+
 @torch.library.register_fake("moediffuseq::block_sparse_attention")
-def _(q, k, v, window, dilation, global_mask, key_padding_mask, scale):
-    torch._check(q.dim() == 4, lambda: f"block_sparse_attention: q must be (B, H, L, D), got {q.shape}")
-    torch._check(k.shape == q.shape and v.shape == q.shape,
-                 lambda: f"block_sparse_attention: k and v must have the shape of q {q.shape}")
+def _(q, k, v, window, dilation, global_mask, key_padding_mask, scale, causal=False, layout="bhld"):
+    torch._check(layout in _LAYOUTS, lambda: f'block_sparse_attention: layout must be "bhld" or "blhd", got {layout!r}')
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: f"block_sparse_attention: q, k, v must be 4-d ({layout}), got {q.shape}, {k.shape}, {v.shape}")
+    ql, kl = _logical(q, layout), _logical(k, layout)
+    torch._check(kl.shape[0] == ql.shape[0] and kl.shape[2] == ql.shape[2] and kl.shape[3] == ql.shape[3]
+                 and v.shape == k.shape,
+                 lambda: f"block_sparse_attention: k and v must have the B, L and D of q {q.shape} ({layout})")
+    torch._check(ql.shape[1] % kl.shape[1] == 0 if kl.shape[1] != 0 else ql.shape[1] == 0,
+                 lambda: f"block_sparse_attention: the query heads H = {ql.shape[1]} must be a multiple of the "
+                 f"key/value heads H_kv = {kl.shape[1]}")
     torch._check(window >= 0, lambda: f"block_sparse_attention: window must be >= 0, got {window}")
     torch._check(dilation >= 1, lambda: f"block_sparse_attention: dilation must be >= 1, got {dilation}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    lse = q.new_empty(ql.shape[:3], dtype=torch.float32)
     return out, lse
 
 
 @torch.library.register_fake("moediffuseq::block_sparse_attention_backward")
-def _(grad_out, q, k, v, out, lse, window, dilation, global_mask, key_padding_mask, scale):
+def _(grad_out, q, k, v, out, lse, window, dilation, global_mask, key_padding_mask, scale, causal=False,
+      layout="bhld"):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -79,20 +113,21 @@ def _(grad_out, q, k, v, out, lse, window, dilation, global_mask, key_padding_ma
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, dilation, global_mask, key_padding_mask, scale = inputs
+    q, k, v, window, dilation, global_mask, key_padding_mask, scale, causal, layout = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, global_mask, key_padding_mask)
-    ctx.window, ctx.dilation, ctx.scale = window, dilation, scale
+    ctx.window, ctx.dilation, ctx.scale, ctx.causal, ctx.layout = window, dilation, scale, causal, layout
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, global_mask, key_padding_mask = ctx.saved_tensors
     if grad_out is None:
-        return (None,) * 8
+        return (None,) * 10
     grad_q, grad_k, grad_v = _OP_BACKWARD(
-        grad_out, q, k, v, out, lse, ctx.window, ctx.dilation, global_mask, key_padding_mask, ctx.scale
+        grad_out, q, k, v, out, lse, ctx.window, ctx.dilation, global_mask, key_padding_mask, ctx.scale,
+        ctx.causal, ctx.layout,
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -110,6 +145,7 @@ def block_sparse_allowed_mask(
     key_padding_mask: Optional[Tensor] = None,
     batch: int = 1,
     device=None,
+    causal: bool = False,
 ) -> Tensor:
     """The dense (B, L, L) bool matrix of allowed (query i, key j) pairs, METHOD §3."""
     i = torch.arange(length, device=device)
@@ -119,6 +155,8 @@ def block_sparse_allowed_mask(
     if global_mask is not None:
         g = global_mask.to(torch.bool)
         allowed = allowed | g[:, :, None] | g[:, None, :]
+    if causal:
+        allowed = allowed & (diff >= 0)
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask.to(torch.bool)[:, None, :]
     return allowed
@@ -134,21 +172,28 @@ def block_sparse_attention_ref(
     global_mask: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    causal: bool = False,
+    layout: Layout = "bhld",
     upcast: bool = True,
 ) -> Tensor:
     """The contract, written the plain way: dense scores, the allowed mask, softmax.
 
     Computes in float64 when ``upcast`` (the reference for tests), else in the input dtype
-    (the baseline a same-dtype PyTorch computation would give). Memory is O(B H L^2).
+    (the baseline a same-dtype PyTorch computation would give). Memory is O(B H L^2). Grouped
+    key/value heads are repeated here (the reference may copy; the op does not).
     """
+    q, k, v = (_logical(t, layout) for t in (q, k, v))  # (B, H, L, D), (B, H_kv, L, D)
     B, H, L, D = q.shape
+    group = H // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # (B, H, L, D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dtype = torch.float64 if upcast else q.dtype
     allowed = block_sparse_allowed_mask(
         L, window=window, dilation=dilation, global_mask=global_mask,
-        key_padding_mask=key_padding_mask, batch=B, device=q.device,
+        key_padding_mask=key_padding_mask, batch=B, device=q.device, causal=causal,
     )[:, None]  # (B, 1, L, L)
     scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # (B, H, L, L)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no allowed key -> 0
-    return torch.matmul(probs, v.to(dtype)).to(q.dtype)
+    out = torch.matmul(probs, v.to(dtype)).to(q.dtype)  # (B, H, L, D)
+    return _logical(out, layout)
