@@ -33,7 +33,7 @@ $(STAMP): $(SOURCES)
 		--extra-index-url https://pypi.org/simple) "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install --quiet numpy safetensors "setuptools>=77" "cmake>=3.25" ninja "pybind11>=2.12" \
 		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest build \
-		tokenizers tqdm sacrebleu rouge-score nltk aclsum pyyaml matplotlib
+		tokenizers tqdm sacrebleu rouge-score nltk aclsum pyyaml matplotlib transformers
 	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
 	touch $(STAMP)

@@ -40,13 +40,16 @@ class MoEFeedForward(nn.Module):
             contribute zero (reported in ``aux.dropped``).
         load_balance_weight: alpha of the load-balancing loss (METHOD §4: 0.01).
         z_loss_weight: beta of the router z-loss (METHOD §4: 1e-3).
+        normalize_topk: the routing weights are the softmax over all E experts renormalised over
+            the k chosen (True: METHOD §4, Mixtral, Qwen-MoE with ``norm_topk_prob=True``) or the
+            plain softmax probabilities of the k chosen (False: Qwen-MoE's default).
 
     forward(x (..., D)) -> (y (..., D), MoEAux). The router runs in float32.
     """
 
     def __init__(self, d_model: int, d_expert: int, num_experts: int, top_k: int, activation: str = "gelu",
                  capacity_factor: Optional[float] = None, load_balance_weight: float = 0.01,
-                 z_loss_weight: float = 1e-3) -> None:
+                 z_loss_weight: float = 1e-3, normalize_topk: bool = True) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
@@ -57,6 +60,7 @@ class MoEFeedForward(nn.Module):
         self.d_model, self.d_expert, self.num_experts, self.top_k = d_model, d_expert, num_experts, top_k
         self.activation, self.capacity_factor = activation, capacity_factor
         self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
+        self.normalize_topk = normalize_topk
         width1 = 2 * d_expert if activation == "swiglu" else d_expert
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, width1))
@@ -71,11 +75,47 @@ class MoEFeedForward(nn.Module):
         h = x.reshape(-1, self.d_model)  # (T, D)
         logits = self.router_logits(h)  # (T, E) float32
         weights, indices = moe_topk_softmax(logits, self.top_k)  # (T, k), (T, k)
+        if not self.normalize_topk:
+            weights = torch.softmax(logits, dim=-1).gather(-1, indices)  # (T, k) not renormalised
         routed = indices
         if self.capacity_factor is not None:
             routed = self._drop_overflow(indices)
         y = moe_ffn(h, weights, routed, self.w1.to(h.dtype), self.w2.to(h.dtype), self.activation)
         return y.reshape(shape), self._aux(logits, indices, routed)
+
+    @classmethod
+    def from_experts(cls, router_weight: Tensor, gate_proj, up_proj, down_proj, top_k: int, *,
+                     normalize_topk: bool = True, **kwargs) -> "MoEFeedForward":
+        """A SwiGLU MoEFeedForward holding copies of per-expert weights in nn.Linear layout
+        (Mixtral ``w1``/``w3``/``w2``, Qwen-MoE and Llama-style ``gate_proj``/``up_proj``/``down_proj``):
+        expert e computes down_proj[e] @ (silu(gate_proj[e] @ x) * up_proj[e] @ x).
+
+        Args:
+            router_weight: (E, D), the router's nn.Linear weight (no bias).
+            gate_proj, up_proj: (E, F, D) tensors or sequences of E (F, D) weights.
+            down_proj: an (E, D, F) tensor or a sequence of E (D, F) weights.
+            top_k: experts per token.
+            normalize_topk: see the class docstring.
+            **kwargs: the other constructor arguments (capacity_factor, loss weights).
+
+        The stacked layout: w1 (E, D, 2F) = [gate^T | up^T], w2 (E, F, D) = down^T.
+        """
+        stack = (lambda w: w if isinstance(w, Tensor) else torch.stack(list(w)))
+        gate, up, down = (stack(w).detach() for w in (gate_proj, up_proj, down_proj))  # (E, F, D) x 2, (E, D, F)
+        E, D = router_weight.shape
+        if gate.dim() != 3 or gate.shape[0] != E or gate.shape[2] != D or up.shape != gate.shape:
+            raise ValueError(f"from_experts: gate_proj and up_proj must be (E, F, D) = ({E}, F, {D}), got "
+                             f"{tuple(gate.shape)} and {tuple(up.shape)}")
+        F_ = gate.shape[1]
+        if down.shape != (E, D, F_):
+            raise ValueError(f"from_experts: down_proj must be (E, D, F) = ({E}, {D}, {F_}), got {tuple(down.shape)}")
+        ffn = cls(D, F_, E, top_k, activation="swiglu", normalize_topk=normalize_topk, **kwargs)
+        ffn = ffn.to(device=router_weight.device, dtype=router_weight.dtype)
+        with torch.no_grad():
+            ffn.router.weight.copy_(router_weight)
+            ffn.w1.copy_(torch.cat([gate, up], dim=1).transpose(1, 2))  # (E, D, 2F): gate half, then up half
+            ffn.w2.copy_(down.transpose(1, 2))  # (E, F, D)
+        return ffn
 
     def router_logits(self, h: Tensor) -> Tensor:
         """(T, D) -> (T, E) float32 router logits, also under autocast (routing decisions and the
@@ -103,7 +143,8 @@ class MoEFeedForward(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, activation={self.activation}, capacity_factor={self.capacity_factor}")
+                f"top_k={self.top_k}, activation={self.activation}, capacity_factor={self.capacity_factor}"
+                + ("" if self.normalize_topk else ", normalize_topk=False"))
 
 
 def _count(indices: Tensor, num_experts: int) -> Tensor:

@@ -1,0 +1,1 @@
+"""Bridges from other libraries' models to the fused ops (optional dependencies, imported on use)."""

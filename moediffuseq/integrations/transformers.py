@@ -1,0 +1,150 @@
+"""Hugging Face transformers drop-ins: block-sparse attention and the MoE feed-forward.
+
+Attention: ``register()`` adds ``"moediffuseq"`` to transformers' attention and attention-mask
+registries, so ``AutoModel.from_config(config, attn_implementation="moediffuseq")`` (or
+``model.set_attn_implementation("moediffuseq")``) runs every attention layer through
+``block_sparse_attention``. What is mapped:
+
+  * the layer's ``sliding_window`` argument W (keys with |i - j| < W, the convention of
+    Mistral/Qwen2/Gemma local layers and ModernBERT's local layers) -> ``window = W - 1``; no
+    sliding window -> a window covering the sequence;
+  * ``is_causal`` (the argument, else the module's attribute) -> ``causal``;
+  * the 2-D padding mask (1 = token) -> ``key_padding_mask``;
+  * grouped key/value heads, ``scaling`` -> ``scale``; the (B, H, L, D) query/key/value views go
+    in as (B, L, H, D) strided views (layout "blhd"), and the output comes back as the
+    (B, L, H, D) tensor the model expects.
+
+Refused with a ValueError naming the reason: a 4-D (custom) attention mask, a query length that
+differs from the key length (decoding with a KV cache: use "sdpa" for generation), attention
+dropout while training, logit soft-capping, attention sinks and position biases.
+
+MoE: ``moe_block_from_hf(block)`` builds a ``MoEBlock`` from a Mixtral-style
+(``MixtralSparseMoeBlock``) or Qwen-MoE-style (``Qwen2MoeSparseMoeBlock``, with its shared
+expert) block with SwiGLU experts, and ``replace_moe_blocks(model)`` swaps them in place.
+Router conventions supported: softmax over all experts then top-k, renormalised over the k
+(Mixtral; Qwen-MoE with ``norm_topk_prob=True``) or not (Qwen-MoE with ``norm_topk_prob=False``).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from moediffuseq.nn.moe import MoEFeedForward
+from moediffuseq.ops import block_sparse_attention
+
+NAME = "moediffuseq"
+
+
+def _key_padding_mask_from(attention_mask: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"moediffuseq attention: got a {attention_mask.dim()}-D attention mask of shape "
+            f"{tuple(attention_mask.shape)}; it takes a sliding window, a causal flag and a 2-D padding mask "
+            "(B, L) only, not an arbitrary mask (use attn_implementation='sdpa' for custom masks)")
+    if attention_mask.shape != (batch, length):
+        raise ValueError(f"moediffuseq attention: the padding mask must be (B, L) = ({batch}, {length}), got "
+                         f"{tuple(attention_mask.shape)}")
+    pad = ~attention_mask.to(torch.bool)  # True = padded key
+    return pad if bool(pad.any()) else None
+
+
+def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                      sliding_window: Optional[int] = None, is_causal: Optional[bool] = None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: query (B, H, L, D), key and value
+    (B, H_kv, L, D) -> ((B, L, H, D), None)."""
+    for name in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"moediffuseq attention: {name} is not supported")
+    if dropout and module.training:
+        raise ValueError(f"moediffuseq attention: attention dropout ({dropout}) is not supported while training; "
+                         "set the config's attention_dropout to 0")
+    B, H, L, D = query.shape
+    if key.shape[2] != L:
+        raise ValueError(f"moediffuseq attention: query length {L} != key length {key.shape[2]} (a KV cache or "
+                         "cross-attention); it runs whole sequences only: use attn_implementation='sdpa' to generate")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = L if sliding_window is None else max(int(sliding_window) - 1, 0)
+    out = block_sparse_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),  # (B, L, heads, D) views
+        window=window, key_padding_mask=_key_padding_mask_from(attention_mask, B, L), scale=scaling,
+        causal=bool(causal), layout="blhd",
+    )  # (B, L, H, D)
+    return out, None
+
+
+def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
+    """The mask transformers builds for this implementation: the 2-D padding mask as it is
+    (window and causality travel as the attention function's arguments)."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    return attention_mask
+
+
+def register() -> None:
+    """Registers ``attn_implementation="moediffuseq"`` with transformers (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, _padding_mask)
+
+
+class MoEBlock(nn.Module):
+    """A sparse MoE block on the fused ops, with the interface of transformers' Mixtral /
+    Qwen-MoE blocks: forward(hidden_states (B, L, D)) -> (B, L, D).
+
+    ``ffn`` holds the router and the stacked experts; ``shared_expert`` and
+    ``shared_expert_gate`` (Qwen-MoE: y += sigmoid(gate(x)) * shared_expert(x)) are optional.
+    The balance statistics of ``ffn`` are not returned (transformers records router logits
+    through its own router module, which this block replaces).
+    """
+
+    def __init__(self, ffn: MoEFeedForward, shared_expert: Optional[nn.Module] = None,
+                 shared_expert_gate: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.ffn = ffn
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        y, _ = self.ffn(hidden_states)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden_states)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            y = y + shared
+        return y
+
+
+def moe_block_from_hf(block: nn.Module) -> MoEBlock:
+    """A MoEBlock with copies of the weights of a transformers sparse MoE block (Mixtral or
+    Qwen-MoE style: ``gate.weight`` (E, D), ``experts.gate_up_proj`` (E, 2F, D) gate rows then
+    up rows, ``experts.down_proj`` (E, D, F), SiLU); the shared expert modules are reused."""
+    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    if gate is None or experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
+        raise ValueError(f"moe_block_from_hf: {type(block).__name__} is not a Mixtral/Qwen-MoE-style block "
+                         "(gate.weight, experts.gate_up_proj, experts.down_proj)")
+    act = getattr(experts, "act_fn", None)
+    if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
+        raise ValueError(f"moe_block_from_hf: the experts' activation must be SiLU (SwiGLU), got {act}")
+    if getattr(block, "jitter_noise", 0.0):
+        raise ValueError(f"moe_block_from_hf: router jitter noise ({block.jitter_noise}) is not supported")
+    gate_up = experts.gate_up_proj.detach()  # (E, 2F, D)
+    gate_proj, up_proj = gate_up.chunk(2, dim=1)  # (E, F, D) each
+    ffn = MoEFeedForward.from_experts(gate.weight.detach(), gate_proj, up_proj, experts.down_proj.detach(),
+                                      top_k=gate.top_k, normalize_topk=getattr(gate, "norm_topk_prob", True))
+    return MoEBlock(ffn, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None))
+
+
+def replace_moe_blocks(model: nn.Module) -> int:
+    """Replaces, in place, every submodule of ``model`` whose class name ends in
+    ``SparseMoeBlock`` by ``moe_block_from_hf`` of it; returns how many were replaced."""
+    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__.endswith("SparseMoeBlock")]
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, moe_block_from_hf(m))
+    return len(targets)
