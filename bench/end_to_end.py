@@ -1,5 +1,5 @@
 """End to end: training and sampling throughput of MoE-DiffuSeq against the dense DiffuSeq
-preset with equal active parameters, and quality against training time on one corpus.
+preset with equal active parameters, and quality after equal training on one corpus.
 
 Shapes. ``moe-diffuseq``: block-sparse attention (window 256, globals = special tokens + a
 target span of at most 512), MoE feed-forward with E=8, k=2, expert width F/2, soft absorbing
@@ -12,12 +12,12 @@ Training throughput: tokens/s of whole optimizer steps (forward, backward, AdamW
 8192 tokens a step (batch = 8192 / L), half source and half target; peak memory of a fresh
 process per (model, L). Sampling: DPM-Solver++ with 10 steps for MoE-DiffuSeq against DDPM
 over all 2000 steps for DiffuSeq (timed over --ddpm-probe steps and extrapolated).
-Quality: both trained for the same wall-clock budget on the pycode corpus (L=64), then
-validation loss and sample BLEU of each.
+Quality: both trained for the same number of steps on the pycode corpus (L=64) through the
+training entry (moediffuseq.train_run), then wall time, validation loss and sample BLEU of each.
 
     python bench/end_to_end.py                      # CPU, L = 512, 2048, 8192
     python bench/end_to_end.py --device cuda        # base shapes, bf16 autocast
-    python bench/end_to_end.py --quality-minutes 0  # throughput only
+    python bench/end_to_end.py --quality-steps 0    # throughput only
 """
 from __future__ import annotations
 
@@ -124,34 +124,28 @@ def sampling_speed(name: str, L: int, device: str, probe: int, bf16: bool) -> di
                 "calls": schedule.num_steps}
 
 
-def quality(minutes: float, device: str, out_dir: Path, bf16: bool) -> list[dict]:
-    """Both models trained for the same wall-clock budget on pycode (tiny-size shapes, L=64)."""
-    from moediffuseq.data import Seq2SeqDataset, TextTokenizer, build_corpus, read_jsonl
-    from moediffuseq.train import TrainConfig, Trainer
+def quality(steps: int, device: str, out_dir: Path, bf16: bool) -> list[dict]:
+    """Both models trained for the same number of steps on pycode (tiny-size shapes, L=64) through
+    the training entry, with the same tokenizer; their wall time, validation loss and BLEU."""
+    import csv
 
-    data = build_corpus("pycode")
-    train = read_jsonl(data / "train.jsonl").examples
-    valid = read_jsonl(data / "valid.jsonl").examples
-    tok = TextTokenizer.train((t for e in train for t in (e.src, e.trg)), 2048)
-    rows = []
-    for name in ("moe-diffuseq", "diffuseq"):
-        preset = "tiny" if name == "moe-diffuseq" else "diffuseq"
-        shape = dict(max_len=64, d_emb=64, d_model=128, n_layers=2, n_heads=4, window=32, d_ff=256)
-        if preset == "tiny":
-            cfg = MoEDiffuSeqConfig.preset("tiny", vocab_size=tok.vocab_size, **shape, num_experts=8, d_expert=128)
-        else:
-            cfg = MoEDiffuSeqConfig.preset("diffuseq", vocab_size=tok.vocab_size, **shape)
-        torch.manual_seed(0)
-        model = MoEDiffuSeq(cfg)
-        train_set, valid_set = Seq2SeqDataset(train, tok, 64), Seq2SeqDataset(valid, tok, 64)
-        tc = TrainConfig(steps=10**9, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.999, eval_every=0,
+    from moediffuseq.train import TrainConfig
+    from moediffuseq.train_run import TrainingRun, run
+
+    shape = dict(max_len=64, d_emb=64, d_model=128, n_layers=2, n_heads=4, window=32, d_ff=256)
+    models = {"moe-diffuseq": MoEDiffuSeqConfig.preset("tiny", **shape, num_experts=8, d_expert=128),
+              "diffuseq": MoEDiffuSeqConfig.preset("diffuseq", **shape)}
+    rows, tokenizer = [], None
+    for name, cfg in models.items():
+        tc = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.999, eval_every=0,
                          save_every=0, bleu_examples=64, bf16=bf16, progress=False)
-        trainer = Trainer(model, tok, train_set, valid_set, tc, out_dir / f"quality-{name}", device)
-        start = time.perf_counter()
-        while time.perf_counter() - start < minutes * 60:
-            trainer.train_step()
-        rows.append({"model": name, "minutes": minutes, "steps": trainer.step,
-                     "valid loss": trainer.validation_loss(), "valid BLEU (EMA)": trainer.validation_bleu()})
+        out = out_dir / f"quality-{name}"
+        run(TrainingRun("pycode", out, cfg, tc, tokenizer=tokenizer, vocab_size=2048, device=device, overwrite=True))
+        tokenizer = tokenizer or out / "tokenizer.json"  # the second model reads the first one's tokenizer
+        with (out / "metrics.csv").open(newline="") as f:
+            valid = [r for r in csv.DictReader(f) if r["split"] == "valid"][-1]
+        rows.append({"model": name, "steps": steps, "minutes": float(valid["elapsed_s"]) / 60,
+                     "valid loss": float(valid["loss"]), "valid BLEU (EMA)": float(valid["bleu"])})
         print(rows[-1], flush=True)
     return rows
 
@@ -164,7 +158,7 @@ def main() -> None:
     parser.add_argument("--ddpm-probe", type=int, default=10)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast in training and sampling (default: on for CUDA, off for CPU)")
-    parser.add_argument("--quality-minutes", type=float, default=3.0, help="training budget per model (0: skip)")
+    parser.add_argument("--quality-steps", type=int, default=1000, help="training steps per model (0: skip)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,10 +203,10 @@ def main() -> None:
                        f"training: ~{TOKENS_PER_STEP} tokens/step, median of {args.steps} steps, "
                        f"{'bf16 autocast' if bf16 else 'fp32'}; peak memory of a fresh process",
                        f"DDPM time = {args.ddpm_probe} measured steps x (2000 / {args.ddpm_probe}) (extrapolated)"])
-    if args.quality_minutes > 0:
-        q = quality(args.quality_minutes, args.device, args.out, bf16)
+    if args.quality_steps > 0:
+        q = quality(args.quality_steps, args.device, args.out, bf16)
         write_table(q, list(q[0]), f"end_to_end_quality_{args.device.split(':')[0]}", out_dir=args.out,
-                    title="Quality after equal training time (pycode, L=64, tiny shapes)",
+                    title="Quality after equal training steps (pycode, L=64, tiny shapes)",
                     notes=["MoE: E=8, k=2, width 128; dense: FFN 256; validation BLEU of the EMA weights on 64 "
                            "sources with DPM-Solver++ 10 steps"])
 

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -126,9 +125,9 @@ def _device(name: str) -> str:
     import torch
 
     if name == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        return "cpu"
+        from moediffuseq.train_run import auto_device
+
+        return auto_device()
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -142,19 +141,6 @@ def _device(name: str) -> str:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise CliError(f"--device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return name
-
-
-def _data_dir(spec: str, rebuild: bool = False) -> Path:
-    from moediffuseq.data import build_corpus
-
-    if spec in CORPORA:
-        return build_corpus(spec, rebuild=rebuild)
-    path = Path(spec)
-    if not path.is_dir():
-        raise CliError(f"--data {spec!r} is neither a built-in corpus ({', '.join(CORPORA)}) nor a directory")
-    if not (path / "train.jsonl").is_file():
-        raise CliError(f"--data: {path} has no train.jsonl")
-    return path
 
 
 # ------------------------------------------------------------------------------------- train
@@ -179,6 +165,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are deleted)")
     p.add_argument("--allow-change", action="store_true",
                    help="with --resume: continue with a configuration that differs from the run's")
+    p.add_argument("--init-from", help="a trained model directory: start from its weights and tokenizer "
+                   "(fine-tuning); its config is the model's, --set / --config may change what keeps the shapes")
     group = p.add_argument_group("training (override the config file's train section)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -243,7 +231,12 @@ def train_configs(args: argparse.Namespace, vocab_size: int, special, device: st
         return f"preset {preset}: {field}" if section == "model" else field
 
     try:
-        model_cfg = MoEDiffuSeqConfig.preset(preset, **model_fields)
+        if getattr(args, "init_from", None) is not None:  # the trained model's config, with the overrides
+            if args.preset:
+                raise CliError("--preset: the model of --init-from is fine-tuned as it is; drop --preset")
+            model_cfg = dataclasses.replace(MoEDiffuSeqConfig.load(args.init_from), **model_fields)
+        else:
+            model_cfg = MoEDiffuSeqConfig.preset(preset, **model_fields)
     except ConfigError as e:
         raise CliError(f"{where(e.field, 'model')}: {e}") from None
     except ValueError as e:
@@ -255,105 +248,18 @@ def train_configs(args: argparse.Namespace, vocab_size: int, special, device: st
     return model_cfg, train_cfg
 
 
-def _data_record(args: argparse.Namespace, data_dir: Path) -> dict:
-    return {"data": args.data if args.data in CORPORA else str(data_dir.resolve()),
-            "max_train_examples": args.max_train_examples, "skip_bad_lines": args.skip_bad_lines,
-            "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer
-            else f"trained {args.tokenizer_kind}, vocab_size {args.vocab_size}"}
-
-
 def cmd_train(args: argparse.Namespace) -> Path:
-    """Trains into ``--out``. A fresh run writes OUT/run_config.json (the resolved model, training
-    and data configuration) before anything else; ``--resume`` compares this command's resolved
-    configuration with it (a change is an error naming the fields, unless --allow-change)."""
-    import torch
-    import torch.distributed as dist
-
-    from moediffuseq.checkpoint import find_checkpoint
-    from moediffuseq.data import Seq2SeqDataset, TextTokenizer, read_jsonl, split_path
+    """Trains into ``--out`` through ``moediffuseq.train_run.run``, once every value is checked."""
     from moediffuseq.data.tokenizer import SpecialIds
-    from moediffuseq.model import MoEDiffuSeq
-    from moediffuseq.run_dir import RUN_FILE, check_run_dir, config_changes, previous_config, write_json
-    from moediffuseq.train import DistributedContext, Trainer
+    from moediffuseq.train_run import TrainingRun, run
 
     device = _device(args.device)
-    out = Path(args.out)
-    existing = check_run_dir(out, args.resume, args.overwrite, args.allow_change, args.tokenizer)
-    if args.tokenizer and not Path(args.tokenizer).exists():
-        raise CliError(f"--tokenizer: file not found: {args.tokenizer}")
-    train_configs(args, args.vocab_size, SpecialIds(0, 1, 2, 3), device)  # every value checked before any work
-    ctx = DistributedContext.from_environment(torch.device(device))
-    if args.overwrite and ctx.is_main:
-        for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    data_dir = _data_dir(args.data) if ctx.is_main else None
-    if ctx.world_size > 1:  # the corpus is built once, by the main process
-        holder = [str(data_dir)]
-        dist.broadcast_object_list(holder, src=0)
-        data_dir = Path(holder[0])
-    on_error = "skip" if args.skip_bad_lines else "raise"
-    train_examples = read_jsonl(split_path(data_dir, "train"), on_error).examples[:args.max_train_examples]
-    valid_path = split_path(data_dir, "valid")
-    valid_examples = read_jsonl(valid_path, on_error).examples if valid_path.is_file() else None
-
-    checkpoint = find_checkpoint(out / "checkpoint") if args.resume else None
-    run_tok = out / "tokenizer.json"
-    if checkpoint is not None and (checkpoint / "tokenizer.json").is_file():
-        tokenizer = TextTokenizer.load(checkpoint / "tokenizer.json")
-    elif args.resume and run_tok.is_file():
-        tokenizer = TextTokenizer.load(run_tok)
-    elif args.tokenizer:
-        tokenizer = TextTokenizer.load(args.tokenizer)
-    else:
-        tokenizer = None
-        if ctx.is_main:
-            tokenizer = TextTokenizer.train((t for e in train_examples for t in (e.src, e.trg)), args.vocab_size,
-                                            args.tokenizer_kind)
-    if ctx.world_size > 1:
-        holder = [tokenizer.tokenizer.to_str() if ctx.is_main else None]
-        dist.broadcast_object_list(holder, src=0)
-        if not ctx.is_main:
-            from tokenizers import Tokenizer
-
-            tokenizer = TextTokenizer(Tokenizer.from_str(holder[0]))
-    model_cfg, train_cfg = train_configs(args, tokenizer.vocab_size, tokenizer.special, device)
-    resolved = {"data": _data_record(args, data_dir), "model": dataclasses.asdict(model_cfg),
-                "train": dataclasses.asdict(train_cfg)}
-    if args.resume:
-        changes = config_changes(previous_config(out), resolved)
-        if changes and not args.allow_change:
-            raise CliError(f"--resume: this command changes the run's configuration: {', '.join(changes)}; "
-                           "repeat the run's options, or pass --allow-change to continue with the new values")
-        if changes and ctx.is_main:
-            print(f"--allow-change: continuing with {', '.join(changes)}")
-    train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len)
-    valid_set = Seq2SeqDataset(valid_examples, tokenizer, model_cfg.max_len) if valid_examples else None
-    if train_cfg.batch_size * ctx.world_size > len(train_set):
-        raise CliError(f"--batch-size {train_cfg.batch_size} x {ctx.world_size} process(es) is more than the "
-                       f"{len(train_set)} training examples")
-    if ctx.is_main and (not args.resume or args.allow_change or not (out / RUN_FILE).is_file()):
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / RUN_FILE, resolved)
-    if ctx.is_main and not run_tok.is_file():
-        tokenizer.save(out)
-    torch.manual_seed(train_cfg.seed)
-    model = MoEDiffuSeq(model_cfg)
-    if ctx.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"data: {data_dir} ({len(train_set)} train, {len(valid_set) if valid_set else 0} valid; "
-              f"{train_set.truncated} truncated to L={model_cfg.max_len})")
-        print(f"model: {n_params / 1e6:.2f} M parameters, {model_cfg.n_layers} layers x {model_cfg.d_model}, "
-              f"attention={model_cfg.attention}, ffn={model_cfg.ffn}; device {device}, {ctx.world_size} process(es), "
-              f"{'bf16 autocast' if train_cfg.bf16 else 'fp32'}")
-        if args.resume and checkpoint is None:
-            print(f"--resume: no checkpoint in {out} yet: the run starts again from step 0")
-    trainer = Trainer(model, tokenizer, train_set, valid_set, train_cfg, out, device)
-    model_dir = trainer.fit(resume=checkpoint is not None, allow_change=args.allow_change)
-    if ctx.is_main:
-        print(f"model: {model_dir}\nmetrics: {out / 'metrics.csv'}")
-        if (out / "loss.png").is_file():
-            print(f"loss plot: {out / 'loss.png'}")
-    return model_dir
+    if args.init_from is not None and not Path(args.init_from).is_dir():
+        raise CliError(f"--init-from {args.init_from}: not a model directory")
+    model_cfg, train_cfg = train_configs(args, args.vocab_size, SpecialIds(0, 1, 2, 3), device)
+    return run(TrainingRun(args.data, args.out, model_cfg, train_cfg, args.tokenizer, args.vocab_size,
+                           args.tokenizer_kind, args.max_train_examples, args.skip_bad_lines, device, args.resume,
+                           args.overwrite, args.allow_change, args.init_from))
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -396,7 +302,9 @@ def _input_path(spec: str) -> Path:
             split_path(".", split)  # the split name is checked before the corpus is built
         except ValueError as e:
             raise CliError(f"--input {spec!r}: {e}") from None
-        return split_path(_data_dir(corpus), split)
+        from moediffuseq.train_run import data_dir
+
+        return split_path(data_dir(corpus), split)
     path = Path(spec)
     if path.is_dir():
         raise CliError(f"--input {path} is a directory, not a jsonl file")
@@ -434,6 +342,33 @@ def cmd_generate(args: argparse.Namespace) -> Optional[Path]:
     if output is not None:
         print(f"wrote {n} generations to {output}")
     return output
+
+
+# -------------------------------------------------------------------------------------- demo
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    from moediffuseq.demo import DEMO_STEPS
+
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--steps", type=_int_at_least(1), default=DEMO_STEPS, help="training steps")
+    p.add_argument("--seq-len", type=_int_at_least(5), default=64, help="sequence length")
+    p.add_argument("--vocab-size", type=_int_at_least(5), default=2048)
+    p.add_argument("--test-examples", type=_int_at_least(1), default=200, help="held-out functions to generate for")
+    p.add_argument("--mbr", type=_int_at_least(1), default=10, help="samples per source for MBR decoding (DiffuSeq: 10)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the demo's training run in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo's run in OUT")
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    from moediffuseq.demo import run_demo
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a directory")
+    return run_demo(out, args.steps, args.seq_len, args.vocab_size, args.test_examples, args.mbr, _device(args.device),
+                    not args.no_progress, args.resume, args.overwrite)
 
 
 # ---------------------------------------------------------------------------------- evaluate
@@ -505,8 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the end-to-end demo: corpus, tokenizer, train tiny, generate, evaluate")
-    from moediffuseq.demo import add_demo_args, cmd_demo
-
     add_demo_args(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("info", help="build information: CPU ISA, CUDA, CUTLASS")

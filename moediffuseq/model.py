@@ -96,6 +96,20 @@ class MoEDiffuSeqConfig:
         self.special_ids = tuple(self.special_ids)
 
     @classmethod
+    def load(cls, directory: str | Path) -> "MoEDiffuSeqConfig":
+        """The ``config.json`` of a model directory, checked."""
+        directory = Path(directory)
+        try:
+            values = json.loads((directory / CONFIG_FILE).read_text())
+            if not isinstance(values, dict):
+                raise TypeError(f"expected a JSON object, got {type(values).__name__}")
+            return cls(**values)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}") from e
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{directory / CONFIG_FILE} is not a valid MoE-DiffuSeq config: {e}") from e
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "MoEDiffuSeqConfig":
         """"tiny" (CPU demos and tests), "base" (12 x 768, E=8, k=2, expert width 1536) or
         "diffuseq" (the dense DiffuSeq baseline: dense attention, dense FFN 3072, no soft
@@ -242,15 +256,7 @@ class MoEDiffuSeq(nn.Module):
         shapes in the weights file's header before anything is allocated, and weights holding NaN
         or inf are refused."""
         directory = Path(directory)
-        try:
-            values = json.loads((directory / CONFIG_FILE).read_text())
-            if not isinstance(values, dict):
-                raise TypeError(f"expected a JSON object, got {type(values).__name__}")
-            config = MoEDiffuSeqConfig(**values)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}") from e
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise ValueError(f"{directory / CONFIG_FILE} is not a valid MoE-DiffuSeq config: {e}") from e
+        config = MoEDiffuSeqConfig.load(directory)
         path = directory / WEIGHTS_FILE
         try:
             with safe_open(str(path), framework="pt") as f:
