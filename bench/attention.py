@@ -10,6 +10,8 @@ The table goes to ``<out>/attention.md`` and ``<out>/attention.csv``; a Targets 
     python bench/attention.py                # full run, L up to 32768
     python bench/attention.py --device cuda  # GPU run (see run_cuda), L in {8k, 32k, 128k}
     python bench/attention.py --device cuda --lengths 8192 32768   # a table line per L as it finishes
+    python bench/attention.py --causal --lengths 8192   # causal: SDPA is_causal, the causal band as a
+                                                        # bool mask, FlexAttention with q >= kv
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ class Config:
     slow_call_seconds: float
     seed: int
     out: Path
+    causal: bool = False
 
 
 @dataclass
@@ -151,6 +154,21 @@ def allowed_pairs(
     return batch * (touching_global + band_no_global)
 
 
+def counted_pairs(length: int, cfg: Config, global_mask: Tensor, rows: int = 1024) -> int:
+    """Allowed pairs counted from the op's mask, ``rows`` query rows at a time (no L x L matrix)."""
+    i = torch.arange(length)
+    total = 0
+    for r0 in range(0, length, rows):
+        qi = i[r0:r0 + rows, None]
+        diff = qi - i[None, :]  # (rows, L)
+        band = (diff.abs() <= cfg.window * cfg.dilation) & (diff.remainder(cfg.dilation) == 0)
+        allowed = band | global_mask[:, r0:r0 + rows, None] | global_mask[:, None, :]  # (B, rows, L)
+        if cfg.causal:
+            allowed = allowed & (diff >= 0)
+        total += int(allowed.sum())
+    return total
+
+
 def make_problem(length: int, cfg: Config) -> Problem:
     """Seeded inputs at ``length`` (independent of which other lengths are run)."""
     gen = torch.Generator().manual_seed(cfg.seed + length)
@@ -159,7 +177,10 @@ def make_problem(length: int, cfg: Config) -> Problem:
     positions = torch.randperm(length, generator=gen)[: cfg.n_global]
     global_mask = torch.zeros(cfg.batch, length, dtype=torch.bool)
     global_mask[:, positions] = True
-    pairs = allowed_pairs(length, cfg.window, cfg.dilation, positions, cfg.batch)
+    if cfg.causal:
+        pairs = counted_pairs(length, cfg, global_mask)
+    else:
+        pairs = allowed_pairs(length, cfg.window, cfg.dilation, positions, cfg.batch)
     return Problem(length, q, k, v, grad, global_mask, pairs)
 
 
@@ -167,7 +188,7 @@ def dense_allowed(problem: Problem, cfg: Config) -> Tensor:
     """The (B, 1, L, L) allowed mask, as SDPA takes it."""
     mask = block_sparse_allowed_mask(
         problem.length, window=cfg.window, dilation=cfg.dilation,
-        global_mask=problem.global_mask, batch=cfg.batch,
+        global_mask=problem.global_mask, batch=cfg.batch, causal=cfg.causal,
     )
     return mask[:, None].contiguous()
 
@@ -184,7 +205,7 @@ def sanity_check(problem: Problem, cfg: Config) -> None:
     mask = dense_allowed(problem, cfg)
     if int(mask.sum()) != problem.pairs:
         raise RuntimeError(f"allowed_pairs gives {problem.pairs}, the dense mask {int(mask.sum())}")
-    kwargs = dict(window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask)
+    kwargs = dict(window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask, causal=cfg.causal)
     with torch.no_grad():
         ours = block_sparse_attention(problem.q, problem.k, problem.v, **kwargs)
         reference = block_sparse_attention_ref(problem.q, problem.k, problem.v, **kwargs)
@@ -194,13 +215,13 @@ def sanity_check(problem: Problem, cfg: Config) -> None:
 def build_ours(problem: Problem, cfg: Config) -> Built:
     """The fused op."""
     return Built(lambda q, k, v: block_sparse_attention(
-        q, k, v, window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask
+        q, k, v, window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask, causal=cfg.causal
     ))
 
 
 def build_sdpa_dense(problem: Problem, cfg: Config) -> Built:
-    """SDPA without a mask: all L^2 pairs."""
-    return Built(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    """SDPA without a mask: all L^2 pairs (is_causal=True: the causal half)."""
+    return Built(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal))
 
 
 def build_sdpa_mask(problem: Problem, cfg: Config) -> Built:
@@ -213,7 +234,7 @@ def build_reference(problem: Problem, cfg: Config) -> Built:
     """The dense pure-PyTorch reference in the input dtype."""
     return Built(lambda q, k, v: block_sparse_attention_ref(
         q, k, v, window=cfg.window, dilation=cfg.dilation,
-        global_mask=problem.global_mask, upcast=False,
+        global_mask=problem.global_mask, upcast=False, causal=cfg.causal,
     ))
 
 
@@ -249,7 +270,8 @@ def flex_mask_mod(is_global: Tensor, cfg: Config) -> Callable:
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         diff = q_idx - kv_idx
         band = (diff.abs() <= reach) & (diff % cfg.dilation == 0)
-        return band | is_global[b, q_idx] | is_global[b, kv_idx]
+        allowed = band | is_global[b, q_idx] | is_global[b, kv_idx]
+        return allowed & (diff >= 0) if cfg.causal else allowed
 
     return mask_mod
 
@@ -464,10 +486,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Config, int, str]:
     parser.add_argument("--slow-call-seconds", type=float, default=20.0,
                         help="a cell whose first call takes longer is recorded from that one call")
     parser.add_argument("--quick", action="store_true", help="L in {1024, 4096} and fewer repeats")
+    parser.add_argument("--causal", action="store_true", help="causal attention (key j <= query i) for every method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    if cuda and args.causal:
+        parser.error("--causal: the CUDA kernels have no causal mode yet (CPU only)")
     if cuda:
         lengths = args.lengths or ([8192] if args.quick else list(CUDA_LENGTHS))
         repeats = args.repeats or (3 if args.quick else 10)
@@ -479,7 +504,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Config, int, str]:
     cfg = Config(
         batch=args.batch, heads=heads, dim=dim, window=args.window, dilation=args.dilation,
         n_global=args.n_global, lengths=tuple(lengths), repeats=repeats, cell_seconds=args.cell_seconds,
-        slow_call_seconds=args.slow_call_seconds, seed=args.seed, out=args.out,
+        slow_call_seconds=args.slow_call_seconds, seed=args.seed, out=args.out, causal=args.causal,
     )
     return cfg, args.threads, args.device
 
@@ -495,7 +520,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     bandwidth = copy_bandwidth()
     notes = [
         f"B={cfg.batch}, H={cfg.heads}, D={cfg.dim}, window={cfg.window}, dilation={cfg.dilation}, "
-        f"{cfg.n_global} global tokens (seeded randperm), no padding; repeats={cfg.repeats}, "
+        f"{cfg.n_global} global tokens (seeded randperm), no padding{', causal' if cfg.causal else ''}; "
+        f"repeats={cfg.repeats}, "
         f"cell budget {cfg.cell_seconds:g} s, single call above {cfg.slow_call_seconds:g} s",
         f"2048^3 matmul: fp32 {rates[torch.float32]:.1f} GFLOP/s, bf16 {rates[torch.bfloat16]:.1f} GFLOP/s; "
         f"copy bandwidth {bandwidth:.1f} GB/s",
@@ -509,8 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     columns = ["L", "method", "pass", "median ms", "runs", "useful GFLOP/s", "% matmul",
                "ours fp32 speed-up", "status"]
     rows = table_rows(cfg, timings, statuses, pairs, rates)
-    write_table(rows, columns, "attention", out_dir=cfg.out,
-                title="block_sparse_attention CPU benchmark", notes=notes)
+    write_table(rows, columns, "attention_causal" if cfg.causal else "attention", out_dir=cfg.out,
+                title=f"block_sparse_attention CPU benchmark{' (causal)' if cfg.causal else ''}", notes=notes)
     print("\n## Targets\n")
     for line in target_lines(cfg, timings, pairs, rates):
         print(f"- {line}")
