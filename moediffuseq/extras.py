@@ -17,6 +17,7 @@ EXTRA_OF_MODULE = {
     "aclsum": "data",
     "matplotlib": "plots",
     "tensorboard": "tensorboard",
+    "huggingface_hub": "hub",
 }
 
 

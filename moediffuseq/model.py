@@ -26,6 +26,10 @@ from moediffuseq.ops.moe_ffn import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# config.json records the format of the model directory and the library that wrote it; a format
+# this library does not know (written by a newer moediffuseq) is refused with that said.
+FORMAT_VERSION = 1
+FORMAT_KEYS = ("format_version", "library_version")
 
 
 @dataclass
@@ -103,9 +107,18 @@ class MoEDiffuSeqConfig:
             values = json.loads((directory / CONFIG_FILE).read_text())
             if not isinstance(values, dict):
                 raise TypeError(f"expected a JSON object, got {type(values).__name__}")
+            written = {key: values.pop(key) for key in FORMAT_KEYS if key in values}
+            if int(written.get("format_version", 1)) > FORMAT_VERSION:
+                from moediffuseq import __version__
+
+                raise FormatError(f"{directory / CONFIG_FILE} is in model format {written['format_version']}, "
+                                  f"written by moediffuseq {written.get('library_version', '?')}; this moediffuseq "
+                                  f"({__version__}) reads format {FORMAT_VERSION}: upgrade moediffuseq")
             return cls(**values)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}") from e
+        except FormatError:
+            raise
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{directory / CONFIG_FILE} is not a valid MoE-DiffuSeq config: {e}") from e
 
@@ -130,6 +143,10 @@ PRESETS = {
     "base": dict(),
     "diffuseq": dict(attention="dense", ffn="dense", d_ff=3072, soft_absorbing=False, gamma=0.0),
 }
+
+
+class FormatError(ValueError):
+    """A model directory in a format this version of moediffuseq does not read."""
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -243,19 +260,26 @@ class MoEDiffuSeq(nn.Module):
                             self.logits)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """config.json + model.safetensors (no pickle)."""
+        """config.json (with the format and library versions) + model.safetensors (no pickle)."""
+        from moediffuseq import __version__
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        record = {**dataclasses.asdict(self.config), "format_version": FORMAT_VERSION, "library_version": __version__}
+        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "MoEDiffuSeq":
-        """Loads ``config.json`` + ``model.safetensors``. The config is checked against the tensor
-        shapes in the weights file's header before anything is allocated, and weights holding NaN
-        or inf are refused."""
-        directory = Path(directory)
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu", revision: Optional[str] = None
+                        ) -> "MoEDiffuSeq":
+        """Loads ``config.json`` + ``model.safetensors`` from a directory, or from a Hugging Face
+        Hub id ("user/name", at ``revision``; moediffuseq.hub). The config is checked against
+        the tensor shapes in the weights file's header before anything is allocated, and weights
+        holding NaN or inf are refused."""
+        from moediffuseq.hub import resolve_model_dir
+
+        directory = resolve_model_dir(directory, revision)
         config = MoEDiffuSeqConfig.load(directory)
         path = directory / WEIGHTS_FILE
         try:

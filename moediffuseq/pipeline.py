@@ -21,6 +21,7 @@ from moediffuseq.data import TextTokenizer
 from moediffuseq.diffusion.samplers import SamplerConfig
 from moediffuseq.generate import (GENERATION_FILE, Generation, GenerationConfig, StepCallback, default_target_len,
                                   generate)
+from moediffuseq.hub import push_to_hub, resolve_model_dir
 from moediffuseq.model import MoEDiffuSeq
 
 
@@ -41,11 +42,12 @@ class MoEDiffuSeqPipeline:
         self.target_len = target_len or default_target_len(None, model.config.max_len)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: Optional[str | torch.device] = "auto"
-                        ) -> "MoEDiffuSeqPipeline":
-        """Loads a model directory written by training or ``save_pretrained``: the weights, the
-        tokenizer and the target length saved with them (``generation.json``)."""
-        path = Path(path)
+    def from_pretrained(cls, path: str | os.PathLike, device: Optional[str | torch.device] = "auto",
+                        revision: Optional[str] = None) -> "MoEDiffuSeqPipeline":
+        """Loads a model directory written by training or ``save_pretrained`` (or a Hugging Face
+        Hub id "user/name" holding one): the weights, the tokenizer and the target length saved
+        with them (``generation.json``)."""
+        path = resolve_model_dir(path, revision)
         device = resolve_device(device)
         model = MoEDiffuSeq.from_pretrained(path, map_location=str(device)).to(device)
         return cls(model, TextTokenizer.load(path), default_target_len(path, model.config.max_len))
@@ -59,6 +61,14 @@ class MoEDiffuSeqPipeline:
         self.tokenizer.save(path)
         (path / GENERATION_FILE).write_text(json.dumps({"target_len": self.target_len}) + "\n")
         return path
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: Optional[str] = None) -> str:
+        """Uploads this pipeline (``save_pretrained``'s directory and a generated model card) to
+        the Hugging Face Hub; returns the repository's URL. Needs ``moediffuseq[hub]``."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_to_hub(self.save_pretrained(Path(tmp) / "model"), repo_id, private=private, token=token)
 
     @property
     def device(self) -> torch.device:
