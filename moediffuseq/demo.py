@@ -27,7 +27,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seq_len: in
 
     from moediffuseq.data import build_corpus, read_jsonl, split_path
     from moediffuseq.diffusion.samplers import SamplerConfig
-    from moediffuseq.evaluate import evaluate_texts, format_table
+    from moediffuseq.evaluate import decoded, evaluate_texts, format_table
     from moediffuseq.generate import GenerationConfig
     from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
     from moediffuseq.pipeline import MoEDiffuSeqPipeline
@@ -58,7 +58,10 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seq_len: in
     untrained = MoEDiffuSeqPipeline(MoEDiffuSeq(trained.model.config).to(trained.device), trained.tokenizer,
                                     trained.target_len)
     test = read_jsonl(split_path(data_dir, "test")).examples[:test_examples]
-    sources, references = [e.src for e in test], [e.trg for e in test]
+    sources = [e.src for e in test]
+    # every system is scored on text decoded from token ids, as DiffuSeq scores: the references
+    # and the copied sources go through the tokenizer as the model's outputs do
+    references = decoded([e.trg for e in test], trained.tokenizer)
     # DiffuSeq's decoding: S = 10 samples per source, the MBR choice by sentence BLEU is the output
     gen_cfg = GenerationConfig(SamplerConfig("dpm++", 10), mbr=mbr, batch_size=50, seed=0)
     systems, candidates = {}, {}
@@ -67,7 +70,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seq_len: in
         systems[name] = [o.hypothesis for o in outputs]
         candidates[name] = [o.candidates for o in outputs]
         stamp(f"generated {len(outputs)} test outputs: {name}")
-    systems["copy the source"] = sources
+    systems["copy the source"] = decoded(sources, trained.tokenizer)
     rows = {name: evaluate_texts(hyps, references, candidates.get(name)) for name, hyps in systems.items()}
     table = format_table(rows)
     with (out / "demo_generations.jsonl").open("w", encoding="utf-8") as f:

@@ -8,7 +8,12 @@
   averaged over sources: lower self-BLEU and higher div-4 mean more diverse samples;
 - average hypothesis length in words.
 
-BLEU, dist and div use whitespace tokens, as DiffuSeq's scripts do.
+BLEU, dist and div use whitespace tokens, as DiffuSeq's scripts do. Hypotheses and references
+must have gone through the same normalisation: DiffuSeq decodes both from token ids, and so do
+``generate`` (its files' ``reference`` is the target decoded from its ids, the raw text is kept as
+``reference_raw``), the trainer's validation BLEU and the demo, through ``decoded``. Scoring a
+decoded hypothesis against raw text understates every score (a WordPiece decoder writes
+"( as a string )" where the text has "(as a string)": a perfect output scores ~0.7 BLEU).
 """
 from __future__ import annotations
 
@@ -28,6 +33,12 @@ def sentence_bleu(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
     if not hypothesis or not reference:
         return 0.0
     return float(nltk_bleu([list(reference)], list(hypothesis), smoothing_function=SmoothingFunction().method4))
+
+
+def decoded(texts: Sequence[str], tokenizer) -> list[str]:
+    """``texts`` as the model's outputs are written: encoded to token ids and decoded by
+    ``tokenizer`` (a ``TextTokenizer``), the normalisation DiffuSeq applies to references."""
+    return [tokenizer.decode(ids) for ids in tokenizer.encode_batch(list(texts))]
 
 
 def _distinct(tokens_list: Sequence[Sequence[str]], n: int) -> float:

@@ -20,7 +20,7 @@ import torch
 from moediffuseq.data import Example, TextTokenizer, pack_source, read_jsonl
 from moediffuseq.diffusion import NoiseSchedule
 from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
-from moediffuseq.evaluate import sentence_bleu
+from moediffuseq.evaluate import decoded, sentence_bleu
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import progress_bar
 
@@ -166,8 +166,10 @@ def generate_file(model_dir: str | os.PathLike, input_path: Optional[str | os.Pa
                   limit: Optional[int] = None, skip_bad_lines: bool = False, progress: bool = True,
                   texts: Optional[Sequence[str]] = None, show_steps: bool = False) -> int:
     """Generates for the sources of ``input_path`` (see ``read_sources``) or for ``texts``.
-    With ``output_path``, writes one {source, reference (when the input has one), hypothesis,
-    candidates} line per source; without, prints the hypotheses, one per line. ``show_steps``
+    With ``output_path``, writes one {source, reference and reference_raw (when the input has
+    one), hypothesis, candidates} line per source (``reference``: the target decoded from its
+    token ids, the normalisation of the hypotheses, what ``evaluate`` scores; ``reference_raw``:
+    the text as given); without, prints the hypotheses, one per line. ``show_steps``
     prints the first source's text after every model call. Returns the number of sources."""
     from moediffuseq.pipeline import MoEDiffuSeqPipeline
 
@@ -198,12 +200,15 @@ def generate_file(model_dir: str | os.PathLike, input_path: Optional[str | os.Pa
         for res in results:
             print(res.hypothesis)
         return len(results)
+    labelled = [i for i, ex in enumerate(examples) if ex.trg is not None]
+    references = dict(zip(labelled, decoded([examples[i].trg for i in labelled], pipe.tokenizer)))
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(output_path.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            for ex, res in zip(examples, results):
-                record = {"source": ex.src, **({"reference": ex.trg} if ex.trg is not None else {}),
+            for i, (ex, res) in enumerate(zip(examples, results)):
+                ref = {"reference": references[i], "reference_raw": ex.trg} if ex.trg is not None else {}
+                record = {"source": ex.src, **ref,
                           "hypothesis": res.hypothesis, "candidates": res.candidates}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, output_path)

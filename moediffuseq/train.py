@@ -36,7 +36,7 @@ from moediffuseq.data import Seq2SeqDataset, TextTokenizer
 from moediffuseq.data.dataset import BatchStream
 from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make_timestep_sampler
 from moediffuseq.diffusion.samplers import SamplerConfig
-from moediffuseq.evaluate import sentence_bleu
+from moediffuseq.evaluate import decoded, sentence_bleu
 from moediffuseq.generate import GENERATION_FILE, GenerationConfig, generate
 from moediffuseq.interrupts import HeldInterrupts
 from moediffuseq.model import MoEDiffuSeq
@@ -376,14 +376,16 @@ class Trainer:
         return mean(losses)
 
     def validation_bleu(self) -> Optional[float]:
-        """Sentence BLEU of the EMA model on ``bleu_examples`` validation sources (DPM-Solver++ 10)."""
+        """Sentence BLEU of the EMA model on ``bleu_examples`` validation sources (DPM-Solver++ 10),
+        against the references decoded from their token ids (as the outputs are)."""
         if self.valid_set is None or self.cfg.bleu_examples <= 0:
             return None
         examples = self.valid_set.examples[:self.cfg.bleu_examples]
         gen_cfg = GenerationConfig(SamplerConfig("dpm++", 10), batch_size=self.cfg.batch_size, seed=0,
                                    dtype="bf16" if self.cfg.bf16 else None)
         outputs = generate(self.ema, self.tokenizer, [e.src for e in examples], gen_cfg, self.target_len())
-        return mean(sentence_bleu(o.hypothesis.split(), e.trg.split()) for o, e in zip(outputs, examples))
+        references = decoded([e.trg for e in examples], self.tokenizer)
+        return mean(sentence_bleu(o.hypothesis.split(), r.split()) for o, r in zip(outputs, references))
 
     def target_len(self) -> int:
         """The generation-time target budget: the median training target length, so that sources

@@ -70,3 +70,29 @@ def test_evaluate_keeps_a_row_per_file_when_names_repeat(tmp_path, capsys):
     assert main(["evaluate", *map(str, paths), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert sorted(rows) == sorted(map(str, paths)) and rows[str(paths[0])] != rows[str(paths[1])]
+
+
+DOCSTRINGS = ["Return the value of the key (as a string), or None.",
+              "Split the path into a pair (head, tail); tail is everything after the final slash.",
+              "Return True if the object is callable, i.e. has a __call__() method.",
+              "Encode the string s, using the codec registered for 'utf-8'."]
+
+
+def _wordpiece():
+    from moediffuseq.data import TextTokenizer
+
+    return TextTokenizer.train(DOCSTRINGS * 20, vocab_size=400, kind="wordpiece")
+
+
+def test_a_perfect_output_scores_one_against_references_decoded_from_ids():
+    """The model's output is text decoded from token ids; so must the reference be (DiffuSeq)."""
+    from moediffuseq.evaluate import decoded
+
+    tok = _wordpiece()
+    perfect = [tok.decode(tok.encode(d)) for d in DOCSTRINGS]  # what a model emitting the target's ids writes
+    raw = evaluate_texts(perfect, DOCSTRINGS)["bleu"]
+    assert raw < 0.9  # the mismatch scored before: punctuation split on one side only
+    scores = evaluate_texts(perfect, decoded(DOCSTRINGS, tok))
+    assert scores["bleu"] == pytest.approx(1.0)
+    assert scores["rougeL"] == pytest.approx(1.0)
+    assert decoded(perfect, tok) == perfect  # idempotent: decoded text decodes to itself

@@ -110,3 +110,18 @@ def test_generate_takes_text_in_and_gives_text_out(model_dir, tmp_path, capsys, 
     assert captured.out.splitlines() == expected[:1]
     assert [line.split(":", 1)[0] for line in captured.err.splitlines()] == [
         f"step {i:3d} (t={t:4d})" for i, t in zip(range(1, 5), (1999, 1333, 666, 0))]
+
+
+def test_generation_files_hold_the_reference_decoded_from_its_ids(model_dir, tmp_path):
+    """``evaluate`` scores ``reference``: it is normalised as the hypotheses are (decoded from
+    token ids); the text as given stays beside it, labelled ``reference_raw``."""
+    tok = TextTokenizer.load(model_dir)
+    labeled = tmp_path / "labeled.jsonl"
+    targets = ["alpha (beta), gamma!", "zeta"]
+    labeled.write_text("\n".join(json.dumps({"src": s, "trg": t}) for s, t in zip(SOURCES, targets)) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(model_dir), "--steps", "2", "--device", "cpu", "--input", str(labeled),
+                 "--output", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["reference"] for r in records] == [tok.decode(tok.encode(t)) for t in targets]
+    assert [r["reference_raw"] for r in records] == targets
