@@ -116,7 +116,8 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
         ids = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)  # (B, L)
         starts = torch.tensor([r[1] for r in chunk], device=device)
         target_mask = torch.arange(L, device=device)[None] >= starts[:, None]  # (B, L)
-        cond = model.condition(ids, target_mask, dtype)
+        budget = torch.full((len(chunk),), target_len, device=device)  # |y| of the global target positions
+        cond = model.condition(ids, target_mask, dtype, budget)
 
         def texts_of(x0: torch.Tensor) -> list[str]:
             tokens = model.logits(x0).argmax(-1).tolist()  # (B, L)

@@ -45,7 +45,7 @@ class MoEDiffuSeqConfig:
     attention: str = "sparse"     # "sparse" (block-sparse) or "dense"
     window: int = 256
     dilation: int = 1
-    global_target_max: int = 512  # the target span is global when at most this long
+    global_target_max: int = 512  # the first min(|y|, this) target positions are global
     ffn: str = "moe"              # "moe" or "dense"
     num_experts: int = 8
     top_k: int = 2
@@ -217,14 +217,21 @@ class MoEDiffuSeq(nn.Module):
         """lm_head(x) with the tied embedding: (..., d_emb) -> (..., V)."""
         return x @ self.word_embedding.weight.T + self.lm_head_bias
 
-    def global_mask(self, src_ids: Tensor, target_mask: Tensor) -> Tensor:
-        """(B, L) bool: special tokens of the source, plus the whole target span when it is at
-        most ``global_target_max`` long (METHOD §3)."""
+    def global_mask(self, src_ids: Tensor, target_mask: Tensor, target_len: Optional[Tensor] = None) -> Tensor:
+        """(B, L) bool: the special tokens of the source, plus the first min(|y|, global_target_max)
+        target positions (METHOD §3), whatever the padding after them. |y| is ``target_len`` (B,)
+        when given (at generation: the target budget), else the target's tokens that are not
+        padding (in training: the real target with its closing [SEP]); a row whose target holds
+        only padding (generation without a budget) counts its whole span."""
         special = torch.zeros_like(target_mask)
         for token in self.config.special_ids:
             special |= (src_ids == token) & ~target_mask
-        short = target_mask.sum(-1, keepdim=True) <= self.config.global_target_max  # (B, 1)
-        return special | (target_mask & short)
+        if target_len is None:
+            real = (target_mask & (src_ids != self.config.pad_id)).sum(-1)  # (B,)
+            target_len = torch.where(real > 0, real, target_mask.sum(-1))
+        budget = target_len.to(target_mask.device).clamp(max=self.config.global_target_max)  # (B,)
+        rank = target_mask.long().cumsum(-1)  # (B, L) 1-based position within the target span
+        return special | (target_mask & (rank <= budget[:, None]))
 
     def forward(self, x_t: Tensor, t: Tensor, global_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """x0_hat (B, L, d_emb) from x_t (B, L, d_emb) at steps t (B,); and the summed MoE aux loss."""
@@ -242,13 +249,15 @@ class MoEDiffuSeq(nn.Module):
             aux = aux + layer_aux
         return self.output_down(self.ln_out(h)), aux
 
-    def condition(self, input_ids: Tensor, target_mask: Tensor, dtype: Optional[torch.dtype] = None) -> Conditioning:
+    def condition(self, input_ids: Tensor, target_mask: Tensor, dtype: Optional[torch.dtype] = None,
+                  target_len: Optional[Tensor] = None) -> Conditioning:
         """The batch ``input_ids`` (B, L) with its target span ``target_mask`` (B, L) bound to this
         model, ready for ``moediffuseq.diffusion.samplers.sample``: the embedded source as anchor,
         m, the word embedding, the logits head and ``denoise(x_t, t) -> x0_hat``, which calls the
         model with the batch's global mask, under autocast in ``dtype`` when one other than fp32
-        is given (the sampler's own state stays in the anchor's dtype)."""
-        global_mask = self.global_mask(input_ids, target_mask)
+        is given (the sampler's own state stays in the anchor's dtype). ``target_len`` (B,): the
+        target budget that decides the global target positions (``global_mask``)."""
+        global_mask = self.global_mask(input_ids, target_mask, target_len)
         enabled = dtype is not None and dtype != torch.float32
         device_type = input_ids.device.type
 

@@ -157,3 +157,26 @@ def test_weights_with_nan_or_inf_are_refused(tmp_path):
 def test_every_config_field_is_checked(field, value, why):
     with pytest.raises(ValueError, match=why):
         MoEDiffuSeqConfig.preset("tiny", vocab_size=120, **{field: value})
+
+
+def test_the_global_target_span_does_not_depend_on_the_padding_at_4096():
+    """A 250-token target of a 1000-token source padded to L = 4096: its 250 positions are
+    global (METHOD §3: the target tokens, up to global_target_max), not its ~3000 of padding;
+    a 700-token target gets its first 512; at generation the budget stands for |y|."""
+    model = MoEDiffuSeq(MoEDiffuSeqConfig.preset("tiny", vocab_size=120, max_len=4096, n_layers=1))
+    L, n_src = 4096, 1000
+    ids = torch.zeros(3, L, dtype=torch.long)
+    ids[:, 0], ids[:, 1:n_src + 1], ids[:, n_src + 1] = 1, 7, 2  # [CLS] src [SEP]
+    start = n_src + 2
+    for row, n_trg in ((0, 250), (1, 700)):
+        ids[row, start:start + n_trg] = 9
+        ids[row, start + n_trg] = 2  # the target's closing [SEP]
+    target = torch.zeros(3, L, dtype=torch.bool)
+    target[:, start:] = True
+    g = model.global_mask(ids, target)
+    assert g[:, 0].all() and g[:, n_src + 1].all() and not g[:, 1:n_src + 1].any()
+    assert g[0, start:start + 251].all() and not g[0, start + 251:].any()
+    assert g[1, start:start + 512].all() and not g[1, start + 512:].any()
+    assert g[2, start:start + 512].all()  # only padding (generation without a budget): the span up to 512
+    budget = model.global_mask(ids, target, torch.tensor([251, 600, 40]))
+    assert budget[0].equal(g[0]) and budget[1].equal(g[1]) and int(budget[2, start:].sum()) == 40
