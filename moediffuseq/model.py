@@ -60,6 +60,9 @@ class MoEDiffuSeqConfig:
     schedule: str = "sqrt"
     diffusion_steps: int = 2000
     mse_target_only: bool = False  # False: mean over all positions, as the reference code
+    nll_target_only: bool = False  # False: the decoder nll over all positions (METHOD, the reference code)
+    load_balance_weight: float = 0.01  # alpha of the MoE load-balancing loss (METHOD §4)
+    z_loss_weight: float = 1e-3        # weight of the router z-loss (METHOD §4)
     m_weight: float = 0.01        # weight of ||m||_2 in the loss
     special_ids: tuple = (1, 2)   # token ids that are always global ([CLS], [SEP])
     pad_id: int = 0
@@ -77,13 +80,15 @@ class MoEDiffuSeqConfig:
         fields.choice("ffn", self.ffn, ("moe", "dense"))
         fields.choice("activation", self.activation, ACTIVATIONS)
         fields.choice("schedule", self.schedule, SCHEDULES)
-        for name in ("pre_ln", "soft_absorbing", "mse_target_only"):
+        for name in ("pre_ln", "soft_absorbing", "mse_target_only", "nll_target_only"):
             fields.boolean(name, getattr(self, name))
         if self.capacity_factor is not None:
             fields.number("capacity_factor", self.capacity_factor, 0.0, above=True)
         fields.number("dropout", self.dropout, 0.0, 1.0, below=True)
         fields.number("gamma", self.gamma, 0.0, 1.0)
         fields.number("m_weight", self.m_weight, 0.0)
+        fields.number("load_balance_weight", self.load_balance_weight, 0.0)
+        fields.number("z_loss_weight", self.z_loss_weight, 0.0)
         if self.d_model % self.n_heads:
             raise fields.ConfigError("d_model", f"({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.ffn == "moe" and self.top_k > self.num_experts:
@@ -168,7 +173,7 @@ class DenoiserLayer(nn.Module):
                                              dropout=cfg.dropout, kind=cfg.attention)
         if cfg.ffn == "moe":
             self.ffn = MoEFeedForward(cfg.d_model, cfg.d_expert, cfg.num_experts, cfg.top_k, cfg.activation,
-                                      cfg.capacity_factor)
+                                      cfg.capacity_factor, cfg.load_balance_weight, cfg.z_loss_weight)
         else:
             self.ffn = DenseFeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)

@@ -180,3 +180,31 @@ def test_the_global_target_span_does_not_depend_on_the_padding_at_4096():
     assert g[2, start:start + 512].all()  # only padding (generation without a budget): the span up to 512
     budget = model.global_mask(ids, target, torch.tensor([251, 600, 40]))
     assert budget[0].equal(g[0]) and budget[1].equal(g[1]) and int(budget[2, start:].sum()) == 40
+
+
+def test_nll_over_all_positions_by_default_and_target_only_as_an_option():
+    """METHOD §5 (and the reference code): the decoder nll averages over every position."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    ids, target = batch(B=2)
+    schedule = NoiseSchedule.create("sqrt", 2000)
+    for target_only in (False, True):
+        model = MoEDiffuSeq(tiny(dropout=0.0, nll_target_only=target_only))
+        gen = torch.Generator().manual_seed(3)
+        terms = diffusion_loss(model, schedule, ids, target, torch.tensor([5, 900]), generator=gen)
+        x0 = model.embed(ids) + (1 - float(schedule.alphas_cumprod[0])) ** 0.5 * torch.randn(
+            model.embed(ids).shape, generator=torch.Generator().manual_seed(3))
+        nll = F.cross_entropy(model.logits(x0).transpose(1, 2), ids, reduction="none")  # (B, L)
+        expected = nll[:, 21:].mean(-1) if target_only else nll.mean(-1)
+        torch.testing.assert_close(terms.nll, expected.detach())
+
+
+def test_moe_loss_weights_are_config_fields():
+    model = MoEDiffuSeq(tiny(load_balance_weight=0.5, z_loss_weight=0.0))
+    ffn = model.layers[0].ffn
+    assert (ffn.load_balance_weight, ffn.z_loss_weight) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="load_balance_weight"):
+        tiny(load_balance_weight=-1.0)
+    with pytest.raises(ValueError, match="z_loss_weight"):
+        tiny(z_loss_weight="big")

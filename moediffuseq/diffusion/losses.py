@@ -3,8 +3,9 @@
     mse(x0_hat, x0) + CE(lm_head(x0), w) + mean((sqrt(abar_T) x0)^2) + m_weight ||m||_2 + MoE aux,
 
 with x0 = Emb(w) + sqrt(1 - abar_0) eps, x_t from the soft absorbing forward process, and the
-mse target Emb(w) at t = 0. The mse is averaged over all positions (the reference code) or over
-the target positions only (``config.mse_target_only``).
+mse target Emb(w) at t = 0. The mse and the nll are averaged over all positions (METHOD and the
+reference code: the nll on source tokens keeps the embeddings of words seen only in sources
+apart) or over the target positions only (``config.mse_target_only``, ``config.nll_target_only``).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
     mse = torch.where(t == 0, mse_t0, mse)
     logits = model.logits(x0)  # (B, L, V)
     nll_tokens = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")  # (B, L)
-    nll = _mean_over(nll_tokens, target_mask)
+    nll = _mean_over(nll_tokens, target_mask if cfg.nll_target_only else None)
     prior = (sqrt_ab_end * x0).square().mean(dim=(1, 2))
     per_example = mse + nll + prior
     w = torch.ones_like(per_example) if weights is None else weights
