@@ -61,6 +61,7 @@ class MoEDiffuSeqConfig:
     diffusion_steps: int = 2000
     mse_target_only: bool = False  # False: mean over all positions, as the reference code
     nll_target_only: bool = False  # False: the decoder nll over all positions (METHOD, the reference code)
+    self_conditioning: bool = False  # the denoiser also sees its previous x0 estimate (trained at 50%)
     load_balance_weight: float = 0.01  # alpha of the MoE load-balancing loss (METHOD §4)
     z_loss_weight: float = 1e-3        # weight of the router z-loss (METHOD §4)
     m_weight: float = 0.01        # weight of ||m||_2 in the loss
@@ -80,7 +81,8 @@ class MoEDiffuSeqConfig:
         fields.choice("ffn", self.ffn, ("moe", "dense"))
         fields.choice("activation", self.activation, ACTIVATIONS)
         fields.choice("schedule", self.schedule, SCHEDULES)
-        for name in ("pre_ln", "soft_absorbing", "mse_target_only", "nll_target_only"):
+        for name in ("pre_ln", "soft_absorbing", "mse_target_only", "nll_target_only",
+                     "self_conditioning"):
             fields.boolean(name, getattr(self, name))
         if self.capacity_factor is not None:
             fields.number("capacity_factor", self.capacity_factor, 0.0, above=True)
@@ -200,6 +202,8 @@ class MoEDiffuSeq(nn.Module):
         self.lm_head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # weight tied to the embedding
         self.input_up = nn.Sequential(nn.Linear(cfg.d_emb, cfg.d_model), nn.Tanh(),
                                       nn.Linear(cfg.d_model, cfg.d_model))
+        if cfg.self_conditioning:  # the previous x0 estimate, added to the up-projected input
+            self.self_cond_up = nn.Linear(cfg.d_emb, cfg.d_model)
         self.position_embedding = nn.Embedding(cfg.max_len, cfg.d_model)
         self.time_embed = nn.Sequential(nn.Linear(cfg.d_emb, 4 * cfg.d_emb), nn.SiLU(),
                                         nn.Linear(4 * cfg.d_emb, cfg.d_model))
@@ -238,12 +242,19 @@ class MoEDiffuSeq(nn.Module):
         rank = target_mask.long().cumsum(-1)  # (B, L) 1-based position within the target span
         return special | (target_mask & (rank <= budget[:, None]))
 
-    def forward(self, x_t: Tensor, t: Tensor, global_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """x0_hat (B, L, d_emb) from x_t (B, L, d_emb) at steps t (B,); and the summed MoE aux loss."""
+    def forward(self, x_t: Tensor, t: Tensor, global_mask: Optional[Tensor] = None,
+                x0_self: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """x0_hat (B, L, d_emb) from x_t (B, L, d_emb) at steps t (B,); and the summed MoE aux loss.
+        With ``config.self_conditioning``, ``x0_self`` (B, L, d_emb) is the previous x0 estimate
+        (None: zeros, the first call); without, it must be None."""
         B, L, _ = x_t.shape
         if L > self.config.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len {self.config.max_len}")
         h = self.input_up(x_t)  # (B, L, H)
+        if self.config.self_conditioning:
+            h = h + self.self_cond_up(torch.zeros_like(x_t) if x0_self is None else x0_self.to(x_t.dtype))
+        elif x0_self is not None:
+            raise ValueError("x0_self given to a model without self_conditioning")
         h = h + self.position_embedding.weight[:L][None]
         h = h + self.time_embed(timestep_embedding(t, self.config.d_emb))[:, None]  # (B, 1, H)
         h = self.dropout(self.ln_in(h))
@@ -266,12 +277,12 @@ class MoEDiffuSeq(nn.Module):
         enabled = dtype is not None and dtype != torch.float32
         device_type = input_ids.device.type
 
-        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+        def denoise(x_t: Tensor, t: Tensor, x0_self: Optional[Tensor] = None) -> Tensor:
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                return self(x_t, t, global_mask)[0]
+                return self(x_t, t, global_mask, x0_self)[0]
 
         return Conditioning(denoise, self.embed(input_ids), target_mask, self.m, self.word_embedding.weight,
-                            self.logits)
+                            self.logits, self.config.self_conditioning)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (with the format and library versions) + model.safetensors (no pickle)."""

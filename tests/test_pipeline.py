@@ -125,3 +125,20 @@ def test_generation_files_hold_the_reference_decoded_from_its_ids(model_dir, tmp
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["reference"] for r in records] == [tok.decode(tok.encode(t)) for t in targets]
     assert [r["reference_raw"] for r in records] == targets
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddpm", "ddim"])
+def test_a_self_conditioned_model_generates_with_every_sampler_and_mbr(tmp_path, sampler):
+    tok = TextTokenizer.train(["alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"] * 20, vocab_size=80)
+    cfg = MoEDiffuSeqConfig.preset("tiny", vocab_size=len(tok), max_len=24, n_layers=1, d_model=32, n_heads=2,
+                                   d_emb=16, window=4, num_experts=2, d_expert=32, dropout=0.0,
+                                   self_conditioning=True)
+    torch.manual_seed(0)
+    model = MoEDiffuSeq(cfg)
+    gen = GenerationConfig(SamplerConfig(sampler, 3), mbr=2, batch_size=3, seed=1)
+    out = generate(model, tok, SOURCES, gen, target_len=6)
+    assert len(out) == 4 and all(len(o.candidates) == 2 for o in out)
+    assert [o.hypothesis for o in generate(model, tok, SOURCES, gen, target_len=6)] == [o.hypothesis for o in out]
+    x = torch.randn(1, 24, 16)
+    with pytest.raises(ValueError, match="self_conditioning"):
+        MoEDiffuSeq(dataclasses.replace(cfg, self_conditioning=False))(x, torch.tensor([1]), None, x)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moediffuseq.diffusion import NoiseSchedule
-from moediffuseq.diffusion.samplers import Conditioning, SamplerConfig, mbr_select, sample
+from moediffuseq.diffusion.samplers import SAMPLERS, Conditioning, SamplerConfig, mbr_select, sample
 
 MU, STD = 1.5, 0.5
 M = torch.tensor([0.3, -0.2, 0.1, 0.0])
@@ -104,3 +104,31 @@ def test_mbr_picks_the_consensus():
     candidates = [[1, 2, 3], [1, 2, 4], [9, 9, 9], [1, 2, 3]]
     overlap = lambda a, b: sum(x == y for x, y in zip(a, b))  # noqa: E731
     assert mbr_select(candidates, overlap) == 0
+
+
+@pytest.mark.parametrize("method", SAMPLERS)
+def test_self_conditioning_feeds_each_run_its_own_previous_estimate(method):
+    """Every sampler hands the denoiser the previous x0 prediction of the same run (None at the
+    first call), so MBR samples never see each other's estimates."""
+    from moediffuseq.diffusion.samplers import Conditioning
+
+    schedule = NoiseSchedule.create("sqrt", 200)
+    anchor = torch.randn(2, 6, 4)
+    target = torch.zeros(2, 6, dtype=torch.bool)
+    target[:, 3:] = True
+    seen, returned = [], []
+
+    def denoise(x, t, x0_prev):
+        seen.append(None if x0_prev is None else x0_prev.clone())
+        out = torch.full_like(x, float(len(seen)))
+        returned.append(torch.where(target[..., None], out, anchor))
+        return out
+
+    cond = Conditioning(denoise, anchor, target, torch.zeros(4), self_conditioning=True)
+    for _ in range(2):  # two runs, as MBR samples
+        first = len(seen)
+        result = sample(cond, schedule, SamplerConfig(method, 4), generator=torch.Generator().manual_seed(0))
+        assert seen[first] is None
+        for i in range(first + 1, len(seen)):
+            torch.testing.assert_close(seen[i], returned[i - 1])
+        torch.testing.assert_close(result.x0, returned[-1])

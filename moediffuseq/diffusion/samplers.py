@@ -29,7 +29,7 @@ from moediffuseq.ops import denoise_step, nearest_embedding
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
+Denoiser = Callable[..., Tensor]  # (x_t, t) -> x0_hat; (x_t, t, x0_prev) with self-conditioning
 StepCallback = Callable[[int, int, Tensor], None]
 
 
@@ -43,6 +43,7 @@ class Conditioning:
     m: Tensor               # (d,) the absorbing vector (zeros without the soft absorbing state)
     embedding: Optional[Tensor] = None  # (V, d) word embeddings, for clamping
     logits: Optional[Callable[[Tensor], Tensor]] = None  # (..., d) -> (..., V), for early stopping
+    self_conditioning: bool = False  # denoise(x_t, t, x0_prev) also takes the run's previous x0 prediction
 
 
 @dataclass
@@ -84,15 +85,22 @@ class _Reverse:
         self.m = cond.m.to(cond.anchor.dtype)
         self.cfg, self.callback = cfg, callback
         self.calls, self.unchanged, self.tokens = 0, 0, None
+        self.previous: Optional[Tensor] = None  # the last x0 prediction, for self-conditioning
 
     def predict(self, x: Tensor, t: int) -> Tensor:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x0 = self.cond.denoise(x, t_batch).to(x.dtype)  # a denoiser under autocast answers in its dtype
+        if self.cond.self_conditioning:  # every run (every MBR sample) starts from no estimate
+            x0 = self.cond.denoise(x, t_batch, self.previous)
+        else:
+            x0 = self.cond.denoise(x, t_batch)
+        x0 = x0.to(x.dtype)  # a denoiser under autocast answers in its dtype
         self.calls += 1
         if self.cfg.clamp:
             embedding = self.cond.embedding
             x0 = embedding[nearest_embedding(x0, embedding)].to(x0.dtype)
         x0 = torch.where(self.target_mask[..., None], x0, self.anchor)
+        if self.cond.self_conditioning:
+            self.previous = x0
         if self.callback is not None:
             self.callback(self.calls, t, x0)
         return x0
