@@ -384,20 +384,24 @@ def _system_names(paths: Sequence[str]) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from moediffuseq.evaluate import evaluate_texts, format_table, read_generations
+    from moediffuseq.evaluate import bootstrap_intervals, evaluate_texts, format_intervals, format_table, read_generations
 
     names = _system_names(args.generations)
     if args.json:
         _check_output(Path(args.json), [Path(p) for p in args.generations], "--json")
-    rows = {}
+    rows, intervals = {}, {}
     for name, path in zip(names, args.generations):
         _, refs, hyps, cands = read_generations(path)
         if refs is None:
             print(f"note: {path} has no references (generated for unlabeled sources): not scored")
             continue
         rows[name] = evaluate_texts(hyps, refs, cands)
+        intervals[name] = bootstrap_intervals(hyps, refs)
+        rows[name]["intervals_95"] = {k: list(v) for k, v in intervals[name].items()}
     if rows:
         print(format_table(rows))
+        print()
+        print(format_intervals(intervals))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

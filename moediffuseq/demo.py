@@ -27,7 +27,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seq_len: in
 
     from moediffuseq.data import build_corpus, read_jsonl, split_path
     from moediffuseq.diffusion.samplers import SamplerConfig
-    from moediffuseq.evaluate import decoded, evaluate_texts, format_table
+    from moediffuseq.evaluate import bootstrap_intervals, decoded, evaluate_texts, format_intervals, format_table
     from moediffuseq.generate import GenerationConfig
     from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
     from moediffuseq.pipeline import MoEDiffuSeqPipeline
@@ -72,7 +72,10 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seq_len: in
         stamp(f"generated {len(outputs)} test outputs: {name}")
     systems["copy the source"] = decoded(sources, trained.tokenizer)
     rows = {name: evaluate_texts(hyps, references, candidates.get(name)) for name, hyps in systems.items()}
-    table = format_table(rows)
+    intervals = {name: bootstrap_intervals(hyps, references) for name, hyps in systems.items()}
+    for name, iv in intervals.items():
+        rows[name]["intervals_95"] = {k: list(v) for k, v in iv.items()}
+    table = format_table(rows) + "\n\n" + format_intervals(intervals)
     with (out / "demo_generations.jsonl").open("w", encoding="utf-8") as f:
         for i, (src, ref) in enumerate(zip(sources, references)):
             f.write(json.dumps({"source": src, "reference": ref, "trained": systems["MoE-DiffuSeq tiny (trained)"][i],

@@ -96,3 +96,19 @@ def test_a_perfect_output_scores_one_against_references_decoded_from_ids():
     assert scores["bleu"] == pytest.approx(1.0)
     assert scores["rougeL"] == pytest.approx(1.0)
     assert decoded(perfect, tok) == perfect  # idempotent: decoded text decodes to itself
+
+
+def test_bootstrap_intervals_hold_the_mean_and_shrink_to_a_point_when_all_agree():
+    from moediffuseq.evaluate import bootstrap_intervals, format_intervals
+
+    refs = ["return the sum of two numbers", "open the file", "read every line", "close it now"]
+    hyps = ["return the sum of numbers", "open a file", "zzz", "close it now"]
+    iv = bootstrap_intervals(hyps, refs, samples=400)
+    point = evaluate_texts(hyps, refs)
+    for key in ("bleu", "rouge1", "rouge2", "rougeL"):
+        lo, hi = iv[key]
+        assert lo <= point[key] <= hi and lo < hi
+    same = bootstrap_intervals(refs, refs, samples=50)
+    assert same["rougeL"] == pytest.approx((1.0, 1.0))
+    assert bootstrap_intervals(hyps, refs, samples=400) == iv  # seeded
+    assert "| a |" in format_intervals({"a": iv})
