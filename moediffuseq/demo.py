@@ -13,7 +13,7 @@ from pathlib import Path
 
 DEMO_STEPS = 4000
 DEMO_TRAIN = dict(batch_size=32, lr=3e-3, warmup_steps=100, ema_decay=0.999, eval_every=500,
-                  bleu_examples=32, save_every=500, log_every=10)
+                  bleu_examples=32, save_every=500, log_every=10, keep_best=True)
 # tiny preset at L=64 with the mse over target positions only; a cased WordPiece vocabulary of
 # 2048 (outputs read as words, which is what BLEU and ROUGE count)
 DEMO_MODEL = dict(mse_target_only=True, dropout=0.0)

@@ -63,6 +63,7 @@ class TrainConfig:
     bleu_examples: int = 32        # validation sources generated for the sample BLEU (0: off)
     save_every: int = 1000         # checkpoint period in steps (0: only at the end and on Ctrl-C)
     keep_checkpoints: int = 1      # checkpoints kept: the latest and the N - 1 before it
+    keep_best: bool = False        # export the EMA weights of the best validation (BLEU, else loss), not the last
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -77,6 +78,7 @@ class TrainConfig:
         fields.choice("lr_decay", self.lr_decay, ("linear", "cosine", "constant"))
         fields.choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
         fields.boolean("bf16", self.bf16)
+        fields.boolean("keep_best", self.keep_best)
         fields.boolean("progress", self.progress)
 
 
@@ -84,6 +86,9 @@ TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
 
 # fields that change neither the numbers of a run nor its outputs: free to change on --resume
 NON_RESULT_FIELDS = ("progress", "keep_checkpoints")
+
+
+BEST_DIR = "best_model"  # keep_best: the EMA weights of the best validation so far
 
 
 class Diverged(FloatingPointError):
@@ -472,15 +477,35 @@ class Trainer:
         if self.log and (loss is not None or bleu is not None):
             self.log.log(self.step, "valid", loss=loss, bleu=bleu, elapsed_s=elapsed)
             self.log.plot()
+        if self.cfg.keep_best and (loss is not None or bleu is not None):
+            self._keep_if_best(bleu if bleu is not None else -loss, "bleu" if bleu is not None else "-loss")
         self._set_rng_state(self._rng_after_step)  # validation leaves the training randomness as it was
+
+    def _keep_if_best(self, value: float, metric: str) -> None:
+        """Writes the EMA weights to OUT/best_model when ``value`` beats the best so far (kept in
+        OUT/best_model/best.json, so a resumed run compares with it)."""
+        directory = self.out_dir / BEST_DIR
+        record = directory / "best.json"
+        if record.is_file() and json.loads(record.read_text())["value"] >= value:
+            return
+
+        def write(tmp: Path) -> None:
+            self.ema.save_pretrained(tmp)
+            (tmp / "best.json").write_text(json.dumps({"step": self.step, "metric": metric, "value": value}) + "\n")
+
+        with self._interrupts.held():
+            write_directory(directory, write)
 
     def _export(self) -> Path:
         """The final EMA model with its tokenizer and generation defaults, in ``out_dir/model``
         (written to a temporary directory and renamed into place)."""
         directory = self.out_dir / "model"
         if self.dist.is_main:
+            best = self.out_dir / BEST_DIR
+            weights = MoEDiffuSeq.from_pretrained(best) if self.cfg.keep_best and best.is_dir() else self.ema
+
             def write(tmp: Path) -> None:
-                self.ema.save_pretrained(tmp)
+                weights.save_pretrained(tmp)
                 self.tokenizer.save(tmp)
                 (tmp / GENERATION_FILE).write_text(json.dumps({"target_len": self.target_len()}) + "\n")
 

@@ -127,6 +127,7 @@ CASES = [
     ("train", "--save-every", lambda f: train(f, "--save-every", "-5"), "--save-every"),
     ("train", "--keep-checkpoints", lambda f: train(f, "--keep-checkpoints", "0"), "--keep-checkpoints"),
     ("train", "--progress", lambda f: train(f, "--progress=2"), "--progress"),
+    ("train", "--keep-best", lambda f: train(f, "--keep-best=yes"), "--keep-best"),
     ("generate", "--model", lambda f: generate(f, model=f["root"] / "nowhere"), "nowhere"),
     ("generate", "--model", lambda f: generate(f, model=f["empty_gen"]), "generation.json"),
     ("generate", "--model", lambda f: generate(f, model=f["nan_model"]), "NaN"),

@@ -386,3 +386,15 @@ def test_resume_with_self_conditioning_continues_exactly(corpus, tmp_path, monke
     a = MoEDiffuSeq.from_pretrained(straight / "model").state_dict()
     b = MoEDiffuSeq.from_pretrained(interrupted / "model").state_dict()
     assert "self_cond_up.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_exports_the_weights_of_the_best_validation(corpus, tmp_path):
+    out = tmp_path / "best"
+    assert main(train_argv(corpus, out, 6, "--keep-best")) == 0
+    best = json.loads((out / "best_model" / "best.json").read_text())
+    rows = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["split"] == "valid"]
+    assert best["metric"] == "bleu" and best["value"] == max(float(r["bleu"]) for r in rows)
+    assert best["step"] == next(int(r["step"]) for r in rows if float(r["bleu"]) == best["value"])
+    a = MoEDiffuSeq.from_pretrained(out / "model").state_dict()
+    b = MoEDiffuSeq.from_pretrained(out / "best_model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
