@@ -91,7 +91,10 @@ void tile_step(BackwardScratch<T>& w, const QueryTile<T>& qt, const KeyChunk<T>&
   }
   mask(s, kLdS);
   const float es = softmax_scale(scale);
-  for (int64_t m = 0; m < M; ++m) exp_scaled(s + m * kLdS, N, es, qt.lse[m], s + m * kLdS);
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = s + m * kLdS;
+    exp_scaled(row, N, fold_large_scale(row, N, es, qt.lse[m]), qt.lse[m], row);
+  }
   tile_gemm<T>(M, N, D, qt.dout, qt.lda_dout, kc.vt, dp, kLdS, false);
   using Vec = at::vec::Vectorized<float>;
   for (int64_t m = 0; m < M; ++m) {

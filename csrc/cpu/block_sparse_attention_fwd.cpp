@@ -45,14 +45,17 @@ template <typename T>
 const T* softmax_update(ForwardScratch<T>& w, int64_t M, int64_t N, int64_t D, float scale) {
   T* prob = kPairPacked<T> ? w.p.data() : reinterpret_cast<T*>(w.s.data());
   for (int64_t m = 0; m < M; ++m) {
-    const float* row = w.s.data() + m * kLdS;
-    const float m_new = std::max(w.row_max[m], scale * row_max(row, N));
+    float* row = w.s.data() + m * kLdS;
+    float tile_max = row_max(row, N);
+    const float row_scale = fold_large_scale(row, N, scale, scale * tile_max);
+    if (row_scale != scale) tile_max = row_max(row, N);
+    const float m_new = std::max(w.row_max[m], row_scale * tile_max);
     if (m_new == -kInf) {  // nothing allowed yet: probabilities are zero
-      exp_scaled(row, N, scale, kInf, prob + m * kLdS);
+      exp_scaled(row, N, row_scale, kInf, prob + m * kLdS);
       continue;
     }
     const float alpha = std::exp(w.row_max[m] - m_new);
-    w.row_sum[m] = w.row_sum[m] * alpha + exp_scaled(row, N, scale, m_new, prob + m * kLdS);
+    w.row_sum[m] = w.row_sum[m] * alpha + exp_scaled(row, N, row_scale, m_new, prob + m * kLdS);
     w.row_max[m] = m_new;
     if (alpha != 1.f) scale_inplace(w.acc.data() + m * D, D, alpha);
   }

@@ -212,13 +212,31 @@ inline float row_max(const float* row, int64_t n) {
   return mx;
 }
 
+// Scaled scores beyond 2^20 in magnitude are scaled in place before the softmax, which then
+// runs with scale 1: the exponents are then differences of the same rounded products the row
+// maximum was taken from, so the largest score gets exp(0) exactly. With the scale folded into
+// exp's fused multiply-add instead, one ulp of a product like 1e9 * 4 (256) would push the
+// largest score's exponent far from 0 and its weight to 0 or infinity.
+constexpr float kExactScoreLimit = 1048576.f;
+
+// The scale that exp_scaled should apply to `row` (n scores, the largest scaled one about
+// `scaled_max`: the scaled row maximum, or the row's log-sum-exp): `scale`, or 1 after scaling
+// the row in place when the scaled scores are that large (an infinite scaled_max: left alone).
+inline float fold_large_scale(float* row, int64_t n, float scale, float scaled_max) {
+  if (!(std::abs(scaled_max) > kExactScoreLimit) || std::isinf(scaled_max)) return scale;
+  scale_inplace(row, n, scale);
+  return 1.f;
+}
+
 // Scores are masked before they are scaled, so the scale must keep -inf at -inf: a
 // non-positive scale is applied to the scores first (prescale) and 1 is used after.
 inline bool needs_prescale(float scale) { return !(scale > 0.f); }
 inline float softmax_scale(float scale) { return scale > 0.f ? scale : 1.f; }
 
 // out[c] = exp(scale * s[c] - shift) as T (out may alias s when T is float); returns the sum
-// of the float values. shift = +inf gives zeros. For bfloat16 an odd n also zeroes out[n]
+// of the float values. shift = +inf gives zeros. The shift is the row's running maximum or its
+// log-sum-exp, so the exponent is <= 0 in exact arithmetic; it is clamped at 0, because at a
+// huge scale the rounding of scale * s (e.g. 1e9 * 4: one ulp is 256) would overflow exp. For bfloat16 an odd n also zeroes out[n]
 // (the padding column of a pair-packed product).
 template <typename T>
 inline float exp_scaled(const float* s, int64_t n, float scale, float shift, T* out) {
@@ -228,7 +246,7 @@ inline float exp_scaled(const float* s, int64_t n, float scale, float shift, T* 
     std::fill_n(out, kPairPacked<T> ? (n + 1) / 2 * 2 : n, T(0.f));
     return 0.f;
   }
-  const Vec vscale(scale), vshift(-shift);
+  const Vec vscale(scale), vshift(-shift), vzero(0.f);
   Vec vsum(0.f), vsum2(0.f);  // two chains
   auto store = [&](const Vec& e, int64_t at) {
     if constexpr (!kPairPacked<T>) {
@@ -245,22 +263,22 @@ inline float exp_scaled(const float* s, int64_t n, float scale, float shift, T* 
   };
   int64_t c = 0;
   for (; c + 2 * kV <= n; c += 2 * kV) {
-    const Vec e0 = at::vec::fmadd(Vec::loadu(s + c), vscale, vshift).exp_u20();
-    const Vec e1 = at::vec::fmadd(Vec::loadu(s + c + kV), vscale, vshift).exp_u20();
+    const Vec e0 = at::vec::minimum(at::vec::fmadd(Vec::loadu(s + c), vscale, vshift), vzero).exp_u20();
+    const Vec e1 = at::vec::minimum(at::vec::fmadd(Vec::loadu(s + c + kV), vscale, vshift), vzero).exp_u20();
     store(e0, c);
     store(e1, c + kV);
     vsum = vsum + e0;
     vsum2 = vsum2 + e1;
   }
   for (; c + kV <= n; c += kV) {
-    const Vec e = at::vec::fmadd(Vec::loadu(s + c), vscale, vshift).exp_u20();
+    const Vec e = at::vec::minimum(at::vec::fmadd(Vec::loadu(s + c), vscale, vshift), vzero).exp_u20();
     store(e, c);
     vsum = vsum + e;
   }
   vsum = vsum + vsum2;
   float sum = vsum.reduce_add();
   for (; c < n; ++c) {
-    const float e = std::exp(s[c] * scale - shift);
+    const float e = std::exp(std::min(s[c] * scale - shift, 0.f));
     out[c] = static_cast<T>(e);
     sum += e;
   }

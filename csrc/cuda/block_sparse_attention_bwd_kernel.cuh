@@ -228,7 +228,8 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
           ok = ok && dt <= w && dt >= -w;
         }
       }
-      const float prob = ok ? exp2f(acc_s(i) * scale_log2 - ss.lse[row]) : 0.f;
+      // <= 0 in exact arithmetic; clamped so that rounding at a huge scale cannot overflow
+      const float prob = ok ? exp2f(fminf(acc_s(i) * scale_log2 - ss.lse[row], 0.f)) : 0.f;
       tSsP(i) = static_cast<Elem>(prob);
       tSsdS(i) = static_cast<Elem>(prob * (acc_dp(i) - ss.delta[row]));
     }
