@@ -54,9 +54,11 @@ cuda-check: install
 
 # Builds the whole extension, torch glue included, against a CUDA build of torch with the local
 # nvcc and no GPU (cmake/cuda_torch_build.sh: into build/cuda-torch, the .venv is untouched),
-# imports it and checks its CUDA architectures. CUDA_TORCH_PYTHON: the Python of that torch;
-# without it the target is skipped (CI has a CPU torch only).
-CUDA_TORCH_PYTHON ?=
+# imports it and checks its CUDA architectures. CUDA_TORCH_PYTHON: the Python of that torch,
+# by default the .venv's when its torch is a CUDA build; without one the target is skipped (CI
+# has a CPU torch only).
+CUDA_TORCH_PYTHON ?= $(shell $(BIN)/python -c "import sys, torch; sys.exit(not torch.version.cuda)" 2>/dev/null \
+	&& echo $(abspath $(BIN)/python))
 .PHONY: cuda-build
 cuda-build:
 	@if [ -z "$(CUDA_TORCH_PYTHON)" ]; then \
