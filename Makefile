@@ -38,7 +38,7 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
 	touch $(STAMP)
 
-# Compiles every csrc/cuda/*.cu with nvcc for sm_90a (no torch, nothing run): the CUDA check
+# Compiles every csrc/*/cuda/*.cu (instantiations/ too) with nvcc for sm_90a (no torch, nothing run): the CUDA check
 # of machines without a GPU; skipped when nvcc is missing.
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_ARCHS ?= 90a

@@ -1,8 +1,8 @@
 """Benchmark the fused ``denoise_step`` (one DPM-Solver++(2M) update with source re-anchoring)
 against the same update as eager PyTorch ops and as torch.compile of those ops.
 
-Bytes per call: what the fused kernel must move in its one pass (csrc/cpu/denoise_step.cpp,
-csrc/cuda/denoise_step_kernel.cu), credited to every method alike. With n = B*L*d elements of
+Bytes per call: what the fused kernel must move in its one pass (csrc/diffusion/cpu/denoise_step.cpp,
+csrc/diffusion/cuda/denoise_step_kernel.cu), credited to every method alike. With n = B*L*d elements of
 e bytes and a fraction f of the B*L rows on target:
   target rows read x_t, x0_hat and x0_prev (3 f n e; the anchor is not read there),
   source rows read the anchor only (the re-anchoring copy, (1 - f) n e),

@@ -371,7 +371,7 @@ CUDA_TARGET_GROUPED_SPEEDUP = 1.0
 CUDA_TARGET_HF_SPEEDUP = 2.0
 CUDA_TARGET_GEMM_FRACTION = 0.70
 # Kernel names as the profiler reports them (demangled; each substring below is in the mangled
-# name too). The expert GEMMs are CUTLASS 3.x grouped (ptr-array) kernels, csrc/cuda/moe_grouped_gemm.cuh:
+# name too). The expert GEMMs are CUTLASS 3.x grouped (ptr-array) kernels, csrc/moe/cuda/moe_grouped_gemm.cuh:
 #   cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<...>, ...>>
 # cuBLAS / cuBLASLt kernels have flat names (sm90_xmma_gemm_*, nvjet_*, ampere_*gemm*, gemv2T_kernel*,
 # cublasLt::splitKreduce_kernel) and the CUTLASS kernels compiled into cuBLAS too

@@ -1,7 +1,7 @@
 # Chooses the vector ISA of the C++ CPU kernels:
 # MOEDIFFUSEQ_CPU_ISA = auto | avx512_bf16 | avx512 | avx2 | default.
 # "auto" takes the best level the build machine runs. avx512_bf16 adds the AVX512-BF16 dot
-# products used by the bfloat16 tile products (csrc/cpu/tile_gemm.h). The level selects both the compiler flags
+# products used by the bfloat16 tile products (csrc/attention/cpu/tile_gemm.h). The level selects both the compiler flags
 # and ATen's at::vec implementation (CPU_CAPABILITY), exactly as PyTorch builds its own kernels,
 # and is reported at run time as moediffuseq._C.cpu_isa.
 # Defines MOEDIFFUSEQ_CPU_FLAGS and MOEDIFFUSEQ_CPU_DEFINES.

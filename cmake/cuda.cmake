@@ -44,11 +44,13 @@ endif()
 
 include(cutlass)  # moediffuseq_find_cutlass(), MOEDIFFUSEQ_CUDA_FLAGS
 
-# Adds csrc/cuda/*.cu (torch-free kernels, compiled by nvcc alone) and csrc/cuda/*.cpp
+# Adds csrc/<subject>/cuda/*.cu and cuda/instantiations/*.cu (torch-free kernels, compiled by
+# nvcc alone) and csrc/<subject>/cuda/*.cpp
 # (their torch-facing glue) to <target>, with CUTLASS on the include path.
 function(moediffuseq_add_cuda_sources target)
   moediffuseq_find_cutlass()
-  file(GLOB cu_sources CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cu ${PROJECT_SOURCE_DIR}/csrc/cuda/*.cpp)
+  file(GLOB cu_sources CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/*/cuda/*.cu ${PROJECT_SOURCE_DIR}/csrc/*/cuda/*.cpp
+    ${PROJECT_SOURCE_DIR}/csrc/*/cuda/instantiations/*.cu)
   target_sources(${target} PRIVATE ${cu_sources})
   # Shared cudart: the kernels and torch then use one runtime (one set of streams and contexts).
   set_target_properties(${target} PROPERTIES
@@ -62,7 +64,7 @@ function(moediffuseq_add_cuda_sources target)
   target_link_libraries(${target} PRIVATE "${c10_cuda}" "${torch_cuda}" CUDA::cudart)
   target_compile_options(${target} PRIVATE "$<$<COMPILE_LANGUAGE:CUDA>:${MOEDIFFUSEQ_CUDA_FLAGS}>")
   # The built list, comma-separated (a ';' would split the definition): build_info().cuda_archs
-  # and the device check of the CUDA glue (csrc/cuda/device_check.cpp) read it.
+  # and the device check of the CUDA glue (csrc/common/cuda/device_check.cpp) read it.
   string(REPLACE ";" "," archs "${MOEDIFFUSEQ_CUDA_ARCHITECTURES}")
   target_compile_definitions(${target} PRIVATE
     MOEDIFFUSEQ_WITH_CUDA=1

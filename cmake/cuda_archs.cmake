@@ -6,7 +6,7 @@
 #   torch  X.Y[a|f][+PTX]            SASS for sm_XY[a|f]; +PTX adds its PTX (compute_XY[a|f])
 #   CMake  XY[a|f][-real|-virtual]   as CUDA_ARCHITECTURES: SASS and PTX / SASS only / PTX only
 # sm_90a code (wgmma, TMA) runs only on capability 9.0 exactly; see
-# csrc/common/cuda_arch_support.h for what each entry runs on.
+# csrc/common/cuda/cuda_arch_support.h for what each entry runs on.
 #
 # moediffuseq_resolve_cuda_archs() sets, in the caller's scope:
 #   MOEDIFFUSEQ_CUDA_ARCHS_REQUESTED   the list as given (cmake/check_cuda_archs.py takes it as is)

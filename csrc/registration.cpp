@@ -1,5 +1,6 @@
 // Every op schema of the library, declared once. Backends register implementations in
-// csrc/cpu/*.cpp and csrc/cuda/*.cpp with TORCH_LIBRARY_IMPL(moediffuseq, <Backend>, m);
+// csrc/<subject>/cpu/*.cpp and csrc/<subject>/cuda/*.cpp with
+// TORCH_LIBRARY_IMPL(moediffuseq, <Backend>, m);
 // moediffuseq/ops/<op>.py adds the fake (meta) kernel and autograd on top.
 #include <torch/library.h>
 

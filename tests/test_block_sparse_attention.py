@@ -214,7 +214,7 @@ def test_global_target_span_as_in_the_model(device, dtype, dilation):
 @pytest.mark.parametrize("dilation", [1, 3])
 def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
     """L = 8300 splits the dense parts (global rows, global keys) over 2 CTAs (one split per 64
-    tiles of 64 rows, csrc/cuda/block_sparse_attention_cuda.h), and more than 256 global tokens
+    tiles of 64 rows, csrc/attention/cuda/block_sparse_attention_cuda.h), and more than 256 global tokens
     also leave some of their tiles whole: both paths against the reference."""
     skip_unless_ready("cuda")
     q, k, v, g, kp, grad = make_inputs(1, 2, 8300, 64, torch.bfloat16, seed=13, p_global=0.05, p_pad=0.05,

@@ -1,15 +1,15 @@
 // Host-side check of the CuTe layouts the block-sparse attention kernels rely on, and of the
-// tile decoding of common/block_sparse_attention_tiles.h. CuTe layouts are plain host code, so
-// this runs on any machine with nvcc, without a GPU; cmake/cuda_compile_check builds and runs it
+// tile decoding of attention/cuda/block_sparse_attention_tiles.h. CuTe layouts are plain host
+// code, so this runs on any machine with nvcc, without a GPU; cmake/cuda_compile_check builds and runs it
 // (make cuda-check). Exits non-zero on the first kind of mismatch, after printing a few.
 #include <cstdio>
 #include <map>
 #include <set>
 #include <utility>
 
-#include "cuda/block_sparse_attention_fwd_kernel.cuh"
-#include "cuda/block_sparse_attention_bwd_kernel.cuh"
-#include "cuda/block_sparse_attention_tile_io.cuh"
+#include "attention/cuda/block_sparse_attention_fwd_kernel.cuh"
+#include "attention/cuda/block_sparse_attention_bwd_kernel.cuh"
+#include "attention/cuda/block_sparse_attention_tile_io.cuh"
 using namespace cute;
 using namespace moediffuseq::cuda;
 

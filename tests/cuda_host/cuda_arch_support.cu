@@ -1,10 +1,10 @@
-// Host-side check of the device check's decision (csrc/common/cuda_arch_support.h): which
+// Host-side check of the device check's decision (csrc/common/cuda/cuda_arch_support.h): which
 // built architectures run on which compute capability, and the message for a GPU the build
 // has no code for. No GPU needed (cmake/cuda_compile_check builds and runs it).
 #include <cstdio>
 #include <string>
 
-#include "common/cuda_arch_support.h"
+#include "common/cuda/cuda_arch_support.h"
 
 using namespace moediffuseq;
 

@@ -1,4 +1,4 @@
-// Host-side check of the MoE grouped GEMM's argument plumbing (csrc/cuda/moe_grouped_gemm.cuh):
+// Host-side check of the MoE grouped GEMM's argument plumbing (csrc/moe/cuda/moe_grouped_gemm.cuh):
 // the packed CUTLASS strides of every layout, and that CUTLASS's own can_implement accepts the
 // problems the MoE layer sends (ragged group sizes, M = 1, a K of the weight gradients that is
 // not a multiple of 8) and refuses misaligned widths, so the glue falls back to matmuls. No
@@ -6,7 +6,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "cuda/moe_grouped_gemm.cuh"
+#include "moe/cuda/moe_grouped_gemm.cuh"
 
 using namespace moediffuseq;
 using namespace moediffuseq::cuda;

@@ -1,0 +1,160 @@
+// Input validation and kernel parameters of block_sparse_attention, shared by every backend's
+// host entry point.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "attention/block_sparse_attention_params.h"
+
+namespace moediffuseq {
+
+// Memory layout of q, k, v (and of the output and gradients, which follow their input).
+enum class BsaLayout { kBHLD, kBLHD };
+
+inline BsaLayout parse_bsa_layout(c10::string_view layout) {
+  if (layout == "bhld") return BsaLayout::kBHLD;
+  TORCH_CHECK(layout == "blhd", "block_sparse_attention: layout must be \"bhld\" ((B, H, L, D) tensors) or "
+              "\"blhd\" ((B, L, H, D) tensors), got \"", layout, "\"");
+  return BsaLayout::kBLHD;
+}
+
+// The shape a tensor must have in `layout`, for messages: heads = "H" (queries) or "H_kv".
+inline std::string bsa_shape_name(BsaLayout layout, const char* heads) {
+  return layout == BsaLayout::kBHLD ? std::string("(B, ") + heads + ", L, D)" : std::string("(B, L, ") + heads + ", D)";
+}
+
+inline const char* bsa_layout_name(BsaLayout layout) { return layout == BsaLayout::kBHLD ? "bhld" : "blhd"; }
+
+// The logical (B, H, L, D) view of a tensor in `layout` (a view, never a copy).
+inline at::Tensor bsa_logical(const at::Tensor& t, BsaLayout layout) {
+  return layout == BsaLayout::kBLHD ? t.transpose(1, 2) : t;
+}
+
+// A tensor whose last dimension is contiguous (the kernels' only requirement on strides):
+// itself when it already is, else a contiguous copy.
+inline at::Tensor bsa_rows_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+inline BsaStrides bsa_strides(const at::Tensor& logical) {
+  return BsaStrides{logical.stride(0), logical.stride(1), logical.stride(2)};
+}
+
+// A tensor of the shape of `like` (same layout): grad_out and out against q.
+inline void check_bsa_tensor(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name,
+                             BsaLayout layout) {
+  TORCH_CHECK(t.sizes() == like.sizes(), "block_sparse_attention: ", name, " must have the shape of ", like_name,
+              " ", like.sizes(), " (layout \"", bsa_layout_name(layout), "\"), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "block_sparse_attention: ", name, " must have the dtype of ",
+              like_name, " (", like.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "block_sparse_attention: ", name, " must be on the device of ",
+              like_name, " (", like.device(), "), got ", t.device());
+}
+
+inline void check_bsa_mask(const std::optional<at::Tensor>& mask, const char* name, int64_t B, int64_t L,
+                           const at::Tensor& q) {
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool, "block_sparse_attention: ", name,
+              " must be a bool tensor of shape (B, L) = (", B, ", ", L, "), got dtype ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == L, "block_sparse_attention: ", name,
+              " must have shape (B, L) = (", B, ", ", L, "), got ", m.sizes());
+  TORCH_CHECK(m.device() == q.device(), "block_sparse_attention: ", name, " must be on the device of q (",
+              q.device(), "), got ", m.device());
+}
+
+// Checks q, k, v in `layout`, the masks and the integer arguments. q is (B, H, L, D) or
+// (B, L, H, D); k and v have H_kv heads, H a multiple of H_kv (grouped-query attention).
+inline void check_bsa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                             int64_t dilation, const std::optional<at::Tensor>& global_mask,
+                             const std::optional<at::Tensor>& key_padding_mask, double scale, BsaLayout layout) {
+  const std::string q_shape = bsa_shape_name(layout, "H"), kv_shape = bsa_shape_name(layout, "H_kv");
+  const char* layout_name = bsa_layout_name(layout);
+  TORCH_CHECK(q.dim() == 4, "block_sparse_attention: q must be ", q_shape, " (layout \"", layout_name,
+              "\"), got shape ", q.sizes());
+  if (q.is_cuda()) {
+    // The CUDA kernels run on bfloat16 / float16 tensor cores (float32 accumulation); the
+    // message names the two ways a float32 model gets there.
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+                "block_sparse_attention (CUDA): q is ", c10::getDtypeNames(q.scalar_type()).first,
+                "; the CUDA kernels run in bfloat16/float16: run under torch.autocast('cuda', "
+                "dtype=torch.bfloat16) or cast the model (generation: --dtype bf16)");
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+                "block_sparse_attention: q, k, v must be float32 or bfloat16, got ", q.scalar_type());
+  }
+  TORCH_CHECK(q.size(3) > 0, "block_sparse_attention: head dimension D must be positive, got q shape ",
+              q.sizes());
+  const at::Tensor ql = bsa_logical(q, layout);
+  const int64_t B = ql.size(0), H = ql.size(1), L = ql.size(2), D = ql.size(3);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}}) {
+    TORCH_CHECK(t->dim() == 4, "block_sparse_attention: ", name, " must be ", kv_shape, " (layout \"", layout_name,
+                "\"), got shape ", t->sizes());
+    const at::Tensor tl = bsa_logical(*t, layout);
+    TORCH_CHECK(tl.size(0) == B && tl.size(2) == L && tl.size(3) == D, "block_sparse_attention: ", name,
+                " must be ", kv_shape, " with the B, L and D of q ", q.sizes(), " (layout \"", layout_name,
+                "\"; both tensors in the same layout), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "block_sparse_attention: ", name,
+                " must have the dtype of q (", q.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), "block_sparse_attention: ", name, " must be on the device of q (",
+                q.device(), "), got ", t->device());
+  }
+  TORCH_CHECK(v.sizes() == k.sizes(), "block_sparse_attention: v must have the shape of k ", k.sizes(), ", got ",
+              v.sizes());
+  const int64_t Hkv = bsa_logical(k, layout).size(1);
+  TORCH_CHECK(Hkv > 0 ? H % Hkv == 0 : H == 0, "block_sparse_attention: the query heads H = ", H,
+              " must be a multiple of the key/value heads H_kv = ", Hkv,
+              " (grouped-query attention: query head h reads key/value head h / (H / H_kv)); q ", q.sizes(),
+              ", k ", k.sizes(), " (layout \"", layout_name, "\")");
+  TORCH_CHECK(window >= 0, "block_sparse_attention: window must be >= 0, got ", window);
+  TORCH_CHECK(dilation >= 1, "block_sparse_attention: dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(std::isfinite(scale), "block_sparse_attention: scale must be finite, got ", scale);
+  check_bsa_mask(global_mask, "global_mask", B, L, q);
+  check_bsa_mask(key_padding_mask, "key_padding_mask", B, L, q);
+}
+
+// The saved log-sum-exp of the forward, an input of the backward: float32 (B, H, L) beside q.
+// q is the logical (B, H, L, D) view.
+inline void check_bsa_lse(const at::Tensor& lse, const at::Tensor& q) {
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2) && lse.device() == q.device(),
+              "block_sparse_attention_backward: lse must be float32 (B, H, L) = (", q.size(0), ", ", q.size(1),
+              ", ", q.size(2), ") on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(), " on ",
+              lse.device());
+}
+
+inline std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
+  return mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
+}
+
+// Sizes, window, scale and the (contiguous) masks of a call; the tensor pointers are the caller's.
+// Window and dilation are saturated at L (clamp_window_and_dilation): any int64 value is exact.
+// q and k are the logical (B, H, L, D) views; the strides are the caller's.
+inline BlockSparseAttentionParams make_bsa_params(const at::Tensor& q, const at::Tensor& k, int64_t window,
+                                                  int64_t dilation, const std::optional<at::Tensor>& global_mask,
+                                                  const std::optional<at::Tensor>& key_padding_mask, double scale,
+                                                  bool causal) {
+  BlockSparseAttentionParams p;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.kv_heads = k.size(1);
+  p.causal = causal;
+  p.seqlen = q.size(2);
+  p.head_dim = q.size(3);
+  p.window = window;
+  p.dilation = dilation;
+  clamp_window_and_dilation(p);
+  p.scale = static_cast<float>(scale);
+  p.global_mask = global_mask ? global_mask->data_ptr<bool>() : nullptr;
+  p.key_padding_mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
+  return p;
+}
+
+}  // namespace moediffuseq

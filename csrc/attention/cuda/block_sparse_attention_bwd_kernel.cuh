@@ -1,0 +1,298 @@
+// Backward kernel of block-sparse attention (flash-attention-2 style, CuTe, SM80 tensor-core
+// atoms that Hopper runs). One CTA of 8 warps per (key tile, head, batch) accumulates dK and
+// dV of its 64 keys in registers over the query tiles that see them (the transposed lists of
+// attention/cuda/block_sparse_attention_tiles.h) and adds dQ = scale dS K to a float32 buffer with
+// atomics. Probabilities are rebuilt from the saved log-sum-exp; delta = rowsum(dO * O) comes
+// from a preprocessing kernel.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include <cmath>
+
+#include "attention/block_sparse_attention_params.h"
+#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/cuda/block_sparse_attention_cuda.h"
+#include "attention/cuda/block_sparse_attention_mma.cuh"
+#include "attention/cuda/block_sparse_attention_tile_io.cuh"
+
+namespace moediffuseq::cuda {
+
+template <typename Elem, int D>
+struct BwdKernel {
+  static constexpr int kThreads = 256;  // 8 warps: 4 along the 64 rows, 2 along the columns
+  using Tiles = SmemTiles<D>;           // (64, D) tiles of q, k, v, grad_out
+  using PTiles = SmemTiles<kBsaTile>;   // (64 queries, 64 keys) tiles of P and dS
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<MmaAtomFor<Elem>>, cute::Layout<cute::Shape<cute::_4, cute::_2, cute::_1>>,
+                                  cute::Tile<cute::_64, cute::_32, cute::_16>>;
+  static_assert(kBsaTile == 64, "the warp layout covers 64 rows");
+
+  struct alignas(16) Shared {
+    Elem k[Tiles::kElems];
+    Elem v[Tiles::kElems];
+    Elem q[Tiles::kElems];     // also the staging tile of dK
+    Elem dout[Tiles::kElems];  // also the staging tile of dV
+    Elem p[PTiles::kElems];
+    Elem ds[PTiles::kElems];
+    float lse[kBsaTile];  // of the query rows, log2 units; +inf drops a row
+    float delta[kBsaTile];
+    int kpos[kBsaTile];
+    int qpos[kBsaTile];
+    bool kkeep[kBsaTile];
+    bool kwrite[kBsaTile];
+    bool qkeep[kBsaTile];
+  };
+};
+
+// p.window and p.dilation are at most p.seqlen (clamped by the launcher).
+// grid = (band key tiles + dense CTAs, H, B); blockIdx.x < num_band_tiles is a band key tile, else (part of) a tile of global keys,
+// whose gradients are added to ws.split_grad_{k,v} when it is split.
+template <typename Elem, int D>
+__global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
+    block_sparse_attention_bwd_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws, int num_band_tiles) {
+  using namespace cute;
+  using K = BwdKernel<Elem, D>;
+  using Tiles = typename K::Tiles;
+  using PTiles = typename K::PTiles;
+  constexpr int kThreads = K::kThreads;
+  constexpr int kLd = Tiles::kLd;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& ss = *reinterpret_cast<typename K::Shared*>(smem_raw);
+
+  const int tid = threadIdx.x;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int L = static_cast<int>(p.seqlen), d = static_cast<int>(p.dilation), w = static_cast<int>(p.window);
+  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+  const Elem* q = static_cast<const Elem*>(p.q) + bh * L * D;
+  const Elem* k = static_cast<const Elem*>(p.k) + bh * L * D;
+  const Elem* v = static_cast<const Elem*>(p.v) + bh * L * D;
+  const Elem* dout = static_cast<const Elem*>(p.grad_out) + bh * L * D;
+  Elem* dk = static_cast<Elem*>(p.grad_k) + bh * L * D;
+  Elem* dv = static_cast<Elem*>(p.grad_v) + bh * L * D;
+  float* dq_accum = ws.grad_q_accum + bh * L * D;
+  const float* lse = p.lse + bh * L;
+  const float* delta = ws.delta + bh * L;
+  const bool has_global = p.global_mask != nullptr;
+  PositionFlags flags;
+  flags.global = has_global ? p.global_mask + static_cast<int64_t>(b) * L : nullptr;
+  flags.padded = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * L : nullptr;
+  const int num_global_rows = has_global ? ws.num_global[b] : 0;
+  const int* global_rows = has_global ? ws.global_queries + static_cast<int64_t>(b) * L : nullptr;
+
+  // The keys of this CTA and the query tiles that see them: first n_first band query tiles
+  // (or, for global keys, every query tile), then n_second tiles of the global-row list.
+  const bool band = static_cast<int>(blockIdx.x) < num_band_tiles;
+  TileRows krows;
+  DenseTile dense;
+  int residue = 0, c0 = 0, lo = 0, hi = 0, n_first, n_second;
+  if (band) {
+    const ResidueTiles tiles{L, d};
+    int64_t r64, c64, lo64, hi64;
+    tiles.decode(blockIdx.x, r64, c64);
+    residue = static_cast<int>(r64);
+    c0 = static_cast<int>(c64);
+    const int len = static_cast<int>(tiles.length(r64));
+    band_range(len, c64, w, lo64, hi64);  // the band is symmetric: queries [c0 - w, c0 + 64 + w)
+    lo = static_cast<int>(lo64);
+    hi = static_cast<int>(hi64);
+    krows = strided_rows(residue, d, c0, len);
+    n_first = static_cast<int>(ResidueTiles::tiles_of(hi - lo));
+    n_second = static_cast<int>(ResidueTiles::tiles_of(num_global_rows));
+  } else {
+    dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
+    const int g0 = dense.tile * kBsaTile;
+    const int num_keys = ws.num_global[p.batch + b];
+    if (g0 >= num_keys) return;  // the whole CTA: fewer global keys than launched tiles
+    krows = gathered_rows(ws.global_keys + static_cast<int64_t>(b) * L, g0, num_keys);
+    n_first = dense.end - dense.first;
+    n_second = 0;
+  }
+
+  bool key_dropped = false;
+  if (tid < kBsaTile) {
+    const int pos = krows.position(tid);
+    const bool valid = pos >= 0;
+    // A band tile leaves its global keys to the global-key tiles, which write their gradients.
+    const bool global_key = valid && flags.is_global(pos) && !flags.is_padded(pos);
+    ss.kpos[tid] = pos;
+    ss.kkeep[tid] = valid && (band ? !flags.is_padded(pos) && !flags.is_global(pos) : true);
+    ss.kwrite[tid] = valid && (!band || !global_key);
+    key_dropped = !ss.kkeep[tid];
+  }
+  const bool any_key_dropped = __syncthreads_or(key_dropped);
+  load_tile_async<D, kLd, kThreads>(ss.k, k, ss.kpos, tid);
+  load_tile_async<D, kLd, kThreads>(ss.v, v, ss.kpos, tid);
+  cp_async_commit();
+
+  typename K::TiledMma mma;
+  auto thr = mma.get_slice(tid);
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Tiles::Rows{});       // (keys, D)
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k), typename Tiles::Cols_{});     // (D, keys)
+  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Tiles::Rows{});       // (keys, D)
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Tiles::Rows{});       // (queries, D)
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q), typename Tiles::Cols_{});     // (D, queries)
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout), typename Tiles::Rows{});   // (queries, D)
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout), typename Tiles::Cols_{}); // (D, queries)
+  Tensor sP = make_tensor(make_smem_ptr(ss.p), typename PTiles::Rows{});      // (queries, keys)
+  Tensor sPt = make_tensor(make_smem_ptr(ss.p), typename PTiles::Cols_{});    // (keys, queries)
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds), typename PTiles::Rows{});    // (queries, keys)
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds), typename PTiles::Cols_{});  // (keys, queries)
+
+  // Operand copies: ldmatrix for K-major operands, transposing ldmatrix for the others.
+  auto copy_a = make_tiled_copy_A(LdsmN<Elem>{}, mma);
+  auto copy_b = make_tiled_copy_B(LdsmN<Elem>{}, mma);
+  auto copy_at = make_tiled_copy_A(LdsmT<Elem>{}, mma);
+  auto copy_bt = make_tiled_copy_B(LdsmT<Elem>{}, mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  auto thr_at = copy_at.get_thread_slice(tid);
+  auto thr_bt = copy_bt.get_thread_slice(tid);
+
+  // acc += A B^T over the K mode, operands loaded k-block by k-block from shared memory.
+  auto product = [&](auto& copy_atom_a, auto& thr_copy_a, auto const& sA, auto& copy_atom_b, auto& thr_copy_b,
+                     auto const& sB, auto& acc) {
+    Tensor rA = thr.partition_fragment_A(sA);
+    Tensor rB = thr.partition_fragment_B(sB);
+    Tensor sA_part = thr_copy_a.partition_S(sA);
+    Tensor sB_part = thr_copy_b.partition_S(sB);
+    Tensor rA_view = thr_copy_a.retile_D(rA);
+    Tensor rB_view = thr_copy_b.retile_D(rB);
+    CUTE_UNROLL
+    for (int kk = 0; kk < size<2>(rA); ++kk) {
+      copy(copy_atom_a, sA_part(_, _, kk), rA_view(_, _, kk));
+      copy(copy_atom_b, sB_part(_, _, kk), rB_view(_, _, kk));
+      gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
+    }
+  };
+
+  Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kBsaTile>, Int<D>>{});
+  Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kBsaTile>, Int<D>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+  Tensor cS = thr.partition_C(make_identity_tensor(Shape<Int<kBsaTile>, Int<kBsaTile>>{}));  // (query, key)
+  Tensor cQ = thr.partition_C(make_identity_tensor(Shape<Int<kBsaTile>, Int<D>>{}));         // (query, D)
+  Tensor tSsP = thr.partition_C(sP);
+  Tensor tSsdS = thr.partition_C(sdS);
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int j = 0; j < n_first + n_second; ++j) {
+    TileRows qrows;
+    bool geometry = false;
+    int t0 = 0;
+    if (j < n_first) {
+      if (band) {
+        t0 = lo + j * kBsaTile;
+        qrows = strided_rows(residue, d, t0, hi);
+        geometry = true;
+      } else {
+        qrows = strided_rows(0, 1, (dense.first + j) * kBsaTile, L);
+      }
+    } else {
+      qrows = gathered_rows(global_rows, (j - n_first) * kBsaTile, num_global_rows);
+    }
+    __syncthreads();  // the previous query tile is no longer read
+    if (tid < kBsaTile) {
+      const int pos = qrows.position(tid);
+      // Global rows of a band tile are taken by the global-row tiles.
+      const bool keep = pos >= 0 && !(geometry && flags.is_global(pos));
+      ss.qpos[tid] = pos;
+      ss.qkeep[tid] = keep;
+      ss.lse[tid] = keep ? lse[pos] * kLog2e : INFINITY;  // +inf: probabilities 0
+      ss.delta[tid] = keep ? delta[pos] : 0.f;
+    }
+    __syncthreads();
+    const bool need_mask =
+        any_key_dropped || (geometry && !(t0 + kBsaTile - 1 - c0 <= w && c0 + kBsaTile - 1 - t0 <= w));
+    load_tile_async<D, kLd, kThreads>(ss.q, q, ss.qpos, tid);
+    load_tile_async<D, kLd, kThreads>(ss.dout, dout, ss.qpos, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // S = Q K^T and dP = dO V^T, (queries, keys).
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBsaTile>, Int<kBsaTile>>{});
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBsaTile>, Int<kBsaTile>>{});
+    clear(acc_s);
+    clear(acc_dp);
+    product(copy_a, thr_a, sQ, copy_b, thr_b, sK, acc_s);
+    product(copy_a, thr_a, sdO, copy_b, thr_b, sV, acc_dp);
+    // P = exp(scale S - lse), dS = P (dP - delta); both to shared memory.
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int row = get<0>(cS(i)), col = get<1>(cS(i));
+      bool ok = true;
+      if (need_mask) {
+        ok = ss.kkeep[col];
+        if (geometry) {
+          const int dt = (t0 + row) - (c0 + col);
+          ok = ok && dt <= w && dt >= -w;
+        }
+      }
+      // <= 0 in exact arithmetic; clamped so that rounding at a huge scale cannot overflow
+      const float prob = ok ? exp2f(fminf(acc_s(i) * scale_log2 - ss.lse[row], 0.f)) : 0.f;
+      tSsP(i) = static_cast<Elem>(prob);
+      tSsdS(i) = static_cast<Elem>(prob * (acc_dp(i) - ss.delta[row]));
+    }
+    __syncthreads();
+
+    // dV += P^T dO and dK += dS^T Q, (keys, D).
+    product(copy_at, thr_at, sPt, copy_bt, thr_bt, sdOt, acc_dv);
+    product(copy_at, thr_at, sdSt, copy_bt, thr_bt, sQt, acc_dk);
+    // dQ += scale dS K, (queries, D), into the float32 buffer.
+    Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBsaTile>, Int<D>>{});
+    clear(acc_dq);
+    product(copy_a, thr_a, sdS, copy_bt, thr_bt, sKt, acc_dq);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dq); ++i) {
+      const int row = get<0>(cQ(i)), col = get<1>(cQ(i));
+      if (ss.qkeep[row]) atomicAdd(dq_accum + static_cast<int64_t>(ss.qpos[row]) * D + col, acc_dq(i) * p.scale);
+    }
+  }
+
+  if (dense.partial) {
+    // Part of the query tiles: add to the float32 sums that block_sparse_attention_finish_keys_kernel writes out.
+    const int64_t slot = (bh * kBsaSplitTiles + dense.tile) * kBsaTile;
+    float* part_dk = ws.split_grad_k + slot * D;
+    float* part_dv = ws.split_grad_v + slot * D;
+    Tensor cK = thr.partition_C(make_identity_tensor(Shape<Int<kBsaTile>, Int<D>>{}));  // (key, D)
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dk); ++i) {
+      const int row = get<0>(cK(i)), col = get<1>(cK(i));
+      atomicAdd(part_dk + row * D + col, acc_dk(i) * p.scale);
+      atomicAdd(part_dv + row * D + col, acc_dv(i));
+    }
+    return;
+  }
+
+  // dK = scale dS^T Q; both tiles through shared memory to the key rows this CTA owns.
+  __syncthreads();
+  Tensor tKsK = thr.partition_C(sQ);
+  Tensor tVsV = thr.partition_C(sdO);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) {
+    tKsK(i) = static_cast<Elem>(acc_dk(i) * p.scale);
+    tVsV(i) = static_cast<Elem>(acc_dv(i));
+  }
+  __syncthreads();
+  store_tile<D, kLd, kThreads>(dk, ss.q, ss.kpos, ss.kwrite, tid);
+  store_tile<D, kLd, kThreads>(dv, ss.dout, ss.kpos, ss.kwrite, tid);
+}
+
+template <typename Elem, int D>
+cudaError_t run_block_sparse_attention_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws,
+                                           cudaStream_t stream) {
+  using K = BwdKernel<Elem, D>;
+  const ResidueTiles tiles{p.seqlen, p.dilation};
+  const int64_t band_tiles = tiles.num_tiles();
+  const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
+  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
+  const int smem = static_cast<int>(sizeof(typename K::Shared));
+  auto kernel = block_sparse_attention_bwd_kernel<Elem, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, K::kThreads, smem, stream>>>(p, ws, static_cast<int>(band_tiles));
+  return cudaGetLastError();
+}
+
+}  // namespace moediffuseq::cuda

@@ -1,0 +1,231 @@
+// Host launchers of block-sparse attention on CUDA: the global lists (built on the GPU on
+// every call, one small kernel), the backward's preprocessing (delta = rowsum(dO * O)) and
+// dQ conversion, and the dispatch over (dtype, head dim) to the generated kernel files.
+// Torch-free: compiled by nvcc alone.
+#include <cub/block/block_scan.cuh>
+#include <cuda_runtime.h>
+#include <cutlass/numeric_types.h>
+
+#include <algorithm>
+
+#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/cuda/block_sparse_attention_cuda.h"
+#include "attention/cuda/block_sparse_attention_kernels.h"
+#include "attention/cuda/block_sparse_attention_tile_io.cuh"
+
+namespace moediffuseq::cuda {
+namespace {
+
+constexpr int kListThreads = 512;
+constexpr float kBsaLn2 = 0.6931471805599453f;
+
+// One CTA per batch element: the positions of its global rows, and of its global keys that
+// are not padded, in increasing order, and their counts. O(L) work, no host synchronisation.
+__global__ void __launch_bounds__(kListThreads)
+    build_global_lists_kernel(const bool* global_mask, const bool* key_padding_mask, int batch, int L,
+                              int* global_queries, int* global_keys, int* num_global) {
+  using Scan = cub::BlockScan<int, kListThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int base_rows, base_keys;
+  const int b = blockIdx.x;
+  const bool* g = global_mask + static_cast<int64_t>(b) * L;
+  const bool* pad = key_padding_mask ? key_padding_mask + static_cast<int64_t>(b) * L : nullptr;
+  int* rows = global_queries + static_cast<int64_t>(b) * L;
+  int* keys = global_keys + static_cast<int64_t>(b) * L;
+  if (threadIdx.x == 0) base_rows = base_keys = 0;
+  __syncthreads();
+  for (int start = 0; start < L; start += kListThreads) {
+    const int i = start + threadIdx.x;
+    const bool is_row = i < L && g[i];
+    const bool is_key = is_row && !(pad && pad[i]);
+    // Both counts in one scan: rows in the low 16 bits, keys above (at most 512 each per chunk).
+    int offset, total;
+    Scan(scan_storage).ExclusiveSum(int(is_row) | (int(is_key) << 16), offset, total);
+    if (is_row) rows[base_rows + (offset & 0xffff)] = i;
+    if (is_key) keys[base_keys + (offset >> 16)] = i;
+    __syncthreads();  // every thread has read the bases and the scan storage
+    if (threadIdx.x == 0) {
+      base_rows += total & 0xffff;
+      base_keys += total >> 16;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    num_global[b] = base_rows;
+    num_global[batch + b] = base_keys;
+  }
+}
+
+// delta[row] = sum over D of grad_out * out, one warp per row, float32.
+template <typename Elem>
+__global__ void bsa_delta_kernel(const Elem* grad_out, const Elem* out, float* delta, int64_t rows, int D) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  float sum = 0.f;
+  for (int c = lane; c < D; c += 32) {
+    sum += static_cast<float>(grad_out[row * D + c]) * static_cast<float>(out[row * D + c]);
+  }
+  for (int m = 16; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+  if (lane == 0) delta[row] = sum;
+}
+
+// The split tiles of global rows: merges the num_splits partial softmax results of every row
+// (max and sum in log2 units, unnormalised output) into its output row and lse. One warp per row.
+template <typename Elem>
+__global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws) {
+  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int L = static_cast<int>(p.seqlen), D = static_cast<int>(p.head_dim), S = ws.num_splits;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+  const int num_rows = ws.num_global[b];
+  const int lane = threadIdx.x % 32;
+  for (int row = threadIdx.x / 32; row < kBsaTile; row += blockDim.x / 32) {
+    const int g = tile * kBsaTile + row;
+    if (g >= num_rows) break;
+    const int pos = ws.global_queries[static_cast<int64_t>(b) * L + g];
+    const int64_t first = (bh * kBsaSplitTiles + tile) * S * kBsaTile + row;  // slot of split 0
+    float max_all = -INFINITY;
+    for (int s = 0; s < S; ++s) max_all = fmaxf(max_all, ws.split_max_sum[(first + s * kBsaTile) * 2]);
+    const float shift = max_all == -INFINITY ? 0.f : max_all;
+    float sum = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float* ms = ws.split_max_sum + (first + s * kBsaTile) * 2;
+      sum += ms[1] * exp2f(ms[0] - shift);
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    Elem* out = static_cast<Elem*>(p.out_mut) + (bh * L + pos) * D;
+    for (int c = lane; c < D; c += 32) {
+      float acc = 0.f;
+      for (int s = 0; s < S; ++s) {
+        const int64_t slot = first + s * kBsaTile;
+        acc += ws.split_out[slot * D + c] * exp2f(ws.split_max_sum[slot * 2] - shift);
+      }
+      out[c] = static_cast<Elem>(acc * inv);
+    }
+    if (lane == 0) p.lse[bh * L + pos] = sum > 0.f ? max_all * kBsaLn2 + logf(sum) : INFINITY;
+  }
+}
+
+// The split tiles of global keys: their float32 gradient sums to the dK and dV rows.
+template <typename Elem>
+__global__ void bsa_finish_keys_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws) {
+  const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int L = static_cast<int>(p.seqlen), D = static_cast<int>(p.head_dim);
+  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+  const int num_keys = ws.num_global[p.batch + b];
+  for (int idx = threadIdx.x; idx < kBsaTile * D; idx += blockDim.x) {
+    const int row = idx / D, c = idx % D;
+    const int g = tile * kBsaTile + row;
+    if (g >= num_keys) break;
+    const int pos = ws.global_keys[static_cast<int64_t>(b) * L + g];
+    const int64_t from = ((bh * kBsaSplitTiles + tile) * kBsaTile + row) * D + c;
+    static_cast<Elem*>(p.grad_k)[(bh * L + pos) * D + c] = static_cast<Elem>(ws.split_grad_k[from]);
+    static_cast<Elem*>(p.grad_v)[(bh * L + pos) * D + c] = static_cast<Elem>(ws.split_grad_v[from]);
+  }
+}
+
+// Tiles of the compact lists that are split (see dense_tile).
+unsigned split_tiles(const BlockSparseAttentionParams& p, const BsaWorkspace& ws) {
+  if (!p.global_mask || ws.num_splits <= 1) return 0;
+  return static_cast<unsigned>(std::min<int64_t>(kBsaSplitTiles, ResidueTiles::tiles_of(p.seqlen)));
+}
+
+template <typename Elem>
+__global__ void bsa_convert_kernel(const float* in, Elem* out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = static_cast<Elem>(in[i]);
+  }
+}
+
+cudaError_t build_global_lists(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
+  if (!p.global_mask) return cudaSuccess;
+  build_global_lists_kernel<<<static_cast<unsigned>(p.batch), kListThreads, 0, stream>>>(
+      p.global_mask, p.key_padding_mask, static_cast<int>(p.batch), static_cast<int>(p.seqlen), ws.global_queries,
+      ws.global_keys, ws.num_global);
+  return cudaGetLastError();
+}
+
+// Window and dilation saturated at the sequence (make_bsa_params already did it; kept for
+// callers of the launchers that fill the params themselves): the kernels cast them to int.
+BlockSparseAttentionParams clamped(const BlockSparseAttentionParams& p) {
+  BlockSparseAttentionParams c = p;
+  clamp_window_and_dilation(c);
+  return c;
+}
+
+// No splitting without global tokens or without the split buffers.
+BsaWorkspace checked(const BsaWorkspace& ws, const BlockSparseAttentionParams& p, bool backward) {
+  BsaWorkspace c = ws;
+  const bool buffers = backward ? (ws.split_grad_k && ws.split_grad_v) : (ws.split_out && ws.split_max_sum);
+  if (!p.global_mask || !buffers || c.num_splits < 1) c.num_splits = 1;
+  return c;
+}
+
+template <typename Elem>
+cudaError_t dispatch_fwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
+  cudaError_t err;
+  switch (p.head_dim) {
+    case 64: err = run_block_sparse_attention_fwd<Elem, 64>(p, ws, stream); break;
+    case 128: err = run_block_sparse_attention_fwd<Elem, 128>(p, ws, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess) return err;
+  if (const unsigned tiles = split_tiles(p, ws)) {
+    bsa_combine_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), 256, 0,
+                               stream>>>(p, ws);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+template <typename Elem>
+cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads * p.seqlen;
+  const int warps_per_block = 8;
+  bsa_delta_kernel<Elem><<<static_cast<unsigned>((rows + warps_per_block - 1) / warps_per_block), 32 * warps_per_block,
+                           0, stream>>>(static_cast<const Elem*>(p.grad_out), static_cast<const Elem*>(p.out), ws.delta,
+                                        rows, static_cast<int>(p.head_dim));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  switch (p.head_dim) {
+    case 64: err = run_block_sparse_attention_bwd<Elem, 64>(p, ws, stream); break;
+    case 128: err = run_block_sparse_attention_bwd<Elem, 128>(p, ws, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess) return err;
+  if (const unsigned tiles = split_tiles(p, ws)) {
+    bsa_finish_keys_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), 256,
+                                   0, stream>>>(p, ws);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t n = rows * p.head_dim;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65536);
+  bsa_convert_kernel<Elem><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(ws.grad_q_accum, static_cast<Elem*>(p.grad_q), n);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
+                                            const BsaWorkspace& workspace, cudaStream_t stream) {
+  const BlockSparseAttentionParams p = clamped(params);
+  const BsaWorkspace ws = checked(workspace, p, /*backward=*/false);
+  cudaError_t err = build_global_lists(p, ws, stream);
+  if (err != cudaSuccess) return err;
+  return dtype == BsaDtype::kBFloat16 ? dispatch_fwd<cutlass::bfloat16_t>(p, ws, stream)
+                                      : dispatch_fwd<cutlass::half_t>(p, ws, stream);
+}
+
+cudaError_t block_sparse_attention_bwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
+                                            const BsaWorkspace& workspace, cudaStream_t stream) {
+  const BlockSparseAttentionParams p = clamped(params);
+  const BsaWorkspace ws = checked(workspace, p, /*backward=*/true);
+  cudaError_t err = build_global_lists(p, ws, stream);
+  if (err != cudaSuccess) return err;
+  return dtype == BsaDtype::kBFloat16 ? dispatch_bwd<cutlass::bfloat16_t>(p, ws, stream)
+                                      : dispatch_bwd<cutlass::half_t>(p, ws, stream);
+}
+
+}  // namespace moediffuseq::cuda

@@ -1,0 +1,137 @@
+// Tile movement shared by the forward and backward kernels of block-sparse attention:
+// row descriptors (which sequence positions the 64 rows of a tile hold), asynchronous
+// global -> shared copies of (64, D) tiles with zero fill, and shared -> global row stores.
+// Torch-free: included by the .cu kernel files only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/cuda/block_sparse_attention_cuda.h"
+
+namespace moediffuseq::cuda {
+
+// The rows of one tile: either strided (position = residue + dilation * slot for the slots
+// [first, end)) or gathered (position = list[first + k] for first + k < end).
+struct TileRows {
+  const int* list = nullptr;  // gathered when set
+  int residue = 0;
+  int dilation = 1;
+  int first = 0;
+  int end = 0;
+
+  __device__ __forceinline__ int position(int k) const {
+    const int s = first + k;
+    if (s >= end) return -1;
+    return list ? list[s] : residue + dilation * s;
+  }
+  __device__ __forceinline__ int slot(int k) const { return first + k; }
+};
+
+__device__ __forceinline__ TileRows strided_rows(int residue, int dilation, int first, int end) {
+  TileRows t;
+  t.residue = residue;
+  t.dilation = dilation;
+  t.first = first;
+  t.end = end;
+  return t;
+}
+
+__device__ __forceinline__ TileRows gathered_rows(const int* list, int first, int end) {
+  TileRows t;
+  t.list = list;
+  t.first = first;
+  t.end = end;
+  return t;
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// smem (64 rows, leading dimension kLd) <- rows pos[k] of x (L, D); rows with pos < 0 are zero.
+template <int D, int kLd, int kThreads, typename Elem>
+__device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* x, const int* pos, int tid) {
+  constexpr int kChunks = D * int(sizeof(Elem)) / 16;  // 16-byte pieces per row
+  constexpr int kPerRow = 16 / int(sizeof(Elem));
+#pragma unroll
+  for (int idx = tid; idx < kBsaTile * kChunks; idx += kThreads) {
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    const int p = pos[row];
+    const Elem* src = x + static_cast<int64_t>(p < 0 ? 0 : p) * D + chunk * kPerRow;
+    cp_async_16(smem + row * kLd + chunk * kPerRow, src, p >= 0);
+  }
+}
+
+// Rows pos[k] of y (L, D) <- smem rows k, for the rows with write[k] set.
+template <int D, int kLd, int kThreads, typename Elem>
+__device__ __forceinline__ void store_tile(Elem* y, const Elem* smem, const int* pos, const bool* write, int tid) {
+  constexpr int kChunks = D * int(sizeof(Elem)) / 16;
+  constexpr int kPerRow = 16 / int(sizeof(Elem));
+#pragma unroll
+  for (int idx = tid; idx < kBsaTile * kChunks; idx += kThreads) {
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    if (!write[row]) continue;
+    *reinterpret_cast<uint4*>(y + static_cast<int64_t>(pos[row]) * D + chunk * kPerRow) =
+        *reinterpret_cast<const uint4*>(smem + row * kLd + chunk * kPerRow);
+  }
+}
+
+// Per-position flags of batch b (masks may be null).
+struct PositionFlags {
+  const bool* global = nullptr;  // (L) of batch b
+  const bool* padded = nullptr;  // (L) of batch b
+  __device__ __forceinline__ bool is_global(int p) const { return global && global[p]; }
+  __device__ __forceinline__ bool is_padded(int p) const { return padded && padded[p]; }
+};
+
+// The dense parts: the CTAs past the band tiles take the tiles of a compact list (global rows
+// in the forward, global keys in the backward) against every tile of the other side. The
+// first kBsaSplitTiles tiles of the list run as num_splits CTAs each (split = which part of the
+// other side's tiles), the others as one CTA each.
+struct DenseTile {
+  int tile = 0;     // tile of the compact list: rows [64 tile, 64 tile + 64)
+  int split = 0;    // part of the other side's tiles
+  bool partial = false;
+  int first = 0;    // other side's tiles [first, end)
+  int end = 0;
+};
+
+MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int seqlen, int num_splits) {
+  const int total = static_cast<int>(ResidueTiles::tiles_of(seqlen));
+  const int split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
+  DenseTile t;
+  if (x < split_tiles * num_splits) {
+    t.tile = x / num_splits;
+    t.split = x % num_splits;
+    t.partial = true;
+    const int chunk = (total + num_splits - 1) / num_splits;
+    t.first = t.split * chunk < total ? t.split * chunk : total;
+    t.end = t.first + chunk < total ? t.first + chunk : total;
+  } else {
+    t.tile = split_tiles + (x - split_tiles * num_splits);
+    t.first = 0;
+    t.end = total;
+  }
+  return t;
+}
+
+// CTAs past the band tiles: one per dense tile that is not split, num_splits per split one.
+inline int64_t dense_ctas(int64_t seqlen, int num_splits) {
+  const int64_t total = ResidueTiles::tiles_of(seqlen);
+  const int64_t split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
+  return split_tiles * num_splits + (total - split_tiles);
+}
+
+}  // namespace moediffuseq::cuda
