@@ -7,8 +7,8 @@
 #include <set>
 #include <utility>
 
-#include "attention/cuda/block_sparse_attention_fwd_kernel.cuh"
 #include "attention/cuda/block_sparse_attention_bwd_kernel.cuh"
+#include "attention/cuda/block_sparse_attention_fwd_kernel.cuh"
 #include "attention/cuda/block_sparse_attention_tile_io.cuh"
 using namespace cute;
 using namespace moediffuseq::cuda;

@@ -11,10 +11,10 @@
 #include <cmath>
 
 #include "attention/block_sparse_attention_params.h"
-#include "attention/cuda/block_sparse_attention_tiles.h"
 #include "attention/cuda/block_sparse_attention_cuda.h"
 #include "attention/cuda/block_sparse_attention_mma.cuh"
 #include "attention/cuda/block_sparse_attention_tile_io.cuh"
+#include "attention/cuda/block_sparse_attention_tiles.h"
 
 namespace moediffuseq::cuda {
 

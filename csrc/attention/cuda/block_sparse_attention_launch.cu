@@ -8,10 +8,10 @@
 
 #include <algorithm>
 
-#include "attention/cuda/block_sparse_attention_tiles.h"
 #include "attention/cuda/block_sparse_attention_cuda.h"
 #include "attention/cuda/block_sparse_attention_kernels.h"
 #include "attention/cuda/block_sparse_attention_tile_io.cuh"
+#include "attention/cuda/block_sparse_attention_tiles.h"
 
 namespace moediffuseq::cuda {
 namespace {

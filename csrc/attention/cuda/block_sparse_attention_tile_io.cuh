@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "attention/cuda/block_sparse_attention_tiles.h"
 #include "attention/cuda/block_sparse_attention_cuda.h"
+#include "attention/cuda/block_sparse_attention_tiles.h"
 
 namespace moediffuseq::cuda {
 

@@ -9,8 +9,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "diffusion/diffusion_checks.h"
 #include "common/cpu/vec_convert.h"
+#include "diffusion/diffusion_checks.h"
 
 namespace moediffuseq::cpu {
 namespace {

@@ -7,10 +7,10 @@
 
 #include <optional>
 
-#include "diffusion/cuda/diffusion_kernels.h"
 #include "common/cuda/device_check.h"
-#include "diffusion/diffusion_checks.h"
 #include "common/kernel_dtype.h"
+#include "diffusion/cuda/diffusion_kernels.h"
+#include "diffusion/diffusion_checks.h"
 
 namespace moediffuseq::cuda {
 namespace {

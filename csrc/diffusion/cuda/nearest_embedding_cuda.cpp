@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "diffusion/cuda/diffusion_kernels.h"
 #include "common/cuda/device_check.h"
+#include "diffusion/cuda/diffusion_kernels.h"
 #include "diffusion/diffusion_checks.h"
 
 namespace moediffuseq::cuda {

@@ -5,10 +5,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
-#include "diffusion/cuda/diffusion_kernels.h"
 #include "common/cuda/device_check.h"
-#include "diffusion/diffusion_checks.h"
 #include "common/kernel_dtype.h"
+#include "diffusion/cuda/diffusion_kernels.h"
+#include "diffusion/diffusion_checks.h"
 
 namespace moediffuseq::cuda {
 namespace {

@@ -12,21 +12,12 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
-#include <string>
 #include <vector>
 
 #include "common/cpu/vec_convert.h"
+#include "moe/moe_params.h"  // MoeActivation, parsed by parse_moe_activation (moe/moe_checks.h)
 
 namespace moediffuseq::cpu {
-
-enum class Activation { kGelu, kSilu, kSwiglu };
-
-inline Activation parse_activation(const std::string& name, const char* op) {
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "swiglu") return Activation::kSwiglu;
-  TORCH_CHECK(false, op, ": activation must be \"gelu\", \"silu\" or \"swiglu\", got \"", name, "\"");
-}
 
 namespace detail {
 
@@ -77,7 +68,7 @@ inline void map2(const float* a, const float* b, float* out, int64_t n, const Op
 }  // namespace detail
 
 // a (rows, F) = act(h (rows, F1)); F1 = 2F for swiglu. Both row-contiguous.
-inline void activation_forward(const at::Tensor& h, Activation act, at::Tensor& a) {
+inline void activation_forward(const at::Tensor& h, MoeActivation act, at::Tensor& a) {
   using namespace detail;
   const int64_t rows = h.size(0), F1 = h.size(1), F = a.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "moe_activation", [&] {
@@ -87,9 +78,9 @@ inline void activation_forward(const at::Tensor& h, Activation act, at::Tensor& 
       std::vector<float> in(F1), out(F);
       for (int64_t r = begin; r < end; ++r) {
         to_float(hp + r * F1, in.data(), F1);
-        if (act == Activation::kGelu) {
+        if (act == MoeActivation::kGelu) {
           map1(in.data(), out.data(), F, [](auto x) { return gelu(x); });
-        } else if (act == Activation::kSilu) {
+        } else if (act == MoeActivation::kSilu) {
           map1(in.data(), out.data(), F, [](auto x) { return silu(x); });
         } else {
           map2(in.data(), in.data() + F, out.data(), F, [](auto g, auto u) { return silu(g) * u; });
@@ -101,7 +92,7 @@ inline void activation_forward(const at::Tensor& h, Activation act, at::Tensor& 
 }
 
 // dh (rows, F1) = d act(h) / dh * da, da (rows, F). All row-contiguous.
-inline void activation_backward(const at::Tensor& da, const at::Tensor& h, Activation act, at::Tensor& dh) {
+inline void activation_backward(const at::Tensor& da, const at::Tensor& h, MoeActivation act, at::Tensor& dh) {
   using namespace detail;
   const int64_t rows = h.size(0), F1 = h.size(1), F = da.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "moe_activation_backward", [&] {
@@ -113,9 +104,9 @@ inline void activation_backward(const at::Tensor& da, const at::Tensor& h, Activ
       for (int64_t r = begin; r < end; ++r) {
         to_float(hp + r * F1, in.data(), F1);
         to_float(dap + r * F, g.data(), F);
-        if (act == Activation::kGelu) {
+        if (act == MoeActivation::kGelu) {
           map2(in.data(), g.data(), out.data(), F, [](auto x, auto d) { return d * gelu_grad(x); });
-        } else if (act == Activation::kSilu) {
+        } else if (act == MoeActivation::kSilu) {
           map2(in.data(), g.data(), out.data(), F, [](auto x, auto d) { return d * silu_grad(x); });
         } else {
           const float* gate = in.data();

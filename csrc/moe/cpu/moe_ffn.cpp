@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu/vec_convert.h"
 #include "moe/cpu/moe_activation.h"
 #include "moe/cpu/moe_routing.h"
-#include "common/cpu/vec_convert.h"
 #include "moe/moe_checks.h"
 
 namespace moediffuseq::cpu {
@@ -112,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_ffn_cpu(const at::Tensor& x_i
                                                            const at::Tensor& indices_in, const at::Tensor& w1_in,
                                                            const at::Tensor& w2_in, c10::string_view activation) {
   const char* op = "moe_ffn";
-  const Activation act = parse_activation(std::string(activation), op);
-  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == Activation::kSwiglu, op);
+  const MoeActivation act = parse_moe_activation(std::string(activation), op);
+  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == MoeActivation::kSwiglu, op);
   const at::Tensor x = x_in.contiguous(), weights = weights_in.contiguous(), indices = indices_in.contiguous();
   const at::Tensor w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const MoeRouting r = route_slots(indices, s.E, op);
@@ -148,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward_cpu(
     const at::Tensor& w1_in, const at::Tensor& w2_in, const at::Tensor& hidden_in, const at::Tensor& expert_out_in,
     c10::string_view activation) {
   const char* op = "moe_ffn_backward";
-  const Activation act = parse_activation(std::string(activation), op);
-  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == Activation::kSwiglu, op);
+  const MoeActivation act = parse_moe_activation(std::string(activation), op);
+  const MoeShapes s = check_moe_inputs(x_in, weights_in, indices_in, w1_in, w2_in, act == MoeActivation::kSwiglu, op);
   const int64_t N = s.T * s.k;
   check_moe_backward_inputs(grad_y_in, x_in, hidden_in, expert_out_in, s, op);
   const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), weights = weights_in.contiguous();

@@ -25,8 +25,8 @@
 #include <vector>
 
 #include "common/cuda/device_check.h"
-#include "moe/cuda/moe_kernels.h"
 #include "common/kernel_dtype.h"
+#include "moe/cuda/moe_kernels.h"
 #include "moe/moe_checks.h"
 
 namespace moediffuseq::cuda {

@@ -10,8 +10,8 @@
 #include <limits>
 
 #include "common/cuda/device_check.h"
-#include "moe/cuda/moe_kernels.h"
 #include "common/kernel_dtype.h"
+#include "moe/cuda/moe_kernels.h"
 #include "moe/moe_checks.h"
 
 namespace moediffuseq::cuda {
