@@ -71,11 +71,6 @@ def skip_unless_ready(device: str) -> None:
         pytest.skip("no CUDA device, or the CUDA kernels are not built")
 
 
-def devices():
-    """Devices the tests can run on now: CPU always, CUDA when a GPU and CUDA kernels are present."""
-    return [d for d in DEVICES if d == "cpu" or cuda_ready()]
-
-
 def assert_close_to_reference(actual, reference, same_dtype_baseline, what="", compute_dtype=None):
     """|actual - reference| <= 2 |baseline - reference| + floor, elementwise maximum.
 

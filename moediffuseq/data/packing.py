@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from moediffuseq.data.tokenizer import SpecialIds
@@ -57,10 +56,3 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.target_mask.to(device))
-
-
-def collate(rows: Sequence[tuple[list[int], int]]) -> PackedBatch:
-    ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # (B, L)
-    starts = torch.tensor([r[1] for r in rows], dtype=torch.long)
-    target_mask = torch.arange(ids.shape[1])[None] >= starts[:, None]  # (B, L)
-    return PackedBatch(ids, target_mask)

@@ -67,10 +67,6 @@ class NoiseSchedule:
         return torch.cat([ab.new_ones(1), ab[:-1]])
 
     @property
-    def sqrt_alphas_cumprod(self) -> Tensor:
-        return self.alphas_cumprod.sqrt()
-
-    @property
     def sqrt_one_minus_alphas_cumprod(self) -> Tensor:
         return (1.0 - self.alphas_cumprod).sqrt()
 
