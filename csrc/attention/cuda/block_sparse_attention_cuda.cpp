@@ -41,8 +41,8 @@ void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, bool causal) {
               "65535 batches and 65535 heads, got B = ", q.size(0), ", H = ", q.size(1));
 }
 
-BsaDtype dtype_of(const at::Tensor& q) {
-  return q.scalar_type() == at::kBFloat16 ? BsaDtype::kBFloat16 : BsaDtype::kFloat16;
+DType dtype_of(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
 }
 
 // Buffers of the global tokens, only when there is a global mask: the lists ((B, L) int32

@@ -7,10 +7,9 @@
 #include <cstdint>
 
 #include "attention/block_sparse_attention_params.h"
+#include "common/dtype.h"
 
 namespace moediffuseq::cuda {
-
-enum class BsaDtype { kBFloat16, kFloat16 };
 
 // Device buffers besides the tensors of BlockSparseAttentionParams (all on the current device).
 struct BsaWorkspace {
@@ -47,10 +46,10 @@ inline bool bsa_cuda_supports_head_dim(int64_t head_dim) { return head_dim == 64
 // Both run on `stream` and return the first launch error (cudaSuccess when all launched).
 // The global lists in `ws` are built here when params.global_mask is set.
 // Forward: writes params.out_mut and params.lse.
-cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
+cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& params, DType dtype,
                                             const BsaWorkspace& ws, cudaStream_t stream);
 // Backward: writes params.grad_q, grad_k, grad_v.
-cudaError_t block_sparse_attention_bwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
+cudaError_t block_sparse_attention_bwd_cuda(const BlockSparseAttentionParams& params, DType dtype,
                                             const BsaWorkspace& ws, cudaStream_t stream);
 
 }  // namespace moediffuseq::cuda

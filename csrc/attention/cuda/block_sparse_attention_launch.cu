@@ -208,24 +208,26 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
 
 }  // namespace
 
-cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
+cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& params, DType dtype,
                                             const BsaWorkspace& workspace, cudaStream_t stream) {
   const BlockSparseAttentionParams p = clamped(params);
   const BsaWorkspace ws = checked(workspace, p, /*backward=*/false);
   cudaError_t err = build_global_lists(p, ws, stream);
   if (err != cudaSuccess) return err;
-  return dtype == BsaDtype::kBFloat16 ? dispatch_fwd<cutlass::bfloat16_t>(p, ws, stream)
-                                      : dispatch_fwd<cutlass::half_t>(p, ws, stream);
+  if (dtype == DType::kFloat32) return cudaErrorInvalidValue;  // tensor-core kernels: 16-bit only
+  return dtype == DType::kBFloat16 ? dispatch_fwd<cutlass::bfloat16_t>(p, ws, stream)
+                                   : dispatch_fwd<cutlass::half_t>(p, ws, stream);
 }
 
-cudaError_t block_sparse_attention_bwd_cuda(const BlockSparseAttentionParams& params, BsaDtype dtype,
+cudaError_t block_sparse_attention_bwd_cuda(const BlockSparseAttentionParams& params, DType dtype,
                                             const BsaWorkspace& workspace, cudaStream_t stream) {
   const BlockSparseAttentionParams p = clamped(params);
   const BsaWorkspace ws = checked(workspace, p, /*backward=*/true);
   cudaError_t err = build_global_lists(p, ws, stream);
   if (err != cudaSuccess) return err;
-  return dtype == BsaDtype::kBFloat16 ? dispatch_bwd<cutlass::bfloat16_t>(p, ws, stream)
-                                      : dispatch_bwd<cutlass::half_t>(p, ws, stream);
+  if (dtype == DType::kFloat32) return cudaErrorInvalidValue;  // tensor-core kernels: 16-bit only
+  return dtype == DType::kBFloat16 ? dispatch_bwd<cutlass::bfloat16_t>(p, ws, stream)
+                                   : dispatch_bwd<cutlass::half_t>(p, ws, stream);
 }
 
 }  // namespace moediffuseq::cuda
