@@ -157,4 +157,42 @@ inline BlockSparseAttentionParams make_bsa_params(const at::Tensor& q, const at:
   return p;
 }
 
+// The forward's tensors (logical (B, H, L, D) views; lse (B, H, L) contiguous): pointers and strides.
+inline void set_bsa_forward_tensors(BlockSparseAttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out_mut = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_strides = bsa_strides(q);
+  p.k_strides = bsa_strides(k);
+  p.v_strides = bsa_strides(v);
+  p.out_strides = bsa_strides(out);
+}
+
+// The backward's tensors, the same way: the forward's inputs and outputs, grad_out and the gradients.
+inline void set_bsa_backward_tensors(BlockSparseAttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const at::Tensor& grad_out, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                     const at::Tensor& grad_v) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.grad_out = grad_out.data_ptr();
+  p.grad_q = grad_q.data_ptr();
+  p.grad_k = grad_k.data_ptr();
+  p.grad_v = grad_v.data_ptr();
+  p.q_strides = bsa_strides(q);
+  p.k_strides = bsa_strides(k);
+  p.v_strides = bsa_strides(v);
+  p.out_strides = bsa_strides(out);
+  p.grad_out_strides = bsa_strides(grad_out);
+  p.grad_q_strides = bsa_strides(grad_q);
+  p.grad_k_strides = bsa_strides(grad_k);
+  p.grad_v_strides = bsa_strides(grad_v);
+}
+
 }  // namespace moediffuseq

@@ -25,15 +25,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out_mem, lse};
   BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, causal);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out_mut = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_strides = bsa_strides(q);
-  p.k_strides = bsa_strides(k);
-  p.v_strides = bsa_strides(v);
-  p.out_strides = bsa_strides(out);
+  set_bsa_forward_tensors(p, q, k, v, out, lse);
   block_sparse_attention_fwd_cpu(p, q.scalar_type());
   return {out_mem, lse};
 }
@@ -63,23 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   const at::Tensor grad_q = bsa_logical(grad_q_mem, layout), grad_k = bsa_logical(grad_k_mem, layout),
                    grad_v = bsa_logical(grad_v_mem, layout);
   BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, causal);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.grad_out = grad_out.data_ptr();
-  p.grad_q = grad_q.data_ptr();
-  p.grad_k = grad_k.data_ptr();
-  p.grad_v = grad_v.data_ptr();
-  p.q_strides = bsa_strides(q);
-  p.k_strides = bsa_strides(k);
-  p.v_strides = bsa_strides(v);
-  p.out_strides = bsa_strides(out);
-  p.grad_out_strides = bsa_strides(grad_out);
-  p.grad_q_strides = bsa_strides(grad_q);
-  p.grad_k_strides = bsa_strides(grad_k);
-  p.grad_v_strides = bsa_strides(grad_v);
+  set_bsa_backward_tensors(p, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v);
   block_sparse_attention_bwd_cpu(p, q.scalar_type());
   return {grad_q_mem, grad_k_mem, grad_v_mem};
 }
