@@ -62,3 +62,15 @@ def test_loss_aware_sampler_prefers_high_loss_steps():
     other = LossAwareTimestepSampler(4, history=3)
     other.load_state_dict(state)
     torch.testing.assert_close(other.probabilities(), p)
+
+
+def test_lookup_follows_the_device_of_the_steps_and_copies_the_tables_once():
+    schedule = NoiseSchedule.create("sqrt", 100).respace(10)
+    t = torch.tensor([0, 3, 9])
+    ab_t, steps = schedule.lookup(t)
+    assert torch.equal(ab_t, schedule.alphas_cumprod.float()[t]) and torch.equal(steps, schedule.timesteps[t])
+    first = schedule._on_device[t.device][0]
+    schedule.lookup(t.flip(0))
+    assert schedule._on_device[t.device][0] is first  # one copy per device, not one per call
+    ab_meta, steps_meta = schedule.lookup(t.to("meta"))
+    assert ab_meta.device.type == "meta" and steps_meta.device.type == "meta"

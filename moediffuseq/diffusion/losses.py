@@ -56,7 +56,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
     """
     cfg = model.config
     ab = schedule.alphas_cumprod  # (T,) float64 on the CPU
-    ab_t = ab.to(device=t.device, dtype=torch.float32)[t]  # (B,) the tables follow the steps' device
+    ab_t, steps = schedule.lookup(t)  # (B,) each, on the device of t
     sqrt_1mab_0, sqrt_ab_end = math.sqrt(1.0 - float(ab[0])), math.sqrt(float(ab[-1]))
     emb = model.embed(input_ids)  # (B, L, d)
     noise0 = torch.randn(emb.shape, generator=generator, device=emb.device).to(emb.dtype)
@@ -64,7 +64,6 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
     gamma = cfg.gamma if cfg.soft_absorbing else 0.0
     x_t = soft_absorb_q_sample(x0, model.m.to(x0.dtype), target_mask, ab_t.sqrt(), (1 - ab_t).sqrt(), gamma=gamma,
                                generator=generator)
-    steps = schedule.timesteps.to(t.device)[t]  # (B,) steps of the original schedule
     global_mask = model.global_mask(input_ids, target_mask)
     x0_self = None
     if cfg.self_conditioning:  # half of the examples see the model's own (no-grad) estimate first

@@ -8,7 +8,7 @@ abar_{t} to the correct abar_{t-gap} (DiffuSeq's own step skipping does not).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -47,11 +47,22 @@ class NoiseSchedule:
 
     betas: Tensor
     timesteps: Tensor  # (num_steps,) int64
+    # per device: (abar float32, timesteps), copied once (a copy per training step would be a
+    # host-to-device transfer, and on CUDA a synchronisation, every step)
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def create(cls, kind: str = "sqrt", num_steps: int = 2000) -> "NoiseSchedule":
         betas = make_betas(kind, num_steps)
         return cls(betas, torch.arange(num_steps))
+
+    def lookup(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(abar_t float32, the original schedule's step) for steps t (B,), on the device of t."""
+        tables = self._on_device.get(t.device)
+        if tables is None:
+            tables = (self.alphas_cumprod.to(device=t.device, dtype=torch.float32), self.timesteps.to(t.device))
+            self._on_device[t.device] = tables
+        return tables[0][t], tables[1][t]
 
     @property
     def num_steps(self) -> int:
