@@ -11,8 +11,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import DEVICES, assert_close_to_reference, skip_unless_ready
 from moediffuseq.ops import block_sparse_allowed_mask, block_sparse_attention, block_sparse_attention_ref
+from utils import DEVICES, assert_close_to_reference, skip_unless_ready
 
 DTYPES = [torch.float32, torch.bfloat16]  # CPU
 DEVICE_DTYPES = {"cpu": DTYPES, "cuda": [torch.bfloat16, torch.float16]}

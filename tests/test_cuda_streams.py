@@ -2,9 +2,9 @@
 the default one (a kernel launched on the wrong stream races with the work around it)."""
 import torch
 
-from conftest import skip_unless_ready
 from moediffuseq.ops import (block_sparse_attention, denoise_step, moe_ffn, moe_topk_softmax, nearest_embedding,
                              soft_absorb_q_sample)
+from utils import skip_unless_ready
 
 
 def _run_all(seed: int) -> list[torch.Tensor]:

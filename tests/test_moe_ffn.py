@@ -9,8 +9,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import DEVICES, assert_close_to_reference, skip_unless_ready
 from moediffuseq.ops import moe_ffn, moe_ffn_ref, moe_topk_softmax
+from utils import DEVICES, assert_close_to_reference, skip_unless_ready
 
 ACTIVATIONS = ["gelu", "silu", "swiglu"]
 

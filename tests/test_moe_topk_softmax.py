@@ -8,8 +8,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import DEVICES, assert_close_to_reference, skip_unless_ready
 from moediffuseq.ops import moe_topk_softmax, moe_topk_softmax_ref
+from utils import DEVICES, assert_close_to_reference, skip_unless_ready
 
 
 @st.composite

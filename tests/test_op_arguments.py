@@ -1,10 +1,10 @@
 """The ops' Python wrappers with unusual arguments: double backward, autograd through
-denoise_step, out= overlapping an input, nearest_embedding with d = 0."""
+denoise_step, out= overlapping an input."""
 import pytest
 import torch
 
 from moediffuseq.ops import (block_sparse_attention, denoise_step, denoise_step_ref, moe_ffn, moe_topk_softmax,
-                             moe_topk_softmax_ref, nearest_embedding, soft_absorb_q_sample)
+                             moe_topk_softmax_ref, soft_absorb_q_sample)
 
 
 def _double_backward(fn, *inputs):
@@ -121,13 +121,6 @@ def test_denoise_step_out_partially_overlapping_an_input_is_refused():
     left, right = disjoint[:x_t.numel()].view_as(x_t), disjoint[x_t.numel():].view_as(x_t)
     left.copy_(x_t)
     assert torch.equal(_call(denoise_step, [left, *tensors[1:]], mask, out=right), expected)
-
-
-def test_nearest_embedding_with_zero_width_is_a_clear_error():
-    with pytest.raises(ValueError, match="embedding width d must be >= 1"):
-        nearest_embedding(torch.randn(3, 0), torch.randn(5, 0))
-    with pytest.raises(ValueError, match=r"emb must be \(V, d\)"):
-        nearest_embedding(torch.randn(3, 2), torch.randn(2))
 
 
 def test_denoise_step_autograd_passes_opcheck():

@@ -8,10 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import DEVICES, assert_close_to_reference, skip_unless_ready
 from moediffuseq.ops import soft_absorb_q_sample, soft_absorb_q_sample_ref
+from utils import DEVICE_DTYPES, DEVICES, assert_close_to_reference, skip_unless_ready
 
-DEVICE_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2),
              torch.float16: dict(atol=3e-3, rtol=2e-3)}
 
