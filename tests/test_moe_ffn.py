@@ -179,8 +179,9 @@ BAD_INPUTS = [
     ("w2 shape", lambda a: a.update(w2=a["w2"][:3]), r"w2 must be \(E, F, D\) = \(4, 6, 8\)"),
     ("w2 dtype", lambda a: a.update(w2=a["w2"].bfloat16()), r"w2 must have the dtype of x"),
     ("swiglu odd width", lambda a: a.update(activation="swiglu", w1=a["w1"][:, :, :5]), r"w1 must be \(E, D, 2F\)"),
-    ("activation", lambda a: a.update(activation="relu"), r"activation must be one of"),
+    ("activation", lambda a: a.update(activation="relu"), r'activation must be "gelu", "silu" or "swiglu", got "relu"'),
     ("device", lambda a: a.update(w1=a["w1"].to("meta")), r"w1 must be on the device of x"),
+    ("w1 not a tensor", lambda a: a.update(w1=3), r"moe_ffn\(\) Expected a value of type 'Tensor' for argument 'w1'"),
 ]
 
 

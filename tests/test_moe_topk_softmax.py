@@ -111,3 +111,12 @@ def test_torch_compile_fullgraph(device):
 def test_bad_input_is_named(device, logits, k, message):
     with pytest.raises(RuntimeError, match=message):
         moe_topk_softmax(logits.to(device), k)
+
+
+@pytest.mark.parametrize("logits,k,message", [
+    ([[0.0, 1.0]], 1, r"moe_topk_softmax\(\) Expected a value of type 'Tensor' for argument 'logits'"),
+    (torch.randn(4, 3), 1.5, r"moe_topk_softmax\(\) Expected a value of type 'int' for argument 'k'"),
+])
+def test_bad_argument_type_is_named(logits, k, message):
+    with pytest.raises(RuntimeError, match=message):
+        moe_topk_softmax(logits, k)

@@ -8,7 +8,7 @@ from moediffuseq.ops._double_backward import refuse_double_backward
 _OP = torch.ops.moediffuseq.moe_ffn
 _OP_BACKWARD = torch.ops.moediffuseq.moe_ffn_backward
 
-ACTIVATIONS = ("gelu", "silu", "swiglu")
+ACTIVATIONS = ("gelu", "silu", "swiglu")  # the values of ``activation`` (checked by the op)
 
 
 def moe_ffn(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
@@ -26,14 +26,10 @@ def moe_ffn(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
     Returns:
         (T, D) in the dtype of x; the k contributions are summed in float32. Dropless: any
         number of tokens per expert, including none. Differentiable w.r.t. x, weights, w1, w2.
+
+    The arguments go to ``torch.ops.moediffuseq.moe_ffn`` in its schema's order; the C++ host
+    entry checks them, each error naming the op and the argument.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moe_ffn: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    for name, t in (("x", x), ("weights", weights), ("indices", indices), ("w1", w1), ("w2", w2)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"moe_ffn: {name} must be a Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"moe_ffn: {name} must be on the device of x ({x.device}), got {t.device}")
     y, _, _ = _OP(x, weights, indices, w1, w2, activation)
     return y
 
@@ -42,6 +38,10 @@ def moe_ffn(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
 def _(x, weights, indices, w1, w2, activation):
     torch._check(x.dim() == 2, lambda: f"moe_ffn: x must be (T, D), got {x.shape}")
     torch._check(indices.dim() == 2, lambda: f"moe_ffn: indices must be (T, k), got {indices.shape}")
+    for name, t in (("weights", weights), ("indices", indices), ("w1", w1), ("w2", w2)):
+        # a meta argument among real ones dispatches here, not to the host entry that checks devices
+        torch._check(t.device == x.device, lambda: f"moe_ffn: {name} must be on the device of x ({x.device}), "
+                     f"got {t.device}")
     n = x.shape[0] * indices.shape[1]
     return x.new_empty(x.shape), x.new_empty((n, w1.shape[2])), x.new_empty((n, x.shape[1]))
 
@@ -83,10 +83,11 @@ def _activate(h: Tensor, activation: str) -> Tensor:
 
 
 def moe_ffn_ref(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-                activation: str = "gelu", upcast: bool = True) -> Tensor:
+                activation: str = "gelu", *, upcast: bool = True) -> Tensor:
     """The contract written the HF-Mixtral way: a loop over experts with index selection.
 
-    Computes in float64 when ``upcast`` (the test reference), else in the dtype of x.
+    Takes the arguments of ``moe_ffn``; computes in float64 when ``upcast`` (the test
+    reference), else in the dtype of x (the same-dtype baseline of the tolerances).
     """
     dtype = torch.float64 if upcast else x.dtype
     y = torch.zeros(x.shape, dtype=dtype if upcast else torch.float32, device=x.device)

@@ -16,10 +16,10 @@ def moe_topk_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
         weights: (T, k) float32, the softmax probabilities of the chosen experts renormalised
             to sum to 1 (equal to a softmax over the chosen logits); differentiable w.r.t. logits.
         indices: (T, k) int64, by descending weight; equal logits: the lowest expert index first.
+
+    The C++ host entry checks the arguments, each error naming the op and the argument.
     """
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"moe_topk_softmax: logits must be a Tensor, got {type(logits).__name__}")
-    return _OP(logits, int(k))
+    return _OP(logits, k)
 
 
 @torch.library.register_fake("moediffuseq::moe_topk_softmax")
