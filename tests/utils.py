@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: device lists, dtypes per device, the tolerance rule.
+"""Helpers shared by the tests: device lists, dtypes per device, the tolerance rule, the
+attention tests' input builder.
 
 Plain functions and constants, no fixtures (those live in conftest.py). No CUDA query happens
 at import time: ``cuda_ready`` is called by tests at run time only.
@@ -51,3 +52,50 @@ def assert_close_to_reference(actual, reference, same_dtype_baseline, what="", c
     scale = max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
     bound = 2.0 * base + ERROR_FLOOR[compute_dtype or actual.dtype] * scale
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (same-dtype baseline error {base:.3e})"
+
+
+# block_sparse_attention (tests/test_block_sparse_attention*.py): dtypes and head dimensions per
+# device, and the inputs of one problem drawn on the CPU from one seed, then moved.
+ATTENTION_CPU_DTYPES = [torch.float32, torch.bfloat16]  # CPU
+ATTENTION_DTYPES = {"cpu": ATTENTION_CPU_DTYPES, "cuda": [torch.bfloat16, torch.float16]}
+ATTENTION_HEAD_DIMS = {"cpu": [1, 8, 16, 40, 64, 72, 128], "cuda": [64, 128]}
+ATTENTION_CASES = [(d, t) for d in DEVICES for t in ATTENTION_DTYPES[d]]
+ATTENTION_CASE_IDS = [f"{d}-{str(t).removeprefix('torch.')}" for d, t in ATTENTION_CASES]
+
+
+def head_dim(device, cpu_dim):
+    """``cpu_dim`` on CPU; on CUDA the nearest head dimension the kernels support."""
+    return cpu_dim if device == "cpu" else (64 if cpu_dim <= 64 else 128)
+
+
+def default_dtype(device):
+    """The dtype the attention tests use where they take one: float32 on CPU, bfloat16 on CUDA."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def shape_of(B, H, L, D, layout):
+    return (B, H, L, D) if layout == "bhld" else (B, L, H, D)
+
+
+def make_inputs(B, H, L, D, dtype, seed, p_global=0.0, p_pad=0.0, pad_batch=False, device="cpu", kv_heads=None,
+                layout="bhld"):
+    """q (and grad) with H heads, k and v with kv_heads (default H), all in ``layout``."""
+    gen = torch.Generator().manual_seed(seed)
+    Hkv = H if kv_heads is None else kv_heads
+    q, k, v = (torch.randn(shape_of(B, h, L, D, layout), generator=gen).to(device=device, dtype=dtype)
+               for h in (H, Hkv, Hkv))
+    global_mask = (torch.rand(B, L, generator=gen) < p_global).to(device) if p_global > 0 else None
+    key_padding_mask = (torch.rand(B, L, generator=gen) < p_pad).to(device) if p_pad > 0 else None
+    if pad_batch:  # the last batch element has every key padded
+        key_padding_mask = key_padding_mask if key_padding_mask is not None else torch.zeros(B, L, dtype=torch.bool)
+        key_padding_mask = key_padding_mask.to(device)
+        key_padding_mask[-1] = True
+    grad = torch.randn(shape_of(B, H, L, D, layout), generator=gen).to(device=device, dtype=dtype)
+    return q, k, v, global_mask, key_padding_mask, grad
+
+
+def run_with_grads(fn, q, k, v, grad, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return out.detach(), grads

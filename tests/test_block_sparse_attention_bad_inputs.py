@@ -1,0 +1,76 @@
+"""block_sparse_attention refuses bad input with a message that names it (every device, and
+the CUDA-only rules on CUDA)."""
+import pytest
+import torch
+
+from moediffuseq.ops import block_sparse_attention
+from utils import make_inputs, skip_unless_ready
+
+
+def _good():
+    q, k, v, _, _, _ = make_inputs(2, 2, 16, 8, torch.float32, seed=11)
+    return dict(q=q, k=k, v=v, window=2)
+
+
+BAD_INPUTS = [
+    ("q rank", lambda a: a.update(q=a["q"][0]), r"q must be \(B, H, L, D\)"),
+    ("k shape", lambda a: a.update(k=a["k"][:, :, :8]), r"k must be \(B, H_kv, L, D\) with the B, L and D of q"),
+    ("v shape", lambda a: a.update(v=a["v"][:1]), r"v must be \(B, H_kv, L, D\) with the B, L and D of q"),
+    ("v heads differ from k", lambda a: a.update(v=a["v"][:, :1]), r"v must have the shape of k"),
+    ("H_q not a multiple of H_kv", lambda a: a.update(q=torch.randn(2, 3, 16, 8)),
+     r"the query heads H = 3 must be a multiple of the key/value heads H_kv = 2 \(grouped-query attention"),
+    ("mismatched layouts: q blhd, k and v bhld",
+     lambda a: a.update(q=a["q"].transpose(1, 2).contiguous(), layout="blhd"),
+     r'k must be \(B, L, H_kv, D\) with the B, L and D of q \[2, 16, 2, 8\] \(layout "blhd"; both tensors in '
+     r"the same layout\)"),
+    ("blhd q rank", lambda a: a.update(q=a["q"][0], layout="blhd"), r"q must be \(B, L, H, D\)"),
+    ("unknown layout", lambda a: a.update(layout="bshd"), r'layout must be "bhld" or "blhd"'),
+    ("k dtype", lambda a: a.update(k=a["k"].double()), r"k must have the dtype of q"),
+    ("float64", lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()),
+     r"must be float32 or bfloat16"),
+    ("float16", lambda a: a.update(q=a["q"].half(), k=a["k"].half(), v=a["v"].half()),
+     r"must be float32 or bfloat16"),
+    ("window", lambda a: a.update(window=-1), r"window must be >= 0"),
+    ("dilation", lambda a: a.update(dilation=0), r"dilation must be >= 1"),
+    ("global_mask shape", lambda a: a.update(global_mask=torch.zeros(2, 15, dtype=torch.bool)),
+     r"global_mask must have shape \(B, L\)"),
+    ("global_mask dtype", lambda a: a.update(global_mask=torch.zeros(2, 16)),
+     r"global_mask must be a bool tensor"),
+    ("key_padding_mask shape", lambda a: a.update(key_padding_mask=torch.zeros(16, dtype=torch.bool)),
+     r"key_padding_mask must have shape \(B, L\)"),
+    ("key_padding_mask dtype", lambda a: a.update(key_padding_mask=torch.zeros(2, 16, dtype=torch.int64)),
+     r"key_padding_mask must be a bool tensor"),
+    ("device", lambda a: a.update(k=a["k"].to("meta")), r"k must be on the device of q"),
+    ("empty head dim", lambda a: a.update(q=a["q"][..., :0], k=a["k"][..., :0], v=a["v"][..., :0]),
+     r"head dimension D must be positive"),
+    ("not a tensor", lambda a: a.update(q=a["q"].tolist()), r"q must be a Tensor"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_named(case, mutate, message):
+    args = _good()
+    mutate(args)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+CUDA_BAD_INPUTS = [
+    ("float32 on CUDA", lambda a: a.update(q=a["q"].float(), k=a["k"].float(), v=a["v"].float()),
+     r"\(CUDA\): q is float32; the CUDA kernels run in bfloat16/float16: run under "
+     r"torch\.autocast\('cuda', dtype=torch\.bfloat16\) or cast the model"),
+    ("head dim 40 on CUDA", lambda a: a.update(q=a["q"][..., :40], k=a["k"][..., :40], v=a["v"][..., :40]),
+     r"support head dimensions 64 and 128"),
+    ("mask on CPU", lambda a: a.update(global_mask=torch.zeros(2, 16, dtype=torch.bool)),
+     r"global_mask must be on the device of q"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,message", CUDA_BAD_INPUTS, ids=[c[0] for c in CUDA_BAD_INPUTS])
+def test_bad_input_is_named_on_cuda(case, mutate, message):
+    skip_unless_ready("cuda")
+    q, k, v, _, _, _ = make_inputs(2, 2, 16, 64, torch.bfloat16, seed=11, device="cuda")
+    args = dict(q=q, k=k, v=v, window=2)
+    mutate(args)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        block_sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
