@@ -2,7 +2,7 @@
 
 A checkpoint is a directory: ``model/`` and ``ema/`` (safetensors weights + config.json, via
 ``MoEDiffuSeq.save_pretrained``), ``tokenizer.json``, ``trainer_state.pt`` (optimizer, LR
-schedule, step, data position, step sampler, every RNG state), ``train_config.json`` and
+schedule, step, data position, timestep draw, every RNG state), ``train_config.json`` and
 ``step.json``. Every directory the trainer writes (checkpoints and the final ``model/``) is
 written to a temporary sibling ``.<name>.tmp-<pid>`` and renamed into place, so a crash never
 leaves a half-written one: at worst the previous one survives (as ``<name>.old`` for a moment,

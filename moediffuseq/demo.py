@@ -31,7 +31,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, seq_len: in
     from moediffuseq.generate import GenerationConfig
     from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
     from moediffuseq.pipeline import MoEDiffuSeqPipeline
-    from moediffuseq.train import TrainConfig
+    from moediffuseq.train_config import TrainConfig
     from moediffuseq.train_run import TrainingRun, auto_device, run
 
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Generation: sources in, text out, with any sampler of ``moediffuseq.diffusion.samplers``
 (default DPM-Solver++ with 10 steps) and optional minimum-Bayes-risk selection over S samples.
 ``moediffuseq.pipeline.MoEDiffuSeqPipeline`` wraps ``generate`` with a model directory's
-defaults; ``generate_file`` is the CLI's text in, text out.
+defaults; ``moediffuseq.generate_files`` is the CLI's files in, files out.
 
 The source is packed as in training, every position after its [SEP] is generated, and the
 output is the argmax of lm_head(x0_hat) up to the first [SEP], padding removed (METHOD §6).
@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from moediffuseq.data import Example, TextTokenizer, pack_source, read_jsonl
+from moediffuseq.data import TextTokenizer, pack_source
 from moediffuseq.diffusion import NoiseSchedule
 from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
-from moediffuseq.evaluate import decoded, sentence_bleu
+from moediffuseq.evaluate import sentence_bleu
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import progress_bar
 
@@ -142,78 +141,3 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
         bar.update(len(chunk))
     bar.close()
     return out
-
-
-def read_sources(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[Example]:
-    """The sources to generate for: a jsonl file (``{"src": ...}`` lines, ``trg`` optional: it is
-    the reference when present), any other file as plain text with one source per line (blank
-    lines skipped), or ``-`` for standard input as plain text."""
-    if str(path) == "-":
-        return [Example(line.strip()) for line in sys.stdin if line.strip()]
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix == ".jsonl":
-        return read_jsonl(path, "skip" if skip_bad_lines else "raise", require_target=False).examples
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return [Example(line.strip()) for line in lines if line.strip()]
-
-
-def generate_file(model_dir: str | os.PathLike, input_path: Optional[str | os.PathLike],
-                  output_path: Optional[str | os.PathLike], cfg: GenerationConfig, device: str = "cpu",
-                  limit: Optional[int] = None, skip_bad_lines: bool = False, progress: bool = True,
-                  texts: Optional[Sequence[str]] = None, show_steps: bool = False) -> int:
-    """Generates for the sources of ``input_path`` (see ``read_sources``) or for ``texts``.
-    With ``output_path``, writes one {source, reference and reference_raw (when the input has
-    one), hypothesis, candidates} line per source (``reference``: the target decoded from its
-    token ids, the normalisation of the hypotheses, what ``evaluate`` scores; ``reference_raw``:
-    the text as given); without, prints the hypotheses, one per line. ``show_steps``
-    prints the first source's text after every model call. Returns the number of sources."""
-    from moediffuseq.pipeline import MoEDiffuSeqPipeline
-
-    if output_path is not None:
-        output_path = Path(output_path)
-        if output_path.is_dir():
-            raise ValueError(f"output {output_path} is a directory, not a file")
-        if input_path is not None and output_path.exists() and Path(input_path).exists() \
-                and os.path.samefile(output_path, input_path):
-            raise ValueError(f"output {output_path} is the input file: it would be overwritten")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    examples = [Example(t) for t in texts] if texts is not None else read_sources(input_path, skip_bad_lines)
-    examples = examples[:limit]
-    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device=device)
-
-    batches = 0
-
-    def print_step(call: int, t: int, batch_texts: list[str]) -> None:  # the first source only
-        nonlocal batches
-        batches += call == 1
-        if batches == 1:
-            print(f"step {call:3d} (t={t:4d}): {batch_texts[0]}", file=sys.stderr, flush=True)
-
-    results = pipe.generate([e.src for e in examples], cfg, progress=progress and output_path is not None,
-                            callback=print_step if show_steps else None)
-    if output_path is None:
-        for res in results:
-            print(res.hypothesis)
-        return len(results)
-    labelled = [i for i, ex in enumerate(examples) if ex.trg is not None]
-    references = dict(zip(labelled, decoded([examples[i].trg for i in labelled], pipe.tokenizer)))
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for i, (ex, res) in enumerate(zip(examples, results)):
-                ref = {"reference": references[i], "reference_raw": ex.trg} if ex.trg is not None else {}
-                record = {"source": ex.src, **ref,
-                          "hypothesis": res.hypothesis, "candidates": res.candidates}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, output_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return len(results)

@@ -1,6 +1,7 @@
 """Model directories on the Hugging Face Hub: a hub id ("user/name") is downloaded once into the
-Hub's cache and then read like any local directory; ``push_to_hub`` uploads a model directory
-with a generated model card. Local directories never touch the network, and the
+Hub's cache and then read like any local directory (``resolve_model_dir``, in
+``moediffuseq.hub_download``, which the model's loader uses); ``push_to_hub`` uploads a model
+directory with a generated model card. Local directories never touch the network, and the
 ``huggingface_hub`` package (the "hub" extra) is imported only for hub ids and uploads.
 """
 from __future__ import annotations
@@ -10,33 +11,18 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from moediffuseq.hub_download import resolve_model_dir
+from moediffuseq.model import MoEDiffuSeqConfig
+
+__all__ = ["MODEL_CARD", "model_card", "push_to_hub", "resolve_model_dir"]
+
 MODEL_CARD = "README.md"
-
-
-def resolve_model_dir(path_or_id: str | os.PathLike, revision: Optional[str] = None) -> Path:
-    """A local path as it is (the loader names what is missing there); a hub id "user/name"
-    that is not a local path is fetched, or found in the Hub's cache."""
-    path = Path(path_or_id)
-    text = str(path_or_id)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(text, revision=revision))
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(f"{text}: not a local directory, and not in the Hugging Face cache while the Hub "
-                                f"cannot be reached (offline?)") from e
-    except HfHubHTTPError as e:
-        raise FileNotFoundError(f"{text}: not a local directory, and the Hugging Face Hub refused it: {e}") from e
 
 
 def model_card(directory: str | os.PathLike, repo_id: str) -> str:
     """A model card from what the directory holds: the config, the generation defaults and, for
     a model written by training, the run's data and steps."""
     from moediffuseq import __version__
-    from moediffuseq.model import MoEDiffuSeqConfig
 
     directory = Path(directory)
     config = MoEDiffuSeqConfig.load(directory)

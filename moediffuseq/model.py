@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from moediffuseq import fields
 from moediffuseq.diffusion.samplers import Conditioning
 from moediffuseq.diffusion.schedule import SCHEDULES
+from moediffuseq.hub_download import resolve_model_dir
 from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, MoEFeedForward
 from moediffuseq.ops.moe_ffn import ACTIVATIONS
 
@@ -299,11 +300,9 @@ class MoEDiffuSeq(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu", revision: Optional[str] = None
                         ) -> "MoEDiffuSeq":
         """Loads ``config.json`` + ``model.safetensors`` from a directory, or from a Hugging Face
-        Hub id ("user/name", at ``revision``; moediffuseq.hub). The config is checked against
+        Hub id ("user/name", at ``revision``; moediffuseq.hub_download). The config is checked against
         the tensor shapes in the weights file's header before anything is allocated, and weights
         holding NaN or inf are refused."""
-        from moediffuseq.hub import resolve_model_dir
-
         directory = resolve_model_dir(directory, revision)
         config = MoEDiffuSeqConfig.load(directory)
         path = directory / WEIGHTS_FILE

@@ -21,7 +21,8 @@ from moediffuseq.data import TextTokenizer
 from moediffuseq.diffusion.samplers import SamplerConfig
 from moediffuseq.generate import (GENERATION_FILE, Generation, GenerationConfig, StepCallback, default_target_len,
                                   generate)
-from moediffuseq.hub import push_to_hub, resolve_model_dir
+from moediffuseq.hub import push_to_hub
+from moediffuseq.hub_download import resolve_model_dir
 from moediffuseq.model import MoEDiffuSeq
 
 

@@ -52,7 +52,7 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool, allow_change: bool,
 def config_changes(before: dict, now: dict) -> list[str]:
     """``field (old -> new)`` for every field of the data, model and train sections that differs,
     but the training fields that change no result (the progress bar, checkpoints kept)."""
-    from moediffuseq.train import NON_RESULT_FIELDS
+    from moediffuseq.train_config import NON_RESULT_FIELDS
 
     out = []
     for section in ("data", "model", "train"):
@@ -67,16 +67,22 @@ def config_changes(before: dict, now: dict) -> list[str]:
 
 
 def previous_config(out: Path) -> dict:
-    """The run's resolved configuration: run_config.json, or for a run without one, its checkpoint's."""
+    """The run's resolved configuration: run_config.json, or for a run without one, its checkpoint's;
+    training fields under an earlier name are read under the current one."""
+    from moediffuseq.train_config import upgrade_fields
+
     path = out / RUN_FILE
     if path.is_file():
         try:
-            return json.loads(path.read_text())
+            resolved = json.loads(path.read_text())
+            if isinstance(resolved, dict) and isinstance(resolved.get("train"), dict):
+                resolved["train"] = upgrade_fields(resolved["train"])
+            return resolved
         except ValueError as e:
             raise ValueError(f"--resume: {path} is corrupt: {e}") from None
     directory = find_checkpoint(out / "checkpoint")
     try:
-        return {"train": json.loads((directory / "train_config.json").read_text()),
+        return {"train": upgrade_fields(json.loads((directory / "train_config.json").read_text())),
                 "model": json.loads((directory / "model" / "config.json").read_text())}
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"--resume: {directory} has no readable configuration: {e}") from None

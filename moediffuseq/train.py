@@ -1,5 +1,5 @@
 """Training (METHOD §5): AdamW with linear warm-up and decay, EMA of the weights, gradient
-clipping and accumulation, bf16 autocast, uniform or loss-aware steps, periodic validation
+clipping and accumulation, bf16 autocast, a uniform or loss-aware timestep draw, periodic validation
 (loss and sample BLEU with the EMA weights), atomic checkpoints with exact resume, and
 data-parallel training when launched by torchrun (DDP: gloo on CPU, NCCL on GPU).
 
@@ -20,97 +20,29 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moediffuseq import fields
 from moediffuseq.checkpoint import (checkpoint_step, find_checkpoint, read_state, save_checkpoint, write_directory,
                                     write_state)
 from moediffuseq.data import Seq2SeqDataset, TextTokenizer
 from moediffuseq.data.dataset import BatchStream
-from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make_timestep_sampler
-from moediffuseq.diffusion.samplers import SamplerConfig
-from moediffuseq.evaluate import decoded, sentence_bleu
-from moediffuseq.generate import GENERATION_FILE, GenerationConfig, generate
+from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make_timestep_draw
+from moediffuseq.distributed import DistributedContext
+from moediffuseq.generate import GENERATION_FILE
+from moediffuseq.health import Diverged, check_healthy, is_non_finite_error, weights_finite
 from moediffuseq.interrupts import HeldInterrupts
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import RunLog, progress_bar
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 20000             # optimizer steps
-    batch_size: int = 32           # sequences per micro-batch and process
-    grad_accum: int = 1            # micro-batches per optimizer step
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 500
-    lr_decay: str = "linear"       # after warm-up: "linear" (to 0), "cosine" or "constant"
-    clip_grad: float = 1.0         # max gradient norm; 0 turns clipping off
-    ema_decay: float = 0.9999      # with the usual (1 + n) / (10 + n) ramp at the start
-    bf16: bool = False             # bf16 autocast of the forward and backward
-    timestep_sampler: str = "uniform"  # or "loss-aware"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 500          # validation loss and sample BLEU (0: only at the end)
-    eval_batches: int = 4          # validation loss batches (0: no validation loss)
-    bleu_examples: int = 32        # validation sources generated for the sample BLEU (0: off)
-    save_every: int = 1000         # checkpoint period in steps (0: only at the end and on Ctrl-C)
-    keep_checkpoints: int = 1      # checkpoints kept: the latest and the N - 1 before it
-    keep_best: bool = False        # export the EMA weights of the best validation (BLEU, else loss), not the last
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            fields.integer(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "seed", "eval_every", "eval_batches", "bleu_examples", "save_every"):
-            fields.integer(name, getattr(self, name), 0)
-        fields.number("lr", self.lr, 0.0, above=True)
-        fields.number("weight_decay", self.weight_decay, 0.0)
-        fields.number("clip_grad", self.clip_grad, 0.0)
-        fields.number("ema_decay", self.ema_decay, 0.0, 1.0, below=True)
-        fields.choice("lr_decay", self.lr_decay, ("linear", "cosine", "constant"))
-        fields.choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
-        fields.boolean("bf16", self.bf16)
-        fields.boolean("keep_best", self.keep_best)
-        fields.boolean("progress", self.progress)
-
-
-TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
-
-# fields that change neither the numbers of a run nor its outputs: free to change on --resume
-NON_RESULT_FIELDS = ("progress", "keep_checkpoints")
+from moediffuseq.train_config import TrainConfig, lr_factor
+from moediffuseq.validation import validation_bleu, validation_loss
 
 
 BEST_DIR = "best_model"  # keep_best: the EMA weights of the best validation so far
-
-
-class Diverged(FloatingPointError):
-    """The loss, the gradient or the weights became non-finite: the run stops before a bad
-    state reaches a checkpoint."""
-
-
-def _is_non_finite_error(error: RuntimeError) -> bool:
-    """The fused ops refuse NaN/inf inputs with a message naming them (e.g. moe_topk_softmax)."""
-    return "NaN" in str(error)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_decay == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.lr_decay == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class DiffusionObjective(nn.Module):
@@ -123,27 +55,6 @@ class DiffusionObjective(nn.Module):
     def forward(self, input_ids: Tensor, target_mask: Tensor, t: Tensor, weights: Tensor,
                 generator: Optional[torch.Generator]) -> LossTerms:
         return diffusion_loss(self.model, self.schedule, input_ids, target_mask, t, weights, generator)
-
-
-@dataclass
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_environment(cls, device: torch.device) -> "DistributedContext":
-        """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 class Trainer:
@@ -173,7 +84,7 @@ class Trainer:
         self.objective = objective
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.step_sampler = make_timestep_sampler(cfg.timestep_sampler, self.schedule.num_steps)
+        self.timestep_draw = make_timestep_draw(cfg.timestep_draw, self.schedule.num_steps)
         self.stream = BatchStream(len(train_set), cfg.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
         self.gen_cpu = torch.Generator().manual_seed(cfg.seed * 7919 + self.dist.rank)  # steps
         self.gen_dev = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + 1 + self.dist.rank)  # noise
@@ -202,16 +113,17 @@ class Trainer:
 
     def save(self) -> Optional[Path]:
         """Writes the checkpoint of the last completed step (main process only), once the model
-        has passed ``check_healthy``: a diverged state never replaces a good checkpoint."""
+        has passed ``moediffuseq.health.check_healthy``: a diverged state never replaces a good checkpoint."""
         if self._in_step:
             raise RuntimeError("Trainer.save: the state is in the middle of a step")
         if not self.dist.is_main:
             self._saved_step = self.step
             return None
-        self.check_healthy()
+        check_healthy(self.model, self.ema, self.train_set, self.schedule, self.cfg.batch_size, self.device,
+                      self._autocast(), self.step)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(), "stream": self.stream.state_dict(),
-                 "step_sampler": self.step_sampler.state_dict(), "rng": self._rng_after_step}
+                 "timestep_draw": self.timestep_draw.state_dict(), "rng": self._rng_after_step}
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp / "model")
@@ -247,7 +159,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.stream.load_state_dict(state["stream"])
-        self.step_sampler.load_state_dict(state["step_sampler"])
+        # "step_sampler": its key in checkpoints written before the timestep draw had its name
+        self.timestep_draw.load_state_dict(state["timestep_draw" if "timestep_draw" in state else "step_sampler"])
         self.step = int(state["step"])
         self._rng_after_step = state["rng"]
         self._set_rng_state(state["rng"])
@@ -255,37 +168,6 @@ class Trainer:
         return self.step
 
     # ---------------------------------------------------------------------------------- health
-    @torch.no_grad()
-    def check_healthy(self) -> None:
-        """Raises ``Diverged`` unless the weights (and their EMA) are finite and the loss of the
-        current weights on a fixed probe batch is finite (weights can be finite yet so large that
-        every forward overflows)."""
-        for model, what in ((self.model, "weights"), (self.ema, "EMA weights")):
-            bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-            if bad:
-                raise Diverged(f"step {self.step}: the {what} hold NaN or inf (in {', '.join(bad[:3])})")
-        was_training = self.model.training
-        self.model.eval()
-        n = min(len(self.train_set), self.cfg.batch_size)
-        batch = self.train_set.batch(torch.arange(n)).to(self.device)
-        t = torch.linspace(0, self.schedule.num_steps - 1, n).long().to(self.device)
-        try:
-            with self._autocast():
-                loss = float(diffusion_loss(self.model, self.schedule, batch.input_ids, batch.target_mask, t,
-                                            generator=torch.Generator(device=self.device).manual_seed(0)).loss)
-        except RuntimeError as e:
-            if not _is_non_finite_error(e):
-                raise
-            raise Diverged(f"step {self.step}: the model fails on a probe batch ({e})") from None
-        finally:
-            self.model.train(was_training)
-        if not math.isfinite(loss):
-            raise Diverged(f"step {self.step}: the loss of the weights on a probe batch is {loss}")
-
-    def _weights_finite(self) -> bool:
-        params = [p.detach() for p in self.model.parameters()]
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, ord=math.inf))).all())
-
     def last_good_checkpoint(self) -> str:
         directory = find_checkpoint(self.out_dir / "checkpoint")
         if directory is None:
@@ -309,18 +191,18 @@ class Trainer:
         sums = {"loss": 0.0, "mse": 0.0, "nll": 0.0, "prior": 0.0, "aux": 0.0}
         for micro in range(cfg.grad_accum):
             batch = self.train_set.batch(self.stream.next()).to(self.device)
-            t, weights = self.step_sampler.sample(batch.input_ids.shape[0], generator=self.gen_cpu)
+            t, weights = self.timestep_draw.draw(batch.input_ids.shape[0], generator=self.gen_cpu)
             sync = micro == cfg.grad_accum - 1 or self.dist.world_size == 1
             try:
                 with (contextlib.nullcontext() if sync else self.objective.no_sync()), self._autocast():
                     terms = self.objective(batch.input_ids, batch.target_mask, t.to(self.device),
                                            weights.to(self.device), self.gen_dev)
             except RuntimeError as e:
-                if not _is_non_finite_error(e):
+                if not is_non_finite_error(e):
                     raise
                 raise Diverged(f"step {number}: the forward pass failed on non-finite values ({e})") from None
             (terms.loss / cfg.grad_accum).backward()
-            self._update_step_sampler(t, terms.per_example)
+            self._update_timestep_draw(t, terms.per_example)
             for key in sums:
                 value = terms.loss if key == "loss" else getattr(terms, key)
                 sums[key] += float(value.detach().float().mean()) / cfg.grad_accum
@@ -333,7 +215,7 @@ class Trainer:
             raise Diverged(f"step {number}: the gradient norm is {grad_norm}")
         self.optimizer.step()
         self.lr_schedule.step()
-        if not self._weights_finite():
+        if not weights_finite(self.model):
             raise Diverged(f"step {number}: the update made the weights non-finite; lower the learning rate")
         self._update_ema()
         self.step += 1
@@ -341,7 +223,7 @@ class Trainer:
         self._in_step = False
         return {**sums, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def _update_step_sampler(self, t: Tensor, losses: Tensor) -> None:
+    def _update_timestep_draw(self, t: Tensor, losses: Tensor) -> None:
         losses = losses.detach().float()
         if self.dist.world_size > 1:  # every rank keeps the same loss history
             t_all = [torch.empty_like(t) for _ in range(self.dist.world_size)]
@@ -349,7 +231,7 @@ class Trainer:
             dist.all_gather(t_all, t.to(losses.device))
             dist.all_gather(l_all, losses)
             t, losses = torch.cat(t_all).cpu(), torch.cat(l_all)
-        self.step_sampler.update(t.cpu(), losses.cpu())
+        self.timestep_draw.update(t.cpu(), losses.cpu())
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -360,37 +242,21 @@ class Trainer:
             b_ema.copy_(b)
 
     # ------------------------------------------------------------------------------ validation
-    @torch.no_grad()
     def validation_loss(self) -> Optional[float]:
-        """Mean loss of the current weights on the first ``eval_batches`` validation batches,
-        with fixed steps and noise so that values are comparable across the run."""
+        """Mean loss of the current weights on the first ``eval_batches`` validation batches
+        (``moediffuseq.validation.validation_loss``)."""
         if self.valid_set is None or self.cfg.eval_batches == 0:
             return None
-        self.model.eval()
-        g = torch.Generator(device=self.device).manual_seed(12345)
-        g_cpu = torch.Generator().manual_seed(12345)
-        n = len(self.valid_set)
-        losses = []
-        for b in range(self.cfg.eval_batches):
-            idx = torch.arange(b * self.cfg.batch_size, (b + 1) * self.cfg.batch_size) % n
-            batch = self.valid_set.batch(idx).to(self.device)
-            t = torch.randint(0, self.schedule.num_steps, (idx.numel(),), generator=g_cpu).to(self.device)
-            with self._autocast():
-                terms = diffusion_loss(self.model, self.schedule, batch.input_ids, batch.target_mask, t, generator=g)
-            losses.append(float(terms.loss))
-        return mean(losses)
+        return validation_loss(self.model, self.schedule, self.valid_set, self.cfg.batch_size, self.cfg.eval_batches,
+                               self.device, self._autocast())
 
     def validation_bleu(self) -> Optional[float]:
-        """Sentence BLEU of the EMA model on ``bleu_examples`` validation sources (DPM-Solver++ 10),
-        against the references decoded from their token ids (as the outputs are)."""
+        """Sentence BLEU of the EMA model on ``bleu_examples`` validation sources
+        (``moediffuseq.validation.validation_bleu``)."""
         if self.valid_set is None or self.cfg.bleu_examples <= 0:
             return None
-        examples = self.valid_set.examples[:self.cfg.bleu_examples]
-        gen_cfg = GenerationConfig(SamplerConfig("dpm++", 10), batch_size=self.cfg.batch_size, seed=0,
-                                   dtype="bf16" if self.cfg.bf16 else None)
-        outputs = generate(self.ema, self.tokenizer, [e.src for e in examples], gen_cfg, self.target_len())
-        references = decoded([e.trg for e in examples], self.tokenizer)
-        return mean(sentence_bleu(o.hypothesis.split(), r.split()) for o, r in zip(outputs, references))
+        return validation_bleu(self.ema, self.tokenizer, self.valid_set, self.cfg.bleu_examples, self.cfg.batch_size,
+                               self.cfg.bf16, self.target_len())
 
     def target_len(self) -> int:
         """The generation-time target budget: the median training target length, so that sources

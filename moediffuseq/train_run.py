@@ -3,7 +3,7 @@ tokenizer) in, the trained model directory out. ``moediffuseq train``, ``moediff
 bench/end_to_end.py all train through ``run``.
 
     from moediffuseq.train_run import TrainingRun, run
-    from moediffuseq.train import TrainConfig
+    from moediffuseq.train_config import TrainConfig
 
     model_dir = run(TrainingRun(data="pycode", out="runs/pycode", train=TrainConfig(steps=2000)))
 
@@ -26,7 +26,9 @@ import torch.distributed as dist
 
 from moediffuseq.data.corpora import CORPORA
 from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
-from moediffuseq.train import DistributedContext, TrainConfig, Trainer
+from moediffuseq.distributed import DistributedContext
+from moediffuseq.train import Trainer
+from moediffuseq.train_config import TrainConfig
 
 
 @dataclass

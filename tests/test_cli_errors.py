@@ -118,7 +118,7 @@ CASES = [
     ("train", "--clip-grad", lambda f: train(f, "--clip-grad", "-1"), "--clip-grad"),
     ("train", "--ema-decay", lambda f: train(f, "--ema-decay", "1.5"), "--ema-decay"),
     ("train", "--bf16", lambda f: train(f, "--bf16=yes"), "--bf16"),
-    ("train", "--timestep-sampler", lambda f: train(f, "--timestep-sampler", "lossy"), "--timestep-sampler"),
+    ("train", "--timestep-draw", lambda f: train(f, "--timestep-draw", "lossy"), "--timestep-draw"),
     ("train", "--seed", lambda f: train(f, "--seed", "-1"), "--seed"),
     ("train", "--log-every", lambda f: train(f, "--log-every", "0"), "--log-every"),
     ("train", "--eval-every", lambda f: train(f, "--eval-every", "-1"), "--eval-every"),

@@ -198,7 +198,7 @@ def test_trainer_on_cuda_refuses_fp32_sparse_attention_before_touching_the_gpu(t
 
 
 def test_cli_bf16_defaults_on_for_cuda_and_dtype_reaches_generation(tokenizer, monkeypatch, tmp_path):
-    import moediffuseq.generate
+    import moediffuseq.generate_files
     from moediffuseq.cli import build_parser, main, train_configs
 
     parser = build_parser()
@@ -211,7 +211,7 @@ def test_cli_bf16_defaults_on_for_cuda_and_dtype_reaches_generation(tokenizer, m
         assert train_cfg.bf16 is expected, (argv, device)
 
     seen = []
-    monkeypatch.setattr(moediffuseq.generate, "generate_file", lambda *a, **k: seen.append(a[3]) or 0)
+    monkeypatch.setattr(moediffuseq.generate_files, "generate_file", lambda *a, **k: seen.append(a[3]) or 0)
     main(["generate", "--model", "m", "--input", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "o.jsonl"),
           "--dtype", "bf16", "--device", "cpu"])
     assert seen[0].dtype == "bf16"

@@ -74,7 +74,7 @@ def hook(name, fault):
         return
     owner, attr = {
         "step": (train.Trainer, "train_step"), "batch": (BatchStream, "next"),
-        "backward": (train.Trainer, "_update_step_sampler"), "update": (train.Trainer, "_update_ema"),
+        "backward": (train.Trainer, "_update_timestep_draw"), "update": (train.Trainer, "_update_ema"),
         "checkpoint": (train, "write_state"), "weights": (MoEDiffuSeq, "save_pretrained"),
         "validation": (train.Trainer, "validation_loss"), "bleu": (train.Trainer, "validation_bleu"),
         "metrics": (RunLog, "log"), "export": (train.Trainer, "_export"),

@@ -1,8 +1,8 @@
-"""Noise schedules, respacing and the step samplers."""
+"""Noise schedules, respacing and the timestep draw of training."""
 import pytest
 import torch
 
-from moediffuseq.diffusion import LossAwareTimestepSampler, NoiseSchedule, UniformTimestepSampler
+from moediffuseq.diffusion import LossAwareTimestepDraw, NoiseSchedule, UniformTimestepDraw
 
 
 @pytest.mark.parametrize("kind", ["sqrt", "linear", "cosine"])
@@ -41,25 +41,25 @@ def test_respacing_explicit_and_errors():
         NoiseSchedule.create("quadratic", 10)
 
 
-def test_uniform_sampler_weights_are_one():
-    t, w = UniformTimestepSampler(50).sample(1000, torch.Generator().manual_seed(0))
+def test_uniform_draw_weights_are_one():
+    t, w = UniformTimestepDraw(50).draw(1000, torch.Generator().manual_seed(0))
     assert t.min() >= 0 and t.max() < 50 and torch.equal(w, torch.ones(1000))
 
 
-def test_loss_aware_sampler_prefers_high_loss_steps():
-    sampler = LossAwareTimestepSampler(4, history=3)
-    assert not sampler.warmed_up()
+def test_loss_aware_draw_prefers_high_loss_steps():
+    draw = LossAwareTimestepDraw(4, history=3)
+    assert not draw.warmed_up()
     for _ in range(3):
-        sampler.update(torch.arange(4), torch.tensor([1.0, 1.0, 1.0, 9.0]))
-    assert sampler.warmed_up()
-    p = sampler.probabilities()
+        draw.update(torch.arange(4), torch.tensor([1.0, 1.0, 1.0, 9.0]))
+    assert draw.warmed_up()
+    p = draw.probabilities()
     assert p[3] > 0.7 and abs(p.sum().item() - 1) < 1e-9
-    t, w = sampler.sample(20000, torch.Generator().manual_seed(0))
+    t, w = draw.draw(20000, torch.Generator().manual_seed(0))
     # importance weights make the estimate unbiased: E[w f(t)] = mean_t f(t)
     f = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert abs((w * f[t]).mean().item() - f.mean().item()) < 0.05
-    state = sampler.state_dict()
-    other = LossAwareTimestepSampler(4, history=3)
+    state = draw.state_dict()
+    other = LossAwareTimestepDraw(4, history=3)
     other.load_state_dict(state)
     torch.testing.assert_close(other.probabilities(), p)
 

@@ -156,7 +156,7 @@ def test_torchrun_two_processes_gloo(corpus, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "moediffuseq",
-                             *train_argv(corpus, out, 4, "--timestep-sampler", "loss-aware")],
+                             *train_argv(corpus, out, 4, "--timestep-draw", "loss-aware")],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
@@ -167,7 +167,7 @@ def test_torchrun_two_processes_gloo(corpus, tmp_path):
 
 def test_bf16_autocast_and_loss_aware_steps_train(corpus, tmp_path):
     out = tmp_path / "bf16"
-    assert main(train_argv(corpus, out, 4, "--bf16", "--timestep-sampler", "loss-aware", "--grad-accum", "2")) == 0
+    assert main(train_argv(corpus, out, 4, "--bf16", "--timestep-draw", "loss-aware", "--grad-accum", "2")) == 0
     losses = train_losses(out)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(l)) for _, l in losses)
     assert json.loads((out / "checkpoint" / "train_config.json").read_text())["bf16"] is True
@@ -222,7 +222,7 @@ def test_ctrl_c_inside_a_step_checkpoints_that_step_and_resumes_exactly(corpus, 
 
     out = tmp_path / "run"
     state = {"trainer": None}
-    where = {"data": (BatchStream, "next"), "backward": (Trainer, "_update_step_sampler"),
+    where = {"data": (BatchStream, "next"), "backward": (Trainer, "_update_timestep_draw"),
              "update": (Trainer, "_update_ema")}[moment]
     real = getattr(*where)
     real_step = Trainer.train_step

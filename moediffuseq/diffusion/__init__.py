@@ -1,17 +1,20 @@
-"""The diffusion process of MoE-DiffuSeq: schedules, loss, step samplers and samplers."""
+"""The diffusion process of MoE-DiffuSeq: schedules, the loss, the timestep draw of training and
+the samplers (the reverse process)."""
 from moediffuseq.diffusion.losses import LossTerms, diffusion_loss
 from moediffuseq.diffusion.schedule import NoiseSchedule
-from moediffuseq.diffusion.timestep_sampler import (
-    LossAwareTimestepSampler,
-    UniformTimestepSampler,
-    make_timestep_sampler,
+from moediffuseq.diffusion.timestep_draw import (
+    TIMESTEP_DRAWS,
+    LossAwareTimestepDraw,
+    UniformTimestepDraw,
+    make_timestep_draw,
 )
 
 __all__ = [
-    "LossAwareTimestepSampler",
+    "TIMESTEP_DRAWS",
+    "LossAwareTimestepDraw",
     "LossTerms",
     "NoiseSchedule",
-    "UniformTimestepSampler",
+    "UniformTimestepDraw",
     "diffusion_loss",
-    "make_timestep_sampler",
+    "make_timestep_draw",
 ]

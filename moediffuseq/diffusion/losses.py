@@ -52,7 +52,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
     Args:
         input_ids: (B, L) int64 packed sequences.
         target_mask: (B, L) bool, true on the target span (and its padding).
-        t: (B,) int64 steps; weights: (B,) importance weights of the step sampler (default 1).
+        t: (B,) int64 steps; weights: (B,) importance weights of the timestep draw (default 1).
     """
     cfg = model.config
     ab = schedule.alphas_cumprod  # (T,) float64 on the CPU

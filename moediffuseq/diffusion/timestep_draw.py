@@ -1,4 +1,5 @@
-"""Which diffusion steps a training batch sees (METHOD §5): uniform or loss-aware."""
+"""The timestep draw of training (METHOD §5): which diffusion steps a training batch sees,
+uniform or loss-aware. (The reverse process, which generates, is in ``samplers.py``.)"""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-class UniformTimestepSampler:
+class UniformTimestepDraw:
     """t ~ U{0, ..., T-1}, importance weights 1."""
 
     def __init__(self, num_steps: int) -> None:
@@ -18,7 +19,7 @@ class UniformTimestepSampler:
     def probabilities(self) -> Tensor:
         return torch.full((self.num_steps,), 1.0 / self.num_steps, dtype=torch.float64)
 
-    def sample(self, batch: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    def draw(self, batch: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         """(t (batch,) int64, weights (batch,) float32): E[w loss(t)] is the uniform mean."""
         p = self.probabilities()
         t = torch.multinomial(p, batch, replacement=True, generator=generator)
@@ -26,7 +27,7 @@ class UniformTimestepSampler:
         return t, weights
 
     def update(self, t: Tensor, losses: Tensor) -> None:
-        """Records per-example losses (ignored by the uniform sampler)."""
+        """Records per-example losses (ignored by the uniform draw)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -35,9 +36,9 @@ class UniformTimestepSampler:
         pass
 
 
-class LossAwareTimestepSampler(UniformTimestepSampler):
+class LossAwareTimestepDraw(UniformTimestepDraw):
     """Importance sampling by the loss's second moment, as DiffuSeq's LossSecondMomentResampler:
-    keep the last ``history`` losses of every step; once every step has them, sample
+    keep the last ``history`` losses of every step; once every step has them, draw with
     p_t ~ sqrt(E[loss_t^2]) mixed with ``uniform_prob`` of the uniform distribution."""
 
     def __init__(self, num_steps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
@@ -73,9 +74,12 @@ class LossAwareTimestepSampler(UniformTimestepSampler):
         self.counts.copy_(state["counts"])
 
 
-def make_timestep_sampler(kind: str, num_steps: int) -> UniformTimestepSampler:
+TIMESTEP_DRAWS = ("uniform", "loss-aware")
+
+
+def make_timestep_draw(kind: str, num_steps: int) -> UniformTimestepDraw:
     if kind == "uniform":
-        return UniformTimestepSampler(num_steps)
+        return UniformTimestepDraw(num_steps)
     if kind == "loss-aware":
-        return LossAwareTimestepSampler(num_steps)
-    raise ValueError(f"timestep sampler must be 'uniform' or 'loss-aware', got {kind!r}")
+        return LossAwareTimestepDraw(num_steps)
+    raise ValueError(f"timestep draw must be 'uniform' or 'loss-aware', got {kind!r}")
