@@ -104,6 +104,28 @@ def test_replace_moe_blocks_in_a_mixtral_model():
     torch.testing.assert_close(model(ids).logits, expect, atol=1e-5, rtol=1e-5)
 
 
+def test_replaced_blocks_feed_the_router_aux_loss():
+    """With output_router_logits=True the model's load-balancing loss is computed from the
+    router logits recorded at each block's router: after the replacement the same loss, the
+    same logits, and its gradient reaches the (one) router weight our experts route with."""
+    model = tiny_mixtral("eager")
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = 0.1
+    ids = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(6))
+    expect = model(ids)
+    assert expect.aux_loss is not None and expect.aux_loss > 0
+    replace_moe_blocks(model)
+    got = model(ids)
+    torch.testing.assert_close(got.aux_loss, expect.aux_loss, atol=1e-6, rtol=1e-6)
+    assert len(got.router_logits) == len(expect.router_logits) == 2
+    for a, b in zip(got.router_logits, expect.router_logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    block = model.model.layers[0].mlp
+    assert block.ffn.router.weight is block.gate.weight
+    (grad,) = torch.autograd.grad(got.aux_loss, block.ffn.router.weight)
+    assert grad.abs().sum() > 0
+
+
 def _logits_and_grads(model, ids, mask):
     model.zero_grad()
     out = model(input_ids=ids, attention_mask=mask).logits

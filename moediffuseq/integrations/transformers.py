@@ -99,18 +99,23 @@ class MoEBlock(nn.Module):
 
     ``ffn`` holds the router and the stacked experts; ``shared_expert`` and
     ``shared_expert_gate`` (Qwen-MoE: y += sigmoid(gate(x)) * shared_expert(x)) are optional.
-    The balance statistics of ``ffn`` are not returned (transformers records router logits
-    through its own router module, which this block replaces).
+    ``gate`` is the model's own router module, whose weight is ``ffn.router.weight`` (one
+    parameter): transformers records the router logits that its auxiliary load-balancing loss
+    (``output_router_logits=True``) is computed from at that module, so the block calls it on
+    the tokens too; it costs one (T, D) x (D, E) product and a top-k beside the experts'.
     """
 
     def __init__(self, ffn: MoEFeedForward, shared_expert: Optional[nn.Module] = None,
-                 shared_expert_gate: Optional[nn.Module] = None) -> None:
+                 shared_expert_gate: Optional[nn.Module] = None, gate: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.ffn = ffn
         self.shared_expert = shared_expert
         self.shared_expert_gate = shared_expert_gate
+        self.gate = gate
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        if self.gate is not None:
+            self.gate(hidden_states.reshape(-1, hidden_states.shape[-1]))  # (T, D): recorded by transformers
         y, _ = self.ffn(hidden_states)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden_states)
@@ -123,7 +128,8 @@ class MoEBlock(nn.Module):
 def moe_block_from_hf(block: nn.Module) -> MoEBlock:
     """A MoEBlock with copies of the weights of a transformers sparse MoE block (Mixtral or
     Qwen-MoE style: ``gate.weight`` (E, D), ``experts.gate_up_proj`` (E, 2F, D) gate rows then
-    up rows, ``experts.down_proj`` (E, D, F), SiLU); the shared expert modules are reused."""
+    up rows, ``experts.down_proj`` (E, D, F), SiLU); the router and the shared expert modules are reused (the router's weight becomes
+    ``ffn.router.weight``)."""
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
         raise ValueError(f"moe_block_from_hf: {type(block).__name__} is not a Mixtral/Qwen-MoE-style block "
@@ -137,7 +143,8 @@ def moe_block_from_hf(block: nn.Module) -> MoEBlock:
     gate_proj, up_proj = gate_up.chunk(2, dim=1)  # (E, F, D) each
     ffn = MoEFeedForward.from_experts(gate.weight.detach(), gate_proj, up_proj, experts.down_proj.detach(),
                                       top_k=gate.top_k, normalize_topk=getattr(gate, "norm_topk_prob", True))
-    return MoEBlock(ffn, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None))
+    ffn.router.weight = gate.weight  # one parameter: the experts' routing and the recorded logits
+    return MoEBlock(ffn, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None), gate)
 
 
 def replace_moe_blocks(model: nn.Module) -> int:
