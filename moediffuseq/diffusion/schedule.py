@@ -78,10 +78,6 @@ class NoiseSchedule:
         return torch.cat([ab.new_ones(1), ab[:-1]])
 
     @property
-    def sqrt_one_minus_alphas_cumprod(self) -> Tensor:
-        return (1.0 - self.alphas_cumprod).sqrt()
-
-    @property
     def posterior_variance(self) -> Tensor:
         """Var of q(x_{i-1} | x_i, x_0): beta_i (1 - abar_{i-1}) / (1 - abar_i)."""
         return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
