@@ -1,7 +1,9 @@
-"""Shared timing and reporting helpers for the scripts in bench/.
+"""Shared timing, peak and reporting helpers for the benchmarks in bench/, on either device.
 
-Scripts run as ``python bench/<name>.py`` import this module with ``from common import ...``
-after putting bench/ on ``sys.path``.
+The benchmarks run as modules from the repository root (``python -m bench.attention ...``) and
+import this one as ``bench.common``. Device-aware entries: :func:`timer` (wall clock on the
+CPU, CUDA events on a GPU), :func:`copy_bandwidth` and :func:`matmul_rate` (the machine peaks a
+table is compared with, measured in the same run), :func:`device_description`.
 """
 from __future__ import annotations
 
@@ -79,20 +81,47 @@ def measure_cuda(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5,
     return Timing(median_s=statistics.median(samples), min_s=min(samples), repeats=len(samples))
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
-    """GFLOP/s of an ``n x n @ n x n`` ``torch.matmul`` in ``dtype`` (2 n^3 flops, median)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    timing = measure(lambda: torch.matmul(a, b), warmup=2, repeats=5)
-    return 2.0 * n**3 / timing["median_s"] / 1e9
+Timer = Callable[[Callable[[], object]], Timing]
 
 
-def copy_bandwidth() -> float:
-    """GB/s of copying a 256 MiB float32 tensor, counting bytes read plus bytes written."""
-    src = torch.ones(256 * 2**20 // 4, dtype=torch.float32)
+def timer(
+    device: str,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    max_seconds: Optional[float] = None,
+    slow_call_seconds: Optional[float] = None,
+) -> Timer:
+    """``time(fn) -> Timing`` on ``device``: :func:`measure` (wall clock) on the CPU,
+    :func:`measure_cuda` (CUDA events; ``slow_call_seconds`` unused) on a GPU."""
+    if device == "cuda":
+        return lambda fn: measure_cuda(fn, warmup=warmup, repeats=repeats,
+                                       max_seconds=10.0 if max_seconds is None else max_seconds)
+    return lambda fn: measure(fn, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
+                              slow_call_seconds=slow_call_seconds)
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, device: str = "cpu") -> float:
+    """GFLOP/s of an ``n x n @ n x n`` ``torch.matmul`` in ``dtype`` on ``device`` (2 n^3 flops,
+    median of 5 calls; 20 calls timed with CUDA events on a GPU)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    time = timer(device, warmup=2 if device == "cpu" else 3, repeats=5 if device == "cpu" else 20)
+    return 2.0 * n**3 / time(lambda: torch.matmul(a, b))["median_s"] / 1e9
+
+
+def copy_bandwidth(device: str = "cpu") -> float:
+    """GB/s of copying a float32 tensor (256 MiB on the CPU, 1 GiB on a GPU), counting bytes
+    read plus bytes written."""
+    src = torch.ones((256 if device == "cpu" else 1024) * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    timing = measure(lambda: dst.copy_(src), warmup=1, repeats=5)
-    return 2.0 * src.numel() * src.element_size() / timing["median_s"] / 1e9
+    time = timer(device, warmup=1 if device == "cpu" else 3, repeats=5 if device == "cpu" else 20)
+    return 2.0 * src.numel() * src.element_size() / time(lambda: dst.copy_(src))["median_s"] / 1e9
+
+
+def device_description(device: str) -> str:
+    """The GPU's name on "cuda", else the CPU model and logical CPU count."""
+    return torch.cuda.get_device_name() if device == "cuda" else machine_description()
 
 
 def machine_description() -> str:

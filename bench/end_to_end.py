@@ -15,15 +15,14 @@ over all 2000 steps for DiffuSeq (timed over --ddpm-probe steps and extrapolated
 Quality: both trained for the same number of steps on the pycode corpus (L=64) through the
 training entry (moediffuseq.train_run), then wall time, validation loss and sample BLEU of each.
 
-    python bench/end_to_end.py                      # CPU, L = 512, 2048, 8192
-    python bench/end_to_end.py --device cuda        # base shapes, bf16 autocast
-    python bench/end_to_end.py --quality-steps 0    # throughput only
+    python -m bench.end_to_end                      # CPU, L = 512, 2048, 8192
+    python -m bench.end_to_end --device cuda        # base shapes, bf16 autocast
+    python -m bench.end_to_end --quality-steps 0    # throughput only
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -32,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_OUT_DIR, write_table  # noqa: E402
+from bench.common import DEFAULT_OUT_DIR, write_table
 
-from moediffuseq.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
-from moediffuseq.diffusion.samplers import SamplerConfig, sample  # noqa: E402
-from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig  # noqa: E402
+from moediffuseq.diffusion import NoiseSchedule, diffusion_loss
+from moediffuseq.diffusion.samplers import SamplerConfig, sample
+from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 
 CPU_SHAPE = dict(n_layers=4, d_model=256, n_heads=4, d_expert=512, d_ff=1024)
 TOKENS_PER_STEP = 8192
@@ -171,7 +169,7 @@ def main() -> None:
     for L in args.lengths:
         result = {}
         for name in ("moe-diffuseq", "diffuseq"):
-            cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
+            cmd = [sys.executable, "-m", "bench.end_to_end", "--device", args.device, "--steps", str(args.steps),
                    "--bf16" if bf16 else "--no-bf16", "--worker", name, str(L)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

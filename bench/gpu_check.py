@@ -1,7 +1,8 @@
 """The GPU check runner: stages as data, one global deadline, one streamed log, a summary that is
 always written, and resumption across calls on the same machine. ``bench/gpu_check.sh`` says how
-to run it on a Hopper machine and which wheels to carry; ``python bench/gpu_check.py --list``
-prints the stages.
+to run it on a Hopper machine and which wheels to carry; ``python -m bench.gpu_check --list``
+prints the stages. The stage table is bench/gpu_check_stages.py, the job runner and log
+bench/gpu_check_jobs.py, the stage bodies (env, build, archs, fake) bench/gpu_check_bodies.py.
 
 Time. The run has one wall-clock deadline (``--deadline``, env ``DEADLINE``, default 540 s,
 the build included). A stage runs for at most min(its limit, time left - 30 s); when that is
@@ -30,7 +31,7 @@ earlier statuses are dropped. The build stage itself skips compiling when the ex
 present and the hash of its sources and build settings matches the last successful build.
 
 Dry run (CI, tests/test_gpu_check.py): ``--fake SPEC`` (env ``GPU_CHECK_FAKE``) replaces every
-job's command with ``gpu_check.py fake MODE``: SPEC is "1" (all ok) or "stage=mode,..." with
+job's command with ``python -m bench.gpu_check fake MODE``: SPEC is "1" (all ok) or "stage=mode,..." with
 mode ok, fail, crash (SIGSEGV), hang, or hang-noterm (ignores SIGTERM); ``--limits
 "stage=seconds,..."`` (env ``GPU_CHECK_LIMITS``) overrides limits and ``GPU_CHECK_KILL_GRACE``
 the SIGTERM-to-SIGKILL grace; ``GPU_CHECK_CODE_HASH`` stands in for the hash of the code under test.
@@ -41,303 +42,30 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tarfile
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-THIS = Path(__file__).resolve()
+from bench.gpu_check_bodies import FAKE_MODES, cmd_archs, cmd_build, cmd_env, cmd_fake, tree_hash
+from bench.gpu_check_jobs import KILL_GRACE_S, ROOT, Job, Log, job_note, run_jobs
+from bench.gpu_check_stages import MARGIN_S, Stage, stage_budget, stages
 
 DEFAULT_DEADLINE_S = 540.0
-MARGIN_S = 30.0  # kept free before the deadline: the summary, the archive, the tool's transfers
 MIN_STAGE_S = 1.0  # a stage with less time than this is skipped
-KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this many seconds
-CUDA_ARCH_LIST = "9.0a"  # TORCH_CUDA_ARCH_LIST of the build: sm_90a code only
-CUDA_ARCHS = "90a"  # what cmake/check_cuda_archs.py must find in the .so, and nothing else
-
 LOG_NAME, SUMMARY_NAME, STATE_NAME, ARCHIVE_NAME = "gpu_check.log", "summary.md", "state.json", "tables.tar.gz"
 RESULT_FILES = (LOG_NAME, SUMMARY_NAME, STATE_NAME, ARCHIVE_NAME)
 ARCHIVE_SUFFIXES = frozenset({".md", ".csv", ".xml", ".json", ".log", ".txt"})
 ARCHIVE_MAX_FILE_BYTES = 4 << 20
-
 # The code under test: a change here makes earlier stage results stale.
 CODE_PATHS = ("csrc", "cmake", "moediffuseq", "CMakeLists.txt", "setup.py", "pyproject.toml")
-# What the compiled extension depends on.
-BUILD_PATHS = ("csrc", "cmake", "CMakeLists.txt", "setup.py", "pyproject.toml")
-SOURCE_SUFFIXES = frozenset({".py", ".cpp", ".cc", ".c", ".cu", ".cuh", ".h", ".hpp", ".cmake", ".toml", ".in"})
-
-# CUDA tests: one pytest process per file (a crash in one file hides nothing in the others), all
-# at once; "-k cuda" keeps the CUDA cases. test_build.py runs whole (it checks the build info).
-CUDA_TEST_FILES = ("test_block_sparse_attention.py", "test_moe_topk_softmax.py", "test_moe_ffn.py",
-                   "test_soft_absorb_q_sample.py", "test_denoise_step.py")
-
-FAKE_MODES = ("ok", "fail", "crash", "hang", "hang-noterm")
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages as data
-
-@dataclass(frozen=True)
-class Job:
-    """One command of a stage, run in the repository root; ``env`` is added to the runner's."""
-
-    label: str
-    argv: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A named step: its jobs run ``parallel`` at a time within ``limit_s`` seconds; it runs only
-    when every stage in ``needs`` ended ok (in this call or an earlier one)."""
-
-    name: str
-    limit_s: float
-    jobs: tuple[Job, ...]
-    needs: tuple[str, ...] = ()
-    parallel: int = 1
-    always: bool = False  # run in every call, whatever the state says
-    doc: str = ""
-
-
-def pytest_job(label: str, path: str, tables: Path, python: str, threads: int, select_cuda: bool = True) -> Job:
-    """A pytest run of one test file under the ``gpu`` hypothesis profile, a JUnit XML into tables/
-    (``threads``: CPU threads of its torch, as several files run at once)."""
-    argv = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "--tb=short",
-            "-o", "faulthandler_timeout=120", f"--junitxml={tables / f'junit_{label}.xml'}"]
-    if select_cuda:
-        argv += ["-k", "cuda"]
-    return Job(label, tuple(argv + [path]), {"MOEDIFFUSEQ_HYPOTHESIS_PROFILE": "gpu", "OMP_NUM_THREADS": str(threads)})
-
-
-def stages(python: str, tables: Path) -> list[Stage]:
-    """The stages of a GPU check, in order."""
-    me, out = str(THIS), str(tables)
-
-    def job(label: str, *argv: str) -> tuple[Job, ...]:
-        return (Job(label, (python, *argv)),)
-
-    threads = max(1, (os.cpu_count() or 1) // (len(CUDA_TEST_FILES) + 1))
-    tests = [pytest_job(f.removeprefix("test_").removesuffix(".py"), f"tests/{f}", tables, python, threads)
-             for f in CUDA_TEST_FILES]
-    tests.append(pytest_job("build_info", "tests/test_build.py", tables, python, threads, select_cuda=False))
-    return [
-        Stage("environment", 60, job("env", me, "env"), always=True,
-              doc="GPU, driver, toolchain, torch; installs the carried wheels; fails without CUDA or CUTLASS"),
-        Stage("build", 300, job("build", me, "build"), needs=("environment",),
-              doc=f"MOEDIFFUSEQ_CUDA=ON TORCH_CUDA_ARCH_LIST={CUDA_ARCH_LIST}, all cores; skipped when up to date"),
-        Stage("archs", 30, job("archs", me, "archs"), needs=("build",),
-              doc=f"cmake/check_cuda_archs.py: the .so holds sm_{CUDA_ARCHS} code only"),
-        Stage("smoke", 150, job("smoke", "bench/gpu_smoke.py", "--device", "cuda", "--out", out), needs=("build",),
-              doc="every op forward and backward once against its reference, each op in its own process"),
-        Stage("tests", 180, tuple(tests), needs=("build",), parallel=len(tests),
-              doc="CUDA tests, hypothesis profile gpu, one process per file"),
-        Stage("bench_attention", 180,
-              job("attention", "bench/attention.py", "--device", "cuda", "--lengths", "8192", "32768",
-                  "--repeats", "5", "--cell-seconds", "3", "--out", out), needs=("build",),
-              doc="L = 8192 and 32768, a table line per length"),
-        Stage("bench_moe", 150,
-              job("moe", "bench/moe.py", "--device", "cuda", "--repeats", "5", "--profile-steps", "2", "--out", out),
-              needs=("build",), doc="asserts the CUTLASS grouped GEMM kernels ran and no cuBLAS GEMM inside the op"),
-        Stage("bench_denoise_step", 120,
-              job("denoise_step", "bench/denoise_step.py", "--device", "cuda", "--sizes", "1e7", "1e8",
-                  "--repeats", "20", "--out", out), needs=("build",), doc="1e7 and 1e8 elements"),
-        Stage("end_to_end", 180,
-              job("end_to_end", "bench/end_to_end.py", "--device", "cuda", "--lengths", "1024", "--steps", "3",
-                  "--ddpm-probe", "5", "--quality-minutes", "0.25", "--out", out), needs=("build",),
-              doc="short training and sampling, MoE-DiffuSeq vs DiffuSeq"),
-    ]
-
-
-def stage_budget(limit_s: float, left_s: float, margin_s: float = MARGIN_S) -> float:
-    """Seconds a stage may run: its own limit, or the time left before the deadline less the
-    margin, whichever is smaller (negative when the margin is already eaten into)."""
-    return min(limit_s, left_s - margin_s)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running jobs
-
-@dataclass
-class JobResult:
-    label: str
-    rc: Optional[int] = None  # None: not started, or killed before it ended on its own
-    timed_out: bool = False
-    seconds: float = 0.0
-    tail: list[str] = field(default_factory=list)  # its last lines of output
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0 and not self.timed_out
-
-    def describe(self) -> str:
-        """'ok', 'rc 1', 'signal SIGSEGV', 'killed after 12 s' or 'not started'."""
-        if self.timed_out:
-            return f"killed after {self.seconds:.0f} s"
-        if self.rc is None:
-            return "not started"
-        if self.rc == 0:
-            return "ok"
-        if self.rc < 0:
-            try:
-                return f"signal {signal.Signals(-self.rc).name}"
-            except ValueError:
-                return f"signal {-self.rc}"
-        return f"rc {self.rc}"
-
-
-def job_note(result: JobResult, with_label: bool) -> str:
-    """'[label ]outcome: last line of output'; a single job's outcome only when it failed by itself
-    (the stage's status says ok or TIMEOUT)."""
-    outcome = result.describe() if with_label or result.rc not in (0, None) else ""
-    head = " ".join(part for part in (result.label if with_label else "", outcome) if part)
-    last = result.tail[-1].strip() if result.tail else ""
-    return ": ".join(part for part in (head, last) if part)
-
-
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM to each process group, SIGKILL after ``grace_s`` to the groups of leaders that still
-    run, and to whatever is left of every group in any case."""
-    for proc in procs:
-        if proc.poll() is None:
-            _kill_group(proc, signal.SIGTERM)
-    end = time.monotonic() + grace_s
-    while time.monotonic() < end and any(proc.poll() is None for proc in procs):
-        time.sleep(0.02)
-    for proc in procs:
-        _kill_group(proc, signal.SIGKILL)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def run_jobs(
-    jobs: Sequence[Job],
-    emit: Callable[[str, str], None],
-    *,
-    parallel: int = 1,
-    timeout_s: Optional[float] = None,
-    job_timeout_s: Optional[float] = None,
-    grace_s: float = KILL_GRACE_S,
-    cwd: Path = ROOT,
-    tail_lines: int = 5,
-) -> list[JobResult]:
-    """Runs ``jobs``, ``parallel`` at a time, each in its own process group with stdout and stderr
-    merged and passed line by line to ``emit(label, line)``. A job running past ``job_timeout_s``
-    from its start, or past ``timeout_s`` from the start of the whole call, is stopped; jobs not
-    yet started by then are not started. Any exception (a signal turned into one by the caller
-    included) stops every running job before it propagates."""
-    start = time.monotonic()
-    pending = list(jobs)
-    results = {job.label: JobResult(job.label) for job in jobs}
-    running: dict[str, tuple[subprocess.Popen, threading.Thread, float, deque]] = {}
-
-    def reader(label: str, proc: subprocess.Popen, tail: deque) -> None:
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            tail.append(line)
-            emit(label, line)
-        proc.stdout.close()
-
-    def finish(labels: Sequence[str], timed_out: bool) -> None:
-        _stop([running[label][0] for label in labels], grace_s if timed_out else 0.0)
-        for label in labels:
-            proc, thread, began, tail = running.pop(label)
-            thread.join(timeout=5)
-            result = results[label]
-            result.rc = None if timed_out else proc.returncode
-            result.timed_out = timed_out
-            result.seconds = time.monotonic() - began
-            result.tail = [line for line in tail if line.strip()][-tail_lines:]
-
-    try:
-        while pending or running:
-            overall_over = timeout_s is not None and time.monotonic() - start >= timeout_s
-            if overall_over:
-                pending.clear()
-            while pending and len(running) < max(1, parallel):
-                job = pending.pop(0)
-                proc = subprocess.Popen(
-                    list(job.argv), cwd=cwd, env={**os.environ, **job.env}, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                )
-                tail: deque = deque(maxlen=max(tail_lines, 20))
-                thread = threading.Thread(target=reader, args=(job.label, proc, tail), daemon=True)
-                thread.start()
-                running[job.label] = (proc, thread, time.monotonic(), tail)
-            now = time.monotonic()
-            ended = [label for label, entry in running.items() if entry[0].poll() is not None]
-            finish(ended, timed_out=False)
-            late = [label for label, (_, _, began, _) in running.items()
-                    if overall_over or (job_timeout_s is not None and now - began >= job_timeout_s)]
-            finish(late, timed_out=True)
-            time.sleep(0.02)
-    finally:
-        finish(list(running), timed_out=True)
-    return [results[job.label] for job in jobs]
-
-
-# ---------------------------------------------------------------------------------------------
-# Log, state, summary, archive
-
-class Log:
-    """One streamed log: every line timestamped, to stdout, to this call's log and to the history."""
-
-    def __init__(self, path: Path, history: Path, start: float) -> None:
-        self.start = start
-        self.files = [open(path, "w", encoding="utf-8"), open(history, "a", encoding="utf-8")]
-        self.lock = threading.Lock()
-
-    def __call__(self, tag: str, text: str) -> None:
-        now = datetime.datetime.now().strftime("%H:%M:%S")
-        line = f"[{now} +{time.monotonic() - self.start:6.1f}s] [{tag}] {text}\n"
-        with self.lock:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            for handle in self.files:
-                handle.write(line)
-                handle.flush()
-
-    def close(self) -> None:
-        for handle in self.files:
-            handle.close()
-
-
-def tree_hash(paths: Sequence[str], extra: Sequence[str] = (), root: Path = ROOT) -> str:
-    """sha256 over the relative paths and contents of the source files under ``paths``."""
-    digest = hashlib.sha256()
-    for name in paths:
-        top = root / name
-        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
-        for path in files:
-            if path.suffix not in SOURCE_SUFFIXES and path.name != "CMakeLists.txt":
-                continue
-            if "__pycache__" in path.parts:
-                continue
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    for item in extra:
-        digest.update(item.encode() + b"\0")
-    return digest.hexdigest()
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -423,8 +151,8 @@ class Runner:
         if fake is not None:
             mode = fake.get(stage.name, "ok")
             changes["jobs"] = tuple(
-                Job(job.label, (sys.executable, str(THIS), "fake", mode, "--stage", stage.name, "--label", job.label,
-                                "--tables", str(self.tables)))
+                Job(job.label, (sys.executable, "-m", "bench.gpu_check", "fake", mode, "--stage", stage.name,
+                                "--label", job.label, "--tables", str(self.tables)))
                 for job in stage.jobs)
         return Stage(**{**stage.__dict__, **changes}) if changes else stage
 
@@ -595,145 +323,6 @@ def parse_fake(text: Optional[str]) -> Optional[dict[str, str]]:
         raise SystemExit(f"gpu_check: unknown fake mode(s) {', '.join(sorted(bad))}; modes: {', '.join(FAKE_MODES)}")
     return modes
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage bodies (child processes)
-
-def sh(argv: Sequence[str], timeout: float = 30) -> None:
-    """Runs a probe command, printing its output, or why it could not run."""
-    print("$ " + " ".join(argv), flush=True)
-    if shutil.which(argv[0]) is None:
-        print(f"  {argv[0]}: not found", flush=True)
-        return
-    try:
-        proc = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout)
-        print("\n".join("  " + line for line in proc.stdout.strip().splitlines()[-15:]), flush=True)
-    except subprocess.TimeoutExpired:
-        print(f"  timed out after {timeout:.0f} s", flush=True)
-
-
-ENV_CHECK = r"""
-import importlib, sys
-failed = []
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", p.name, "capability", torch.cuda.get_device_capability(), "SMs", p.multi_processor_count,
-          "memory GiB", round(p.total_memory / 2**30))
-else:
-    failed.append("torch.cuda")
-for name, need in (("cutlass_library", True), ("pybind11", True), ("expecttest", False), ("hypothesis", False),
-                   ("pytest", False), ("nltk", False), ("sacrebleu", False), ("tokenizers", False)):
-    try:
-        module = importlib.import_module(name)
-        print(f"{name:16s} {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}")
-    except Exception as error:
-        print(f"{name:16s} MISSING ({type(error).__name__}: {error})" + ("" if need else " (some stages need it)"))
-        if need:
-            failed.append(name)
-if failed:
-    sys.exit("environment: missing " + ", ".join(failed))
-"""
-
-
-def cmd_env(_: argparse.Namespace) -> int:
-    """Machine and toolchain facts, the carried wheels installed into SITE_DIR, imports checked."""
-    print(f"host {os.uname().nodename}, {os.cpu_count()} CPUs, python {sys.version.split()[0]} ({sys.executable})")
-    sh(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"])
-    sh(["nvcc", "--version"])
-    sh(["cmake", "--version"])
-    sh(["ninja", "--version"])
-    for tool in ("cuobjdump", "compute-sanitizer", "ncu"):
-        print(f"{tool}: {shutil.which(tool) or 'not found'}")
-    wheel_dir, site = Path(os.environ.get("WHEEL_DIR", ".whl")), os.environ["SITE_DIR"]
-    wheels = sorted(str(p) for p in wheel_dir.glob("*.whl"))
-    if wheels:
-        print(f"installing {len(wheels)} carried wheel(s) into {site}: {', '.join(Path(w).name for w in wheels)}")
-        rc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                             "--no-cache-dir", "--upgrade", "--target", site, *wheels]).returncode
-        if rc != 0:
-            print(f"pip install of the carried wheels failed (rc {rc})")
-            return rc
-    else:
-        print(f"no wheels in {wheel_dir}: using the packages already installed")
-    return subprocess.run([sys.executable, "-c", ENV_CHECK]).returncode
-
-
-def find_extension() -> Optional[Path]:
-    found = sorted(ROOT.glob("moediffuseq/_C*.so"))
-    return found[0] if found else None
-
-
-BUILD_INFO_CHECK = ("import sys, moediffuseq; info = moediffuseq.build_info(); print(info); "
-                    "sys.exit(0 if info.has_cuda else 'the extension was built without its CUDA kernels')")
-
-
-def cmd_build(args: argparse.Namespace) -> int:
-    """Builds the extension in place (CUDA on, sm_90a only, every core) unless it is up to date."""
-    import torch  # noqa: PLC0415 (the machine's CUDA torch: part of what the build depends on)
-
-    work = Path(os.environ["GPU_CHECK_WORK_DIR"])
-    settings = [f"TORCH_CUDA_ARCH_LIST={CUDA_ARCH_LIST}", "MOEDIFFUSEQ_CUDA=ON", f"torch {torch.__version__}",
-                f"python {sys.version}"]
-    digest = tree_hash(BUILD_PATHS, settings)
-    stamp = work / "build.sha256"
-    so = find_extension()
-    if so is not None and not args.force and stamp.exists() and stamp.read_text().strip() == digest:
-        print(f"{so.name} is up to date with the sources (sha256 {digest[:12]}): not rebuilt")
-    else:
-        stamp.unlink(missing_ok=True)
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        env = {**os.environ, "TORCH_CUDA_ARCH_LIST": CUDA_ARCH_LIST, "MOEDIFFUSEQ_CUDA": "ON", "MAX_JOBS": jobs}
-        argv = [sys.executable, "setup.py", "build_ext", "--inplace", "--build-temp", str(work / "cmake")]
-        print(f"building with {jobs} jobs: MOEDIFFUSEQ_CUDA=ON TORCH_CUDA_ARCH_LIST={CUDA_ARCH_LIST} "
-              + " ".join(argv[1:]), flush=True)
-        start = time.monotonic()
-        rc = subprocess.run(argv, cwd=ROOT, env=env).returncode
-        print(f"build finished with rc {rc} in {time.monotonic() - start:.0f} s", flush=True)
-        if rc != 0:
-            return rc
-        stamp.write_text(digest + "\n")
-    return subprocess.run([sys.executable, "-c", BUILD_INFO_CHECK], cwd=ROOT).returncode
-
-
-def cmd_archs(_: argparse.Namespace) -> int:
-    """cmake/check_cuda_archs.py on the built extension: sm_90a code and nothing else."""
-    so, checker = find_extension(), ROOT / "cmake" / "check_cuda_archs.py"
-    if so is None:
-        print("no moediffuseq/_C*.so: nothing to check")
-        return 1
-    if not checker.exists():
-        print(f"{checker.relative_to(ROOT)} is missing: the architectures of {so.name} were not checked")
-        return 1
-    argv = [sys.executable, str(checker), "--so", str(so), "--archs", CUDA_ARCHS]
-    print("$ " + " ".join(argv), flush=True)
-    return subprocess.run(argv, cwd=ROOT).returncode
-
-
-def cmd_fake(args: argparse.Namespace) -> int:
-    """A stand-in for a stage's job in a dry run."""
-    print(f"fake {args.mode}: stage {args.stage}, job {args.label}, pid {os.getpid()}", flush=True)
-    if args.mode == "ok":
-        tables = Path(args.tables)
-        tables.mkdir(parents=True, exist_ok=True)
-        (tables / f"fake_{args.stage}_{args.label}.md").write_text(
-            f"| stage | job |\n| --- | --- |\n| {args.stage} | {args.label} |\n", encoding="utf-8")
-        print("done", flush=True)
-        return 0
-    if args.mode == "fail":
-        print("failing on purpose", flush=True)
-        return 1
-    if args.mode == "crash":
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if args.mode == "hang-noterm":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    while True:
-        time.sleep(60)
-
-
-# ---------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     env = os.environ

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA kernels on a Hopper machine (H100/H200) with its own CUDA torch, nvcc,
 # cmake, ninja and pybind11 and no network: one run, one deadline (default 540 s, the build
-# included), one streamed log. Stages, in order (python3 bench/gpu_check.py --list shows the
+# included), one streamed log. Stages, in order (python3 -m bench.gpu_check --list shows the
 # commands):
 #   environment         GPU, driver, toolchain, torch; installs the carried wheels (every call)
 #   build               MOEDIFFUSEQ_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0a, all cores, ninja's progress
 #                       in the log; not rebuilt when the sources and settings match the last build
 #   archs               cmake/check_cuda_archs.py --so moediffuseq/_C*.so --archs 90a
-#   smoke               bench/gpu_smoke.py: every op forward and backward once against its
+#   smoke               bench.gpu_smoke: every op forward and backward once against its
 #                       reference, each op in its own process
 #   tests               the CUDA tests, hypothesis profile "gpu", one pytest process per file
-#   bench_attention     bench/attention.py at L = 8192 and 32768, a table line per length
-#   bench_moe           bench/moe.py, asserting the CUTLASS grouped GEMM ran (no cuBLAS in the op)
-#   bench_denoise_step  bench/denoise_step.py at 1e7 and 1e8 elements
-#   end_to_end          bench/end_to_end.py, short training and sampling
+#   bench_attention     bench.attention at L = 8192 and 32768, a table line per length
+#   bench_moe           bench.moe, asserting the CUTLASS grouped GEMM ran (no cuBLAS in the op)
+#   bench_diffusion     bench.diffusion (the three diffusion ops) at 1e7 and 1e8 elements
+#   end_to_end          bench.end_to_end, short training and sampling
 # Each stage runs for at most min(its limit, time left - 30 s); a stage that overruns is killed
 # and the run goes on. Tests and benchmarks run with MOEDIFFUSEQ_STRICT_CUTLASS=1 (a CUTLASS
 # grouped GEMM that refuses a bf16/fp16 problem it should take is an error, not a fallback).
@@ -45,4 +45,4 @@
 # Dry run without a GPU (as tests/test_gpu_check.py does): GPU_CHECK_FAKE=1 bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" bench/gpu_check.py "$@"
+exec "${PYTHON:-python3}" -m bench.gpu_check "$@"

@@ -3,10 +3,10 @@
 does not hide the others. float32 and bfloat16, except on CUDA for block-sparse attention
 (bfloat16 kernels, D = 64) and moe_ffn (bfloat16: the CUTLASS grouped GEMM).
 
-    python bench/gpu_smoke.py --device cuda               # every op, 6 processes at once
-    python bench/gpu_smoke.py --device cpu --jobs 2
-    python bench/gpu_smoke.py --device cuda --op moe_ffn  # one op, in this process
-    python bench/gpu_smoke.py --device cuda --sanitizer   # each op under compute-sanitizer memcheck
+    python -m bench.gpu_smoke --device cuda               # every op, 6 processes at once
+    python -m bench.gpu_smoke --device cpu --jobs 2
+    python -m bench.gpu_smoke --device cuda --op moe_ffn  # one op, in this process
+    python -m bench.gpu_smoke --device cuda --sanitizer   # each op under compute-sanitizer memcheck
 
 Every check prints one line (max abs error, tolerance, verdict); the table goes to
 ``<out>/smoke_<device>.{md,csv}``. Exit status 0 when every op passed. The CUDA processes run with
@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
 
 RESULT_TAG = "SMOKE_RESULT "
 TOLERANCE = {"float32": 2e-3, "bfloat16": 6e-2}
@@ -154,7 +151,7 @@ def smoke_soft_absorb_q_sample(c: Checks, device: str, dtype) -> None:
     out = soft_absorb_q_sample(x, mm, mask, sqrt_ab, sqrt_1mab, gamma=0.5, noise=noise, uniform=uniform)
     out.backward(grad)
     x_ref, m_ref = leaf(x0), leaf(m)
-    ref = soft_absorb_q_sample_ref(x_ref, m_ref, mask, sqrt_ab, sqrt_1mab, noise, uniform, gamma=0.5)
+    ref = soft_absorb_q_sample_ref(x_ref, m_ref, mask, sqrt_ab, sqrt_1mab, noise=noise, uniform=uniform, gamma=0.5)
     ref.backward(grad)
     c.close("fwd x_t", out, ref)
     c.close("bwd grad x0", x.grad, x_ref.grad)
@@ -248,13 +245,13 @@ def run_op(op: str, device: str) -> int:
 
 def run_all(args: argparse.Namespace) -> int:
     """Each op in its own process, ``--jobs`` at a time; a table of the results."""
-    from gpu_check import Job, run_jobs
+    from bench.gpu_check_jobs import Job, run_jobs
 
     env = {"CUDA_LAUNCH_BLOCKING": "1", "TORCH_SHOW_CPP_STACKTRACES": "1", "PYTHONUNBUFFERED": "1"}
     prefix = (["compute-sanitizer", "--tool", "memcheck", "--print-limit", "20", "--error-exitcode", "99"]
               if args.sanitizer else [])
-    jobs = [Job(op, tuple(prefix + [sys.executable, "-X", "faulthandler", __file__, "--device", args.device,
-                                    "--op", op]), env) for op in args.ops]
+    jobs = [Job(op, tuple(prefix + [sys.executable, "-X", "faulthandler", "-m", "bench.gpu_smoke", "--device",
+                                    args.device, "--op", op]), env) for op in args.ops]
     found: dict[str, list[dict]] = {}
 
     def emit(label: str, line: str) -> None:
@@ -263,7 +260,7 @@ def run_all(args: argparse.Namespace) -> int:
         else:
             print(f"[{label}] {line}", flush=True)
 
-    results = run_jobs(jobs, emit, parallel=args.jobs, job_timeout_s=args.op_timeout)
+    results = run_jobs(jobs, emit, parallel=args.jobs, job_timeout_s=args.op_timeout, cwd=Path.cwd())
     rows = []
     for result in results:
         if result.label in found:
@@ -280,7 +277,7 @@ def run_all(args: argparse.Namespace) -> int:
             status = f"FAIL ({result.describe()})"
         last = result.tail[-1] if result.tail else ""
         rows.append(dict(op=result.label, dtype="", status=status, seconds=result.seconds, note=last[:300]))
-    from common import write_table
+    from bench.common import write_table
 
     columns = ["op", "dtype", "status", "fwd max err", "bwd max err", "seconds", "note"]
     for row in rows:
@@ -302,7 +299,7 @@ def run_all(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    from common import DEFAULT_OUT_DIR
+    from bench.common import DEFAULT_OUT_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")

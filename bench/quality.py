@@ -7,8 +7,8 @@ Every system trains for the same wall-clock budget (--seconds) with the tiny sha
 d_model 128; the MoE's active feed-forward width equals the dense preset's d_ff), then generates
 for the first --examples test sources (DPM-Solver++ 10 steps, no MBR).
 
-    python bench/quality.py                                   # the default tasks
-    python bench/quality.py --seconds 60 --examples 50 --seeds 0 --tasks pycode:64 pycode-body:512
+    python -m bench.quality                                   # the default tasks
+    python -m bench.quality --seconds 60 --examples 50 --seeds 0 --tasks pycode:64 pycode-body:512
 
 Writes bench/out/quality.md, quality.json and quality_curves.png (train loss against time).
 """
@@ -17,21 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_OUT_DIR  # noqa: E402
+from bench.common import DEFAULT_OUT_DIR
 
-from moediffuseq.data import Seq2SeqDataset, TextTokenizer, build_corpus, read_jsonl, split_path  # noqa: E402
-from moediffuseq.diffusion.samplers import SamplerConfig  # noqa: E402
-from moediffuseq.evaluate import bootstrap_intervals, decoded, evaluate_texts  # noqa: E402
-from moediffuseq.generate import GenerationConfig, generate  # noqa: E402
-from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig  # noqa: E402
-from moediffuseq.train import TrainConfig, Trainer  # noqa: E402
+from moediffuseq.data import Seq2SeqDataset, TextTokenizer, build_corpus, read_jsonl, split_path
+from moediffuseq.diffusion.samplers import SamplerConfig
+from moediffuseq.evaluate import bootstrap_intervals, decoded, evaluate_texts
+from moediffuseq.generate import GenerationConfig, generate
+from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
+from moediffuseq.train import TrainConfig, Trainer
 
 DENSE_TINY = dict(max_len=128, d_emb=64, d_model=128, n_layers=2, n_heads=4, d_ff=256, dropout=0.0)
 SYSTEMS = {

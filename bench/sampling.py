@@ -5,25 +5,22 @@ them). Each sequence is half source, half target.
 DDPM's 2000 model calls are timed over ``--ddpm-probe`` steps and extrapolated linearly (every
 DDPM step costs the same: one model call and one update); the table says so.
 
-    python bench/sampling.py
-    python bench/sampling.py --quick      # tiny preset only
+    python -m bench.sampling
+    python -m bench.sampling --quick      # tiny preset only
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_OUT_DIR, write_table  # noqa: E402
+from bench.common import DEFAULT_OUT_DIR, write_table
 
-from moediffuseq.diffusion import NoiseSchedule  # noqa: E402
-from moediffuseq.diffusion.samplers import SamplerConfig, sample  # noqa: E402
-from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig  # noqa: E402
+from moediffuseq.diffusion import NoiseSchedule
+from moediffuseq.diffusion.samplers import SamplerConfig, sample
+from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 
 
 def run(model: MoEDiffuSeq, schedule: NoiseSchedule, batch: int, L: int, cfg: SamplerConfig) -> tuple[float, int]:

@@ -1,5 +1,5 @@
-"""bench/gpu_check.py, the GPU check runner, in its dry run on the CPU: stage commands faked
-(ok, fail, crash, hang), a tiny deadline. Checks the deadline arithmetic, stage selection, resumption
+"""bench/gpu_check.py (python -m bench.gpu_check), the GPU check runner, in its dry run on the
+CPU: stage commands faked (ok, fail, crash, hang), a tiny deadline. Checks the deadline arithmetic, stage selection, resumption
 across calls, the summary written in every case, and the results directory's shape (at most 8
 files, no deeper than two folders)."""
 import json
@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNNER = ROOT / "bench" / "gpu_check.py"
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the bench package, as ``python -m bench.gpu_check`` from the root sees it
+from bench import gpu_check  # noqa: E402
 
 STAGES = [stage.name for stage in gpu_check.stages("python3", Path("tables"))]
 
@@ -35,8 +34,8 @@ def runner_env(tmp_path, env=None):
 
 def run(tmp_path, env=None):
     """One runner call, to its end."""
-    return subprocess.run([sys.executable, str(RUNNER)], env=runner_env(tmp_path, env), capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, env=runner_env(tmp_path, env),
+                          capture_output=True, text=True, timeout=60)
 
 
 def stage_rows(tmp_path):
@@ -143,7 +142,7 @@ def test_stage_selection_and_resumption(tmp_path):
 
 def test_the_summary_is_written_when_the_runner_is_stopped(tmp_path):
     env = runner_env(tmp_path, {"GPU_CHECK_FAKE": "smoke=hang", "DEADLINE": "45"})
-    runner = subprocess.Popen([sys.executable, str(RUNNER)], env=env, stdout=subprocess.PIPE,
+    runner = subprocess.Popen([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     hang_pid = None
     for line in runner.stdout:
@@ -166,9 +165,10 @@ def test_the_summary_is_written_when_the_runner_is_stopped(tmp_path):
 
 
 def test_moe_bench_tells_the_cutlass_grouped_gemm_from_cublas_kernels():
-    """bench/moe.py's check on CUDA: only CUTLASS grouped GEMM kernels count as the expert GEMMs;
-    cuBLAS kernels, CUTLASS kernels shipped in cuBLAS among them, count as a fallback."""
-    import moe
+    """bench/moe.py's check on CUDA (bench/moe_cuda.py): only CUTLASS grouped GEMM kernels count as
+    the expert GEMMs; cuBLAS kernels, CUTLASS kernels shipped in cuBLAS among them, count as a
+    fallback."""
+    from bench import moe_cuda
 
     ours = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<"
             "cute::tuple<int, int, int> >, cutlass::gemm::collective::CollectiveMma<cutlass::gemm::"
@@ -188,12 +188,12 @@ def test_moe_bench_tells_the_cutlass_grouped_gemm_from_cublas_kernels():
     others = ["void moediffuseq::cuda::(anonymous namespace)::gather_kernel<__nv_bfloat16, 8>(MoeGatherParams)",
               "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >()",
               "Memcpy DtoH (Device -> Pinned)"]
-    assert moe.is_cutlass_grouped_gemm(ours) and moe.is_cutlass_grouped_gemm(mangled)
-    assert not moe.is_library_gemm(ours) and not moe.is_library_gemm(mangled)
-    assert all(moe.is_library_gemm(name) and not moe.is_cutlass_grouped_gemm(name) for name in cublas)
-    assert not any(moe.is_library_gemm(name) or moe.is_cutlass_grouped_gemm(name) for name in others)
-    profile = moe.KernelProfile(inside=5, grouped={"moediffuseq::moe_ffn": 4}, library={cublas[0]})
+    assert moe_cuda.is_cutlass_grouped_gemm(ours) and moe_cuda.is_cutlass_grouped_gemm(mangled)
+    assert not moe_cuda.is_library_gemm(ours) and not moe_cuda.is_library_gemm(mangled)
+    assert all(moe_cuda.is_library_gemm(name) and not moe_cuda.is_cutlass_grouped_gemm(name) for name in cublas)
+    assert not any(moe_cuda.is_library_gemm(name) or moe_cuda.is_cutlass_grouped_gemm(name) for name in others)
+    profile = moe_cuda.KernelProfile(inside=5, grouped={"moediffuseq::moe_ffn": 4}, library={cublas[0]})
     problems = profile.problems("fwd+bwd")
     assert len(problems) == 2 and "moe_ffn_backward" in problems[0] and "cuBLAS" in problems[1]
-    assert moe.KernelProfile(inside=4, grouped={"moediffuseq::moe_ffn": 4}).problems("fwd") == []
-    assert "no kernel" in moe.KernelProfile().problems("fwd")[0]
+    assert moe_cuda.KernelProfile(inside=4, grouped={"moediffuseq::moe_ffn": 4}).problems("fwd") == []
+    assert "no kernel" in moe_cuda.KernelProfile().problems("fwd")[0]
