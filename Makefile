@@ -77,11 +77,11 @@ demo: install
 	$(BIN)/moediffuseq demo
 
 bench: install
-	$(BIN)/python bench/attention.py
-	$(BIN)/python bench/moe.py
-	$(BIN)/python bench/denoise_step.py
-	$(BIN)/python bench/sampling.py
-	$(BIN)/python bench/end_to_end.py
+	$(BIN)/python -m bench.attention
+	$(BIN)/python -m bench.moe
+	$(BIN)/python -m bench.diffusion
+	$(BIN)/python -m bench.sampling
+	$(BIN)/python -m bench.end_to_end
 
 clean:
 	rm -rf build *.egg-info moediffuseq/_C*.so

@@ -3,7 +3,7 @@
 # a source distribution, a wheel built from that sdist, and the wheel installed into a fresh
 # virtual environment that has only torch and the core dependencies; there, from outside the
 # checkout, the package imports, every op runs forward and backward once against its reference
-# (bench/gpu_smoke.py --device cpu) and one op passes torch.library.opcheck.
+# (python -m bench.gpu_smoke --device cpu) and one op passes torch.library.opcheck.
 #
 #   bash cmake/install_check.sh BUILD_PYTHON [OUT_DIR]     # or: make install-check
 #
@@ -55,5 +55,6 @@ weights, _ = moe_topk_softmax(torch.randn(5, 4), 2)
 assert torch.allclose(weights.sum(-1), torch.ones(5))
 print("install-check: opcheck of moe_topk_softmax passed")
 PYCODE
-venv/bin/python "$ROOT/bench/gpu_smoke.py" --device cpu --out "$OUT/smoke"
+ln -s "$ROOT/bench" bench  # bench/ alone importable here: the smoke module runs on the installed package
+venv/bin/python -m bench.gpu_smoke --device cpu --out "$OUT/smoke"
 step "done"
