@@ -31,10 +31,8 @@ $(STAMP): $(SOURCES)
 		$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)") || \
 		$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) \
 		--extra-index-url https://pypi.org/simple) "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install --quiet numpy safetensors "setuptools>=77" "cmake>=3.25" ninja "pybind11>=2.12" \
-		nvidia-cutlass==4.2.0.0 "pytest>=8" "hypothesis>=6.100" expecttest build \
-		tokenizers tqdm sacrebleu rouge-score nltk aclsum pyyaml matplotlib transformers
-	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(BIN)/python -m pip install --quiet -r cmake/build-requirements.txt
+	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
 	touch $(STAMP)
 

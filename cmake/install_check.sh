@@ -44,10 +44,12 @@ import sys
 import torch
 
 import moediffuseq
+from moediffuseq.extras import extra_of_module
 from moediffuseq.ops import moe_topk_softmax
 
 assert "site-packages" in moediffuseq.__file__, moediffuseq.__file__
-for optional in ("tokenizers", "sacrebleu", "nltk", "yaml"):
+assert extra_of_module(), "the wheel's metadata names no extras"
+for optional in extra_of_module():
     assert importlib.util.find_spec(optional) is None, f"{optional} came with the core install"
 print("install-check:", moediffuseq.__version__, moediffuseq.build_info())
 torch.library.opcheck(torch.ops.moediffuseq.moe_topk_softmax.default, (torch.randn(13, 6), 2))

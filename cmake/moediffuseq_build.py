@@ -3,10 +3,14 @@ importable. The extension links to the torch that is already installed (the ABI 
 so it builds without pip's build isolation; under isolation torch is hidden, and the build stops
 at once, before any tool is installed, with the commands to use.
 """
+from pathlib import Path
+
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F401,F403  (every other hook as setuptools has it)
 
-BUILD_TOOLS = ("setuptools>=77", "cmake>=3.25", "ninja", "pybind11>=2.12", "nvidia-cutlass==4.2.0.0")
+# the build tools, listed once in build-requirements.txt beside this file
+BUILD_TOOLS = tuple(line.strip() for line in (Path(__file__).parent / "build-requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#"))
 
 NO_TORCH = """moediffuseq: torch is not importable in this build environment.
 moediffuseq's kernels are compiled against the torch that is already installed, which pip's build

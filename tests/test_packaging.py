@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moediffuseq
-from moediffuseq.extras import EXTRA_OF_MODULE, missing_extra_message
+from moediffuseq.extras import extra_of_module, missing_extra_message
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -33,7 +33,11 @@ def test_core_dependencies_are_the_ops_only():
     assert {"train", "eval", "data", "test", "all"} <= set(extras)
     # every optional module the code imports is provided by the extra that the error names
     provided = {_requirement_name(r).replace("-", "_") for reqs in extras.values() for r in reqs}
-    for module, extra in EXTRA_OF_MODULE.items():
+    # read from the installed metadata: every package of an extra but the tests', under its module name
+    listed = {_requirement_name(r) for name, reqs in extras.items() if name != "test" for r in reqs} - {"moediffuseq"}
+    assert {{"yaml": "pyyaml"}.get(m, m) for m in extra_of_module()} == {p.replace("-", "_") for p in listed}
+    assert extra_of_module()["tokenizers"] == "train"  # the first extra that lists it
+    for module, extra in extra_of_module().items():
         package = {"yaml": "pyyaml"}.get(module, module).replace("-", "_")
         assert package in {_requirement_name(r).replace("-", "_") for r in extras[extra]}, (module, extra)
         assert package in provided
@@ -76,12 +80,12 @@ def test_sdist_holds_everything_a_build_needs(tmp_path):
     assert not any(n.endswith(".so") or "__pycache__" in n for n in names)
 
 
-@pytest.mark.parametrize("module", sorted(EXTRA_OF_MODULE))
+@pytest.mark.parametrize("module", sorted(extra_of_module()))
 def test_missing_extra_names_the_install_line(module):
     error = ModuleNotFoundError(f"No module named '{module}'", name=module)
     message = missing_extra_message(error)
     assert message == (f"error: this needs the optional package '{module}': "
-                       f"pip install \"moediffuseq[{EXTRA_OF_MODULE[module]}]\"")
+                       f"pip install \"moediffuseq[{extra_of_module()[module]}]\"")
 
 
 def test_a_real_missing_module_is_not_blamed_on_an_extra():
