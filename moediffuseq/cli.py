@@ -28,6 +28,7 @@ from moediffuseq.extras import missing_extra_message
 
 __all__ = ["CliError", "build_parser", "main", "train_configs"]
 
+
 # ---------------------------------------------------------------------------------- generate
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
