@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from utils import SMALL_MODEL_SET, write_reversal_corpus
+
 DRIVER = r'''
 import json, os, signal, sys, time
 from pathlib import Path
@@ -109,8 +111,6 @@ for attempt in plan["attempts"]:
 print(json.dumps(results))
 '''
 
-MODEL_SET = ["--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2", "--set", "d_emb=16",
-             "--set", "window=4", "--set", "num_experts=2", "--set", "d_expert=32", "--set", "diffusion_steps=100"]
 STEPS = 6
 # events of one uninterrupted run and how often each happens: 6 steps, checkpoints at 2, 4 and 6
 # (2 model directories each), validations at 3 and 6, one metrics row per step and validation
@@ -120,16 +120,7 @@ MOMENTS = {"step": STEPS, "batch": STEPS, "backward": STEPS, "update": STEPS, "c
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    for split, n in (("train", 64), ("valid", 8)):
-        with open(directory / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                seq = [words[i] for i in torch.randint(0, len(words), (int(torch.randint(2, 6, (1,), generator=g)),),
-                                                       generator=g)]
-                f.write(json.dumps({"src": " ".join(seq), "trg": " ".join(reversed(seq))}) + "\n")
-    return directory
+    return write_reversal_corpus(tmp_path_factory.mktemp("corpus"), {"train": 64, "valid": 8})
 
 
 def run_driver(plan):
@@ -192,7 +183,7 @@ def assert_same_state(a, b, where=""):
 
 
 def test_interrupted_and_killed_runs_resume_to_the_uninterrupted_result(corpus, tmp_path):
-    argv = ["train", "--data", str(corpus), "--seq-len", "24", "--vocab-size", "120", *MODEL_SET, "--steps",
+    argv = ["train", "--data", str(corpus), "--seq-len", "24", "--vocab-size", "120", *SMALL_MODEL_SET, "--steps",
             str(STEPS), "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
             "--eval-every", "3", "--save-every", "2", "--bleu-examples", "2", "--no-progress", "--device", "cpu"]
     reference = run_driver({"argv": argv, "attempts": [{"out": str(tmp_path / "reference")}]})

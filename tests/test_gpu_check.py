@@ -1,7 +1,7 @@
 """bench/gpu_check.py (python -m bench.gpu_check), the GPU check runner, in its dry run on the
-CPU: stage commands faked (ok, fail, crash, hang), a tiny deadline. Checks the deadline arithmetic, stage selection, resumption
-across calls, the summary written in every case, and the results directory's shape (at most 8
-files, no deeper than two folders)."""
+CPU: stage commands faked (ok, fail, crash, hang), a tiny deadline. Checks the deadline
+arithmetic, stage selection, resumption across calls, the summary written in every case, and the
+results directory's shape (at most 8 files, no deeper than two folders)."""
 import json
 import os
 import signal
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from utils import ROOT
+
 sys.path.insert(0, str(ROOT))  # the bench package, as ``python -m bench.gpu_check`` from the root sees it
 from bench import gpu_check  # noqa: E402
 

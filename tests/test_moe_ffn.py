@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from moediffuseq.ops import moe_ffn, moe_ffn_ref, moe_topk_softmax
-from utils import DEVICES, assert_close_to_reference, skip_unless_ready
+from utils import DEVICE_DTYPES, DEVICES, assert_close_to_reference, skip_unless_ready
 
 ACTIVATIONS = ["gelu", "silu", "swiglu"]
 
@@ -56,9 +56,6 @@ def check(problem, activation):
     for name, g, rg, bg in zip(["x", "weights", "w1", "w2"], grads, ref_grads, base_grads):
         assert g.shape == rg.shape
         assert_close_to_reference(g, rg, bg, f"grad_{name}", compute_dtype=x.dtype)
-
-
-DEVICE_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
 
 @st.composite

@@ -1,18 +1,13 @@
 """The README's "Using the ops in your own model" snippets run as written."""
-import re
-from pathlib import Path
-
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from utils import readme_python_snippets
+
 SECTION = "## Using the ops in your own model"
 
 
 def snippets():
-    text = README.read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)
+    return readme_python_snippets(inside=SECTION)
 
 
 def test_the_section_has_three_snippets():

@@ -1,20 +1,13 @@
 """Every Python snippet of the README outside "Using the ops in your own model" (which
 tests/test_readme.py runs) runs as written, in order, in one namespace (a later snippet may
 continue an earlier one), in a scratch directory."""
-import re
-from pathlib import Path
+from utils import readme_python_snippets
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 OPS_SECTION = "## Using the ops in your own model"
 
 
 def snippets() -> list[str]:
-    text = README.read_text()
-    if OPS_SECTION in text:
-        start = text.index(OPS_SECTION)
-        end = text.find("\n## ", start + len(OPS_SECTION))
-        text = text[:start] + (text[end:] if end > 0 else "")
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return readme_python_snippets(outside=OPS_SECTION)
 
 
 def test_readme_python_snippets_run(tmp_path, monkeypatch):

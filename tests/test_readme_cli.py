@@ -3,11 +3,9 @@ in a scratch directory; each `train` gets flags appended that shrink it to secon
 value of a flag wins), each `generate` reads only a few sources."""
 import re
 import shlex
-from pathlib import Path
 
 from moediffuseq.cli import main
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+from utils import README
 
 SMALL_TRAIN = ["--steps", "2", "--batch-size", "4", "--max-train-examples", "48", "--eval-batches", "1",
                "--bleu-examples", "2", "--vocab-size", "300", "--no-progress", "--device", "cpu"]

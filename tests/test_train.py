@@ -16,29 +16,18 @@ from moediffuseq.checkpoint import find_checkpoint, read_state
 from moediffuseq.cli import main
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.train import TrainConfig, Trainer, lr_factor
-
-MODEL_SET = ["--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2", "--set", "d_emb=16",
-             "--set", "window=4", "--set", "num_experts=2", "--set", "d_expert=32", "--set", "diffusion_steps=100"]
+from utils import SMALL_MODEL_SET, write_reversal_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Reverse a short list of words: 96 training, 16 validation and 16 test examples."""
-    directory = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    for split, n in (("train", 96), ("valid", 16), ("test", 16)):
-        with open(directory / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                seq = [words[i] for i in torch.randint(0, len(words), (int(torch.randint(2, 6, (1,), generator=g)),),
-                                                       generator=g)]
-                f.write(json.dumps({"src": " ".join(seq), "trg": " ".join(reversed(seq))}) + "\n")
-    return directory
+    return write_reversal_corpus(tmp_path_factory.mktemp("corpus"), {"train": 96, "valid": 16, "test": 16})
 
 
 def train_argv(corpus, out, steps=6, *extra):
     return ["train", "--data", str(corpus), "--out", str(out), "--seq-len", "24", "--vocab-size", "120",
-            *MODEL_SET, "--steps", str(steps), "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
+            *SMALL_MODEL_SET, "--steps", str(steps), "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
             "--log-every", "1", "--eval-every", "3", "--save-every", "3", "--bleu-examples", "4",
             "--no-progress", "--device", "cpu", *extra]
 

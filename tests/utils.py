@@ -1,13 +1,21 @@
 """Helpers shared by the tests: device lists, dtypes per device, the tolerance rule, the
-attention tests' input builder.
+attention tests' input builder, the README's Python snippets, the small training run's model
+flags and corpus.
 
 Plain functions and constants, no fixtures (those live in conftest.py). No CUDA query happens
 at import time: ``cuda_ready`` is called by tests at run time only.
 """
 import functools
+import json
+import re
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
+README = ROOT / "README.md"
 
 DEVICES = ("cpu", "cuda")
 
@@ -99,3 +107,39 @@ def run_with_grads(fn, q, k, v, grad, **kw):
     out = fn(*leaves, **kw)
     grads = torch.autograd.grad(out, leaves, grad)
     return out.detach(), grads
+
+
+def readme_python_snippets(inside: Optional[str] = None, outside: Optional[str] = None) -> list[str]:
+    """The README's ```python blocks, in order: those of the section headed ``inside`` only, or
+    all but those of the section headed ``outside`` (a section ends at the next "## " heading)."""
+    text = README.read_text()
+    heading = inside or outside
+    if heading is not None and (inside is not None or heading in text):
+        start = text.index(heading)
+        end = text.find("\n## ", start + len(heading))
+        if inside is not None:
+            text = text[start:end if end > 0 else None]
+        else:
+            text = text[:start] + (text[end:] if end > 0 else "")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+# The small model of the training tests (tests/test_train.py, tests/test_fault_injection.py), as
+# `moediffuseq train` flags.
+SMALL_MODEL_SET = ["--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2", "--set", "d_emb=16",
+                   "--set", "window=4", "--set", "num_experts=2", "--set", "d_expert=32",
+                   "--set", "diffusion_steps=100"]
+
+
+def write_reversal_corpus(directory: Path, sizes: dict[str, int]) -> Path:
+    """DiffuSeq jsonl splits (``{"train": 96, ...}`` examples each) of the task "reverse a short
+    list of words", drawn from one seeded generator; returns ``directory``."""
+    g = torch.Generator().manual_seed(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for split, n in sizes.items():
+        with open(directory / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                seq = [words[i] for i in torch.randint(0, len(words), (int(torch.randint(2, 6, (1,), generator=g)),),
+                                                       generator=g)]
+                f.write(json.dumps({"src": " ".join(seq), "trg": " ".join(reversed(seq))}) + "\n")
+    return directory
