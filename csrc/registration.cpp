@@ -49,18 +49,19 @@ TORCH_LIBRARY(moediffuseq, m) {
       "soft_absorb_q_sample_backward(Tensor grad, Tensor target_mask, Tensor sqrt_ab, Tensor sqrt_1mab, "
       "Tensor uniform, float gamma) -> (Tensor grad_x0, Tensor grad_m)");  // grad_m: float32 (d)
   // One sampler update on the target positions, the source re-anchored, in one pass (METHOD §6):
-  //   target: x = a x_t + b x0_hat + c x0_prev + s noise + (1 - a - b - c) m;  source: x = anchor.
-  // a, b, c, s: float32 (B); x0_prev and noise may be absent (their coefficient is then unused).
-  // The .out overload writes into a preallocated contiguous tensor (samplers reuse buffers),
-  // which may be x_t itself.
+  //   target: x = coef_xt x_t + coef_x0 x0_hat + coef_x0_prev x0_prev + coef_noise noise
+  //               + (1 - coef_xt - coef_x0 - coef_x0_prev) m;  source: x = anchor.
+  // Coefficients: float32 (B). x0_prev and noise are optional, each with its coefficient (both
+  // or neither; an absent term is left out). The .out overload writes into a preallocated
+  // contiguous tensor (samplers reuse buffers), which may be x_t itself.
   m.def(
-      "denoise_step(Tensor x_t, Tensor x0_hat, Tensor? x0_prev, Tensor? noise, Tensor anchor, "
-      "Tensor target_mask, Tensor m, Tensor coef_xt, Tensor coef_x0, Tensor coef_x0_prev, "
-      "Tensor coef_noise) -> Tensor");
+      "denoise_step(Tensor x_t, Tensor x0_hat, Tensor anchor, Tensor target_mask, Tensor m, Tensor coef_xt, "
+      "Tensor coef_x0, Tensor? x0_prev=None, Tensor? coef_x0_prev=None, Tensor? noise=None, "
+      "Tensor? coef_noise=None) -> Tensor");
   m.def(
-      "denoise_step.out(Tensor x_t, Tensor x0_hat, Tensor? x0_prev, Tensor? noise, Tensor anchor, "
-      "Tensor target_mask, Tensor m, Tensor coef_xt, Tensor coef_x0, Tensor coef_x0_prev, "
-      "Tensor coef_noise, *, Tensor(a!) out) -> ()");
+      "denoise_step.out(Tensor x_t, Tensor x0_hat, Tensor anchor, Tensor target_mask, Tensor m, Tensor coef_xt, "
+      "Tensor coef_x0, Tensor? x0_prev=None, Tensor? coef_x0_prev=None, Tensor? noise=None, "
+      "Tensor? coef_noise=None, *, Tensor(a!) out) -> ()");
   // For each row of x (N, d), the index of the nearest row of emb (V, d) in Euclidean distance
   // (ties: the lowest index), computed in chunks of the vocabulary.
   m.def("nearest_embedding(Tensor x, Tensor emb) -> Tensor");

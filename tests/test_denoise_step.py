@@ -49,8 +49,10 @@ def check_denoise_step(B, L, d, dtype, with_prev, with_noise, seed, device):
 @pytest.mark.parametrize("d", [4, 16])  # on CUDA: by element, and in 16-byte packs
 def test_denoise_step_opcheck(device, d):
     x = torch.randn(2, 9, d, device=device)
-    args = (x, x + 1, x - 1, torch.randn_like(x), x * 2, torch.rand(2, 9, device=device) < 0.5,
-            torch.randn(d, device=device), *(torch.rand(2, device=device) for _ in range(4)))
+    a, b, c, s = (torch.rand(2, device=device) for _ in range(4))
+    # schema order: x_t, x0_hat, anchor, target_mask, m, coef_xt, coef_x0, x0_prev, coef_x0_prev, noise, coef_noise
+    args = (x, x + 1, x * 2, torch.rand(2, 9, device=device) < 0.5, torch.randn(d, device=device), a, b, x - 1, c,
+            torch.randn_like(x), s)
     torch.library.opcheck(torch.ops.moediffuseq.denoise_step.default, args)
     torch.library.opcheck(torch.ops.moediffuseq.denoise_step.out, args, {"out": torch.empty_like(x)})
 
@@ -63,5 +65,7 @@ def test_denoise_step_bad_inputs(device):
         denoise_step(x, x, x, tm, m, torch.rand(3), 0.5)
     with pytest.raises(RuntimeError, match=r"x0_hat must have the shape of x_t"):
         denoise_step(x, x[:, :3], x, tm, m, 0.5, 0.5)
-    with pytest.raises(ValueError, match=r"x0_prev and coef_x0_prev go together"):
+    with pytest.raises(RuntimeError, match=r"x0_prev and coef_x0_prev go together"):
         denoise_step(x, x, x, tm, m, 0.5, 0.5, x0_prev=x)
+    with pytest.raises(RuntimeError, match=r"noise and coef_noise go together"):
+        denoise_step(x, x, x, tm, m, 0.5, 0.5, coef_noise=0.1)

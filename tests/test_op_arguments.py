@@ -126,5 +126,5 @@ def test_denoise_step_out_partially_overlapping_an_input_is_refused():
 def test_denoise_step_autograd_passes_opcheck():
     tensors, mask = _denoise_inputs(torch.float32)
     x_t, x0_hat, x0_prev, noise, anchor, m, a, b, c, s = tensors
-    args = (x_t, x0_hat, x0_prev, noise, anchor, mask, m, a, b, c, s)
+    args = (x_t, x0_hat, anchor, mask, m, a, b, x0_prev, c, noise, s)
     torch.library.opcheck(torch.ops.moediffuseq.denoise_step.default, args)

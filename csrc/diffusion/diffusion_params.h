@@ -10,33 +10,32 @@
 
 namespace moediffuseq {
 
-// Target rows: m where uniform < gamma * sqrt_1mab[b], else sqrt_ab (x0 - m) + sqrt_1mab noise + m;
-// source rows: x0 (METHOD §5).
-struct SoftAbsorbQSampleParams {
+// What both directions of soft_absorb_q_sample read: the shapes, the absorbing strength and the
+// per-position schedule. A target row is absorbed (x_t = m) where uniform < gamma * sqrt_1mab[b].
+struct SoftAbsorbSchedule {
   DType dtype = DType::kFloat32;
   int64_t batch = 0, seqlen = 0, dim = 0;
   float gamma = 0.5f;
-  const void* x0 = nullptr;
-  const void* m = nullptr;               // (d)
   const bool* target_mask = nullptr;
   const float* sqrt_ab = nullptr;
   const float* sqrt_1mab = nullptr;
-  const void* noise = nullptr;
   const float* uniform = nullptr;
+};
+
+// Target rows: m where absorbed, else sqrt_ab (x0 - m) + sqrt_1mab noise + m; source rows: x0
+// (METHOD §5).
+struct SoftAbsorbQSampleParams : SoftAbsorbSchedule {
+  const void* x0 = nullptr;
+  const void* m = nullptr;  // (d)
+  const void* noise = nullptr;
   void* out = nullptr;
 };
 
 // grad_x0 = grad (source), 0 (absorbed), sqrt_ab grad (noised);
-// grad_m = sum over absorbed rows of grad + sum over noised rows of (1 - sqrt_ab) grad, float32.
-struct SoftAbsorbQSampleBackwardParams {
-  DType dtype = DType::kFloat32;
-  int64_t batch = 0, seqlen = 0, dim = 0;
-  float gamma = 0.5f;
+// grad_m = sum over absorbed rows of grad + sum over noised rows of (1 - sqrt_ab) grad, float32,
+// reduced deterministically: per split of the rows into `partial`, then over the splits.
+struct SoftAbsorbQSampleBackwardParams : SoftAbsorbSchedule {
   const void* grad = nullptr;
-  const bool* target_mask = nullptr;
-  const float* sqrt_ab = nullptr;
-  const float* sqrt_1mab = nullptr;
-  const float* uniform = nullptr;
   void* grad_x0 = nullptr;
   float* grad_m = nullptr;   // (d)
   float* partial = nullptr;  // scratch (soft_absorb_backward_splits(B * L), d) float32
@@ -48,15 +47,16 @@ inline int64_t soft_absorb_backward_splits(int64_t rows) {
   return splits < 1 ? 1 : (splits > 1024 ? 1024 : splits);
 }
 
-// Target rows: a x_t + b x0_hat + c x0_prev + s noise + (1 - a - b - c) m (c = 0 without x0_prev);
-// source rows: anchor. out may be x_t (elementwise update).
+// Target rows: coef_xt x_t + coef_x0 x0_hat + coef_x0_prev x0_prev + coef_noise noise
+// + (1 - coef_xt - coef_x0 - coef_x0_prev) m (x0_prev, noise and their coefficients may be null:
+// the term is left out); source rows: anchor. out may be x_t (elementwise update).
 struct DenoiseStepParams {
   DType dtype = DType::kFloat32;
   int64_t batch = 0, seqlen = 0, dim = 0;
   const void* x_t = nullptr;
   const void* x0_hat = nullptr;
-  const void* x0_prev = nullptr;  // may be null
-  const void* noise = nullptr;    // may be null
+  const void* x0_prev = nullptr;  // null with coef_x0_prev
+  const void* noise = nullptr;    // null with coef_noise
   const void* anchor = nullptr;
   const bool* target_mask = nullptr;
   const void* m = nullptr;        // (d)
@@ -78,6 +78,15 @@ struct NearestEmbeddingChunkParams {
   const float* norms = nullptr;   // (cols) ||e||^2
   float* best_dist = nullptr;     // (rows), +inf before the first chunk
   int64_t* best_index = nullptr;  // (rows), 0 before the first chunk
+};
+
+// What a backend registers for nearest_embedding: its chunk kernel and the tile of the host
+// entry's loop (rows x vocabulary columns per GEMM, sized for the backend's memory).
+struct NearestEmbeddingKernel {
+  bool allow_half = false;  // float16 accepted
+  int64_t row_block = 0;
+  int64_t vocab_chunk = 0;
+  void (*run)(const NearestEmbeddingChunkParams& p) = nullptr;
 };
 
 }  // namespace moediffuseq

@@ -10,9 +10,10 @@ _OP_OUT = torch.ops.moediffuseq.denoise_step.out
 Coef = Union[float, Tensor]
 
 
-def _per_batch(c: Optional[Coef], B: int, device, name: str = "coefficient") -> Tensor:
+def _per_batch(c: Optional[Coef], B: int, device, name: str) -> Optional[Tensor]:
+    """A float or a (B,) tensor as the op's float32 (B,) coefficient (None stays None)."""
     if c is None:
-        return torch.zeros(B, dtype=torch.float32, device=device)
+        return None
     t = torch.as_tensor(c, dtype=torch.float32, device=device)
     if t.numel() not in (1, B) or t.dim() > 1:
         raise ValueError(f"denoise_step: {name} must be a float or a (B,) = ({B},) tensor, got shape {tuple(t.shape)}")
@@ -23,14 +24,16 @@ def denoise_step(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: Tenso
                  coef_xt: Coef, coef_x0: Coef, *, x0_prev: Optional[Tensor] = None,
                  coef_x0_prev: Optional[Coef] = None, noise: Optional[Tensor] = None,
                  coef_noise: Optional[Coef] = None, out: Optional[Tensor] = None) -> Tensor:
-    """x_next = a x_t + b x0_hat + c x0_prev + s noise + (1 - a - b - c) m on target positions,
-    anchor on source positions. The affine form in (x - m) covers the DDPM posterior step, the
-    DDIM step and the DPM-Solver++ first- and second-order updates (diffusion/samplers.py).
+    """x_next = coef_xt x_t + coef_x0 x0_hat + coef_x0_prev x0_prev + coef_noise noise
+    + (1 - coef_xt - coef_x0 - coef_x0_prev) m on target positions, anchor on source positions.
+    The affine form in (x - m) covers the DDPM posterior step, the DDIM step and the DPM-Solver++
+    first- and second-order updates (diffusion/samplers.py).
 
     Args:
         x_t, x0_hat, anchor, x0_prev, noise: (B, L, d), one dtype (float32 or bfloat16).
         target_mask: (B, L) bool; m: (d,) the absorbing vector (the centre of the noise).
-        coef_*: floats or (B,) tensors (a, b, c, s above).
+        coef_*: floats or (B,) tensors. x0_prev and noise are optional, each with its
+            coefficient (both or neither).
         out: optional preallocated contiguous result (may be x_t itself, or another (B, L, d)
             input: the update is elementwise), to keep a sampling loop free of allocations. A
             partial overlap with an input is an error; out= does not take part in autograd.
@@ -39,23 +42,17 @@ def denoise_step(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: Tenso
     backward is written in plain PyTorch ops.
     """
     B = x_t.shape[0]
-    if out is not None:
-        _check_out(out, x_t=x_t, x0_hat=x0_hat, x0_prev=x0_prev, noise=noise, anchor=anchor,
-                   target_mask=target_mask, m=m)
-        inputs = (x_t, x0_hat, x0_prev, noise, anchor, m, coef_xt, coef_x0, coef_x0_prev, coef_noise)
-        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
-            raise RuntimeError("denoise_step: out= does not take part in autograd; call it without out= to "
-                               "differentiate, or under torch.no_grad()")
-    if (x0_prev is None) != (coef_x0_prev is None):
-        raise ValueError("denoise_step: x0_prev and coef_x0_prev go together")
-    if (noise is None) != (coef_noise is None):
-        raise ValueError("denoise_step: noise and coef_noise go together")
-    args = (x_t, x0_hat, x0_prev, noise, anchor, target_mask, m,
-            _per_batch(coef_xt, B, x_t.device, "coef_xt"), _per_batch(coef_x0, B, x_t.device, "coef_x0"),
-            _per_batch(coef_x0_prev, B, x_t.device, "coef_x0_prev"),
+    args = (x_t, x0_hat, anchor, target_mask, m, _per_batch(coef_xt, B, x_t.device, "coef_xt"),
+            _per_batch(coef_x0, B, x_t.device, "coef_x0"), x0_prev,
+            _per_batch(coef_x0_prev, B, x_t.device, "coef_x0_prev"), noise,
             _per_batch(coef_noise, B, x_t.device, "coef_noise"))
     if out is None:
         return _OP(*args)
+    _check_out(out, x_t=x_t, x0_hat=x0_hat, anchor=anchor, target_mask=target_mask, m=m, x0_prev=x0_prev,
+               noise=noise)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+        raise RuntimeError("denoise_step: out= does not take part in autograd; call it without out= to "
+                           "differentiate, or under torch.no_grad()")
     _OP_OUT(*args, out=out)
     return out
 
@@ -85,20 +82,21 @@ def _check_out(out: Tensor, **inputs: Optional[Tensor]) -> None:
 
 
 def _setup_context(ctx, inputs, output):
-    x_t, x0_hat, x0_prev, noise, anchor, target_mask, m, coef_xt, coef_x0, coef_x0_prev, coef_noise = inputs
-    ctx.save_for_backward(x_t, x0_hat, x0_prev, noise, target_mask, m, coef_xt, coef_x0, coef_x0_prev, coef_noise)
-    ctx.dtypes = (x_t.dtype, x0_hat.dtype, None if x0_prev is None else x0_prev.dtype,
-                  None if noise is None else noise.dtype, anchor.dtype, m.dtype)
+    x_t, x0_hat, anchor, target_mask, m, coef_xt, coef_x0, x0_prev, coef_x0_prev, noise, coef_noise = inputs
+    ctx.save_for_backward(x_t, x0_hat, target_mask, m, coef_xt, coef_x0, x0_prev, coef_x0_prev, noise, coef_noise)
+    ctx.dtypes = (x_t.dtype, x0_hat.dtype, anchor.dtype, m.dtype, None if x0_prev is None else x0_prev.dtype,
+                  None if noise is None else noise.dtype)
 
 
 def _backward(ctx, grad):
     """The update is affine: gradients in plain PyTorch ops (so they are differentiable again)."""
-    x_t, x0_hat, x0_prev, noise, target_mask, m, a, b, c, s = ctx.saved_tensors
-    dt_xt, dt_x0, dt_prev, dt_noise, dt_anchor, dt_m = ctx.dtypes
+    x_t, x0_hat, target_mask, m, a, b, x0_prev, c, noise, s = ctx.saved_tensors
+    dt_xt, dt_x0, dt_anchor, dt_m, dt_prev, dt_noise = ctx.dtypes
     need = ctx.needs_input_grad
     keep = target_mask[..., None]  # (B, L, 1)
     g = torch.where(keep, grad.float(), 0.0)  # (B, L, d) the target part
     mf = m.float()
+    c_or_0 = 0.0 if c is None else c
 
     def col(coef):
         return coef[:, None, None]  # (B, 1, 1)
@@ -109,14 +107,14 @@ def _backward(ctx, grad):
     grads = [
         (col(a) * g).to(dt_xt) if need[0] else None,
         (col(b) * g).to(dt_x0) if need[1] else None,
-        (col(c) * g).to(dt_prev) if need[2] and x0_prev is not None else None,
-        (col(s) * g).to(dt_noise) if need[3] and noise is not None else None,
-        torch.where(keep, 0.0, grad.float()).to(dt_anchor) if need[4] else None,
+        torch.where(keep, 0.0, grad.float()).to(dt_anchor) if need[2] else None,
         None,
-        (col(1 - a - b - c) * g).sum(dim=(0, 1)).to(dt_m) if need[6] else None,
-        dot(x_t.float() - mf) if need[7] else None,
-        dot(x0_hat.float() - mf) if need[8] else None,
-        dot(x0_prev.float() - mf) if need[9] and x0_prev is not None else None,
+        (col(1 - a - b - c_or_0) * g).sum(dim=(0, 1)).to(dt_m) if need[4] else None,
+        dot(x_t.float() - mf) if need[5] else None,
+        dot(x0_hat.float() - mf) if need[6] else None,
+        (col(c) * g).to(dt_prev) if need[7] and x0_prev is not None else None,
+        dot(x0_prev.float() - mf) if need[8] and x0_prev is not None else None,
+        (col(s) * g).to(dt_noise) if need[9] and noise is not None else None,
         dot(noise.float()) if need[10] and noise is not None else None,
     ]
     return tuple(grads)
@@ -126,31 +124,36 @@ torch.library.register_autograd("moediffuseq::denoise_step", _backward, setup_co
 
 
 @torch.library.register_fake("moediffuseq::denoise_step")
-def _(x_t, x0_hat, x0_prev, noise, anchor, target_mask, m, coef_xt, coef_x0, coef_x0_prev, coef_noise):
+def _(x_t, x0_hat, anchor, target_mask, m, coef_xt, coef_x0, x0_prev=None, coef_x0_prev=None, noise=None,
+      coef_noise=None):
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("moediffuseq::denoise_step.out")
-def _(x_t, x0_hat, x0_prev, noise, anchor, target_mask, m, coef_xt, coef_x0, coef_x0_prev, coef_noise, *, out):
+def _(x_t, x0_hat, anchor, target_mask, m, coef_xt, coef_x0, x0_prev=None, coef_x0_prev=None, noise=None,
+      coef_noise=None, *, out):
     return None
 
 
 def denoise_step_ref(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: Tensor, m: Tensor,
                      coef_xt: Coef, coef_x0: Coef, *, x0_prev: Optional[Tensor] = None,
                      coef_x0_prev: Optional[Coef] = None, noise: Optional[Tensor] = None,
-                     coef_noise: Optional[Coef] = None) -> Tensor:
+                     coef_noise: Optional[Coef] = None, out: Optional[Tensor] = None) -> Tensor:
     """The same update as a chain of plain PyTorch ops (float32 math)."""
     B = x_t.shape[0]
 
     def col(c):
-        return _per_batch(c, B, x_t.device)[:, None, None]  # (B, 1, 1)
+        return torch.as_tensor(c, dtype=torch.float32, device=x_t.device).expand(B)[:, None, None]  # (B, 1, 1)
 
     a, b = col(coef_xt), col(coef_x0)
-    c, s = col(coef_x0_prev), col(coef_noise)
+    c = col(coef_x0_prev) if x0_prev is not None else 0.0
     mf = m.float()
-    out = a * x_t.float() + b * x0_hat.float() + (1 - a - b - c) * mf
+    result = a * x_t.float() + b * x0_hat.float() + (1 - a - b - c) * mf
     if x0_prev is not None:
-        out = out + c * x0_prev.float()
+        result = result + c * x0_prev.float()
     if noise is not None:
-        out = out + s * noise.float()
-    return torch.where(target_mask[..., None], out, anchor.float()).to(x_t.dtype)
+        result = result + col(coef_noise) * noise.float()
+    result = torch.where(target_mask[..., None], result, anchor.float()).to(x_t.dtype)
+    if out is None:
+        return result
+    return out.copy_(result)

@@ -11,7 +11,7 @@ _OP_BACKWARD = torch.ops.moediffuseq.soft_absorb_q_sample_backward
 
 
 def soft_absorb_q_sample(x0: Tensor, m: Tensor, target_mask: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor, *,
-                         gamma: float = 0.5, noise: Optional[Tensor] = None, uniform: Optional[Tensor] = None,
+                         noise: Optional[Tensor] = None, uniform: Optional[Tensor] = None, gamma: float = 0.5,
                          generator: Optional[torch.Generator] = None) -> Tensor:
     """x_t for x0 at the per-example noise levels (sqrt_ab, sqrt_1mab).
 
@@ -24,19 +24,24 @@ def soft_absorb_q_sample(x0: Tensor, m: Tensor, target_mask: Tensor, sqrt_ab: Te
         m: (d,) the learned absorbing vector, dtype of x0.
         target_mask: (B, L) bool.
         sqrt_ab, sqrt_1mab: (B,) sqrt(abar_t) and sqrt(1 - abar_t) of each example.
-        gamma: absorbing strength in [0, 1] (METHOD §5: 0.5).
         noise: (B, L, d) standard normal draws; uniform: (B, L) U[0, 1) draws. Drawn from
             ``generator`` when not given.
+        gamma: absorbing strength in [0, 1] (METHOD §5: 0.5).
 
     Differentiable w.r.t. x0 and m.
     """
+    return _OP(*_op_args(x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, gamma, generator))
+
+
+def _op_args(x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, gamma, generator):
+    """The op's arguments in schema order: the draws made when not given, the levels as tensors."""
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device).to(x0.dtype)
     if uniform is None:
         uniform = torch.rand(x0.shape[:2], generator=generator, device=x0.device)
     sqrt_ab = torch.as_tensor(sqrt_ab, dtype=torch.float32, device=x0.device)
     sqrt_1mab = torch.as_tensor(sqrt_1mab, dtype=torch.float32, device=x0.device)
-    return _OP(x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, float(gamma))
+    return x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, float(gamma)
 
 
 @torch.library.register_fake("moediffuseq::soft_absorb_q_sample")
@@ -67,13 +72,17 @@ torch.library.register_autograd("moediffuseq::soft_absorb_q_sample", _backward, 
 refuse_double_backward("soft_absorb_q_sample_backward", "soft_absorb_q_sample")
 
 
-def soft_absorb_q_sample_ref(x0: Tensor, m: Tensor, target_mask: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor,
-                             noise: Tensor, uniform: Tensor, gamma: float = 0.5) -> Tensor:
-    """The contract as plain PyTorch ops (float32 math, result in the dtype of x0)."""
-    a = sqrt_ab.float()[:, None, None]  # (B, 1, 1)
-    s = sqrt_1mab.float()[:, None, None]
+def soft_absorb_q_sample_ref(x0: Tensor, m: Tensor, target_mask: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor, *,
+                             noise: Optional[Tensor] = None, uniform: Optional[Tensor] = None, gamma: float = 0.5,
+                             generator: Optional[torch.Generator] = None) -> Tensor:
+    """The contract as plain PyTorch ops (float32 math, result in the dtype of x0); the same
+    draws as the op for the same generator."""
+    x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, gamma = _op_args(
+        x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, gamma, generator)
+    a = sqrt_ab[:, None, None]  # (B, 1, 1)
+    s = sqrt_1mab[:, None, None]
     mf = m.float()
     noised = a * (x0.float() - mf) + s * noise.float() + mf  # (B, L, d)
-    absorbed = target_mask & (uniform < gamma * sqrt_1mab.float()[:, None])  # (B, L)
+    absorbed = target_mask & (uniform < gamma * sqrt_1mab[:, None])  # (B, L)
     out = torch.where(absorbed[..., None], mf.expand_as(noised), noised)
     return torch.where(target_mask[..., None], out, x0.float()).to(x0.dtype)
