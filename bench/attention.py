@@ -210,8 +210,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Config, int, str]:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
-    if cuda and args.causal:
-        parser.error("--causal: the CUDA kernels have no causal mode yet (CPU only)")
     if cuda:
         lengths = args.lengths or ([8192] if args.quick else list(CUDA_LENGTHS))
         repeats = args.repeats or (3 if args.quick else 10)

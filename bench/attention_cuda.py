@@ -35,7 +35,7 @@ def cuda_problem(length: int, cfg: Config) -> Problem:
 
 def cuda_methods(problem: Problem, cfg: Config, notes: list[str]) -> dict[str, Attention]:
     """The three attention callables for one problem (FlexAttention compiled on its first call)."""
-    kwargs = dict(window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask)
+    kwargs = dict(window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask, causal=cfg.causal)
     mask_mod = flex_mask_mod(problem.global_mask, cfg)
 
     start = clock.perf_counter()
@@ -46,7 +46,7 @@ def cuda_methods(problem: Problem, cfg: Config, notes: list[str]) -> dict[str, A
 
     def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)
 
     return {
         CUDA_OURS: lambda q, k, v: block_sparse_attention(q, k, v, **kwargs),
@@ -81,7 +81,8 @@ def cuda_rows(length: int, cfg: Config, timings: dict[Key, Timing], pairs: dict[
     """The table rows of one sequence length."""
     rows: list[dict[str, Cell]] = []
     useful = forward_flops(cfg, pairs[length])
-    dense = 4.0 * cfg.batch * cfg.heads * cfg.dim * length * length
+    # dense work of SDPA: L^2 pairs, or the L (L + 1) / 2 on and below the diagonal when causal
+    dense = 4.0 * cfg.batch * cfg.heads * cfg.dim * (length * (length + 1) / 2 if cfg.causal else length * length)
     for name in (CUDA_OURS, CUDA_SDPA, CUDA_FLEX):
         for pass_ in PASSES:
             factor = BACKWARD_FLOP_FACTOR if pass_ == FWD_BWD else 1.0

@@ -2,9 +2,9 @@
 contract and edge cases (empty rows, NaN, huge scales, windows beyond the sequence).
 
 Every test runs on CPU and, where a GPU and the CUDA kernels are present, on CUDA (bfloat16 and
-float16 there, head dimensions 64 and 128; the float64 reference runs on the same device).
-Causal and grouped-query attention run on CPU only (the CUDA entry refuses them by name);
-their own properties are in test_block_sparse_attention_causal_gqa_layout.py.
+float16 there, head dimensions 64 and 128; the float64 reference runs on the same device),
+causal and grouped-query problems in both layouts included; their own properties are in
+test_block_sparse_attention_causal_gqa_layout.py.
 """
 import math
 
@@ -86,9 +86,8 @@ def problems(draw, device="cpu"):
         pad_batch=draw(st.booleans()),
         dtype=draw(st.sampled_from(ATTENTION_DTYPES[device])),
         seed=draw(st.integers(0, 2**31 - 1)),
-        # causal and grouped-query heads: CPU kernels only
-        causal=draw(st.booleans()) if device == "cpu" else False,
-        group=draw(st.sampled_from([1, 1, 2, 3])) if device == "cpu" else 1,
+        causal=draw(st.booleans()),
+        group=draw(st.sampled_from([1, 1, 2, 3])),
         layout=draw(st.sampled_from(["bhld", "blhd"])),
     )
 
@@ -121,6 +120,14 @@ EXAMPLES = {
              dtype=torch.float16, seed=3),
         dict(B=2, H=2, L=200, D=64, window=9, dilation=2, p_global=0.05, p_pad=0.1, pad_batch=False,
              dtype=torch.bfloat16, seed=4, layout="blhd"),
+        # causal x GQA x layout: windows wider than a tile, dilation, global keys past the window,
+        # whole global query tiles (the dense CTAs trimmed to the past)
+        dict(B=1, H=2, L=1025, D=128, window=150, dilation=1, p_global=0.02, p_pad=0.1, pad_batch=False,
+             dtype=torch.bfloat16, seed=20, causal=True, group=3, layout="blhd"),
+        dict(B=2, H=1, L=257, D=64, window=5, dilation=3, p_global=0.1, p_pad=0.1, pad_batch=True,
+             dtype=torch.float16, seed=21, causal=True, group=2, layout="bhld"),
+        dict(B=1, H=1, L=300, D=64, window=2, dilation=2, p_global=1.0, p_pad=0.5, pad_batch=False,
+             dtype=torch.bfloat16, seed=22, causal=True, group=4, layout="blhd"),
     ],
 }
 
@@ -171,16 +178,18 @@ def test_global_target_span_as_in_the_model(device, dtype, dilation):
     check_against_reference(q, k, v, global_mask, key_padding_mask, grad, window=16, dilation=dilation)
 
 
-@pytest.mark.parametrize("dilation", [1, 3])
-def test_long_sequence_with_many_global_tokens_on_cuda(dilation):
+@pytest.mark.parametrize("dilation,causal,kv_heads,layout",
+                         [(1, False, 2, "bhld"), (3, False, 2, "bhld"), (1, True, 1, "blhd"), (3, True, 1, "bhld")])
+def test_long_sequence_with_many_global_tokens_on_cuda(dilation, causal, kv_heads, layout):
     """L = 8300 splits the dense parts (global rows, global keys) over 2 CTAs (one split per 64
     tiles of 64 rows, csrc/attention/cuda/block_sparse_attention_cuda.h), and more than 256 global tokens
-    also leave some of their tiles whole: both paths against the reference."""
+    also leave some of their tiles whole: both paths against the reference, also causal (the
+    dense tiles trimmed to the past) with two query heads on one key/value head."""
     skip_unless_ready("cuda")
     q, k, v, g, kp, grad = make_inputs(1, 2, 8300, 64, torch.bfloat16, seed=13, p_global=0.05, p_pad=0.05,
-                                       device="cuda")
+                                       device="cuda", kv_heads=kv_heads, layout=layout)
     assert 256 < int(g.sum()) < 600
-    check_against_reference(q, k, v, g, kp, grad, window=100, dilation=dilation)
+    check_against_reference(q, k, v, g, kp, grad, window=100, dilation=dilation, causal=causal, layout=layout)
 
 
 def test_split_dense_parts_with_batches_of_different_global_masks_on_cuda():

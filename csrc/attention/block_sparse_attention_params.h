@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "common/host_device.h"
+
 namespace moediffuseq {
 
 // Strides (in elements) of a logical (B, H, L, D) tensor whose last dimension is contiguous.
@@ -12,7 +14,7 @@ struct BsaStrides {
   int64_t head = 0;
   int64_t row = 0;  // one position l to the next
   // Element offset of row l of head h of batch b.
-  int64_t at(int64_t b, int64_t h, int64_t l) const { return b * batch + h * head + l * row; }
+  MOEDIFFUSEQ_HOST_DEVICE int64_t at(int64_t b, int64_t h, int64_t l) const { return b * batch + h * head + l * row; }
 };
 
 // allowed(i, j) = j not padded and (i global or j global or (|i - j| <= window * dilation and
@@ -20,8 +22,8 @@ struct BsaStrides {
 // token attends to the past only and is attended by the queries at or after it.
 // Logical shapes: q, out, grad_out, grad_q (B, H, L, D); k, v, grad_k, grad_v (B, kv_heads, L, D),
 // query head h reads key/value head h / (heads / kv_heads) (grouped-query attention). Each tensor
-// has its own strides (so (B, L, H, D) memory goes in as it is); the CUDA kernels take
-// contiguous (B, H, L, D) tensors only (their host entry ensures it).
+// has its own strides (so (B, L, H, D) memory goes in as it is); the CUDA kernels also need rows
+// 16-byte aligned (their backend copies a tensor that is not).
 struct BlockSparseAttentionParams {
   int64_t batch = 0;
   int64_t heads = 0;

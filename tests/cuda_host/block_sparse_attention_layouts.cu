@@ -1,5 +1,5 @@
 // Host-side check of the CuTe layouts the block-sparse attention kernels rely on, and of the
-// tile decoding of attention/cuda/block_sparse_attention_tiles.h. CuTe layouts are plain host
+// tile decoding of attention/block_sparse_attention_residues.h. CuTe layouts are plain host
 // code, so this runs on any machine with nvcc, without a GPU; cmake/cuda_compile_check builds and runs it
 // (make cuda-check). Exits non-zero on the first kind of mismatch, after printing a few.
 #include <cstdio>
@@ -65,19 +65,20 @@ int main() {
   // Band tiles: decode() enumerates every (residue, 64-slot tile) exactly once.
   for (int64_t L : {1, 2, 63, 64, 65, 97, 1000, 4097}) {
     for (int64_t d : {1, 2, 3, 7, 64, 5000}) {
-      const moediffuseq::ResidueTiles tiles{L, d};
+      const moediffuseq::ResidueSubsequences tiles{L, d};
+      const int64_t num_tiles = tiles.num_blocks(kBsaTile);
       std::set<std::pair<int64_t, int64_t>> got;
-      for (int64_t x = 0; x < tiles.num_tiles(); ++x) {
+      for (int64_t x = 0; x < num_tiles; ++x) {
         int64_t r, t0;
-        tiles.decode(x, r, t0);
-        if (r < 0 || r >= d || t0 < 0 || t0 >= tiles.length(r) || t0 % moediffuseq::kBsaTile) errors++;
+        tiles.decode(x, kBsaTile, r, t0);
+        if (r < 0 || r >= d || t0 < 0 || t0 >= tiles.length(r) || t0 % kBsaTile) errors++;
         got.insert({r, t0});
       }
       int64_t expect = 0;
-      for (int64_t r = 0; r < d; ++r) expect += moediffuseq::ResidueTiles::tiles_of(tiles.length(r));
-      if (int64_t(got.size()) != tiles.num_tiles() || expect != tiles.num_tiles()) {
+      for (int64_t r = 0; r < d; ++r) expect += moediffuseq::ResidueSubsequences::blocks_of(tiles.length(r), kBsaTile);
+      if (int64_t(got.size()) != num_tiles || expect != num_tiles) {
         if (errors++ < 5) printf("decode L %ld d %ld: %zu distinct of %ld, expected %ld\n", long(L), long(d), got.size(),
-                                 long(tiles.num_tiles()), long(expect));
+                                 long(num_tiles), long(expect));
       }
     }
   }
@@ -85,7 +86,7 @@ int main() {
   // and only the first kBsaSplitTiles list tiles are split.
   for (int L : {1, 64, 65, 4096, 8191, 131072}) {
     for (int splits : {1, 2, 3, 16, moediffuseq::cuda::bsa_cuda_num_splits(L)}) {
-      const int total = int(moediffuseq::ResidueTiles::tiles_of(L));
+      const int total = int(moediffuseq::ResidueSubsequences::blocks_of(L, kBsaTile));
       std::map<std::pair<int, int>, int> covered;
       for (int x = 0; x < int(moediffuseq::cuda::dense_ctas(L, splits)); ++x) {
         const auto t = moediffuseq::cuda::dense_tile(x, L, splits);

@@ -133,7 +133,7 @@ template <typename T>
 void backward_query_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& plan, int64_t b, int64_t h,
                          BackwardScratch<T>& w) {
   const int64_t L = p.seqlen, D = p.head_dim;
-  const ResidueOrder& order = plan.order;
+  const ResidueSubsequences& order = plan.order;
   const int64_t d = order.d, Gk = plan.num_global_keys[b], Gq = plan.num_global_queries[b];
   const int64_t ldq = p.q_strides.row, ldo = p.grad_out_strides.row, ldout = p.out_strides.row;
   const int64_t lddq = p.grad_q_strides.row;

@@ -104,7 +104,7 @@ template <typename T>
 void forward_impl(const BlockSparseAttentionParams& p) {
   const int64_t H = p.heads, group = p.heads / p.kv_heads, L = p.seqlen, D = p.head_dim, BH = p.batch * H;
   const BlockSparsePlan plan = make_plan(p);
-  const ResidueOrder& order = plan.order;
+  const ResidueSubsequences& order = plan.order;
   const int64_t d = order.d, Gq = plan.max_global_queries;
   const BsaStrides qs = p.q_strides, ks = p.k_strides, vs = p.v_strides, os = p.out_strides;
   const T* q = static_cast<const T*>(p.q);

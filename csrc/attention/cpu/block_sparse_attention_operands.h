@@ -21,7 +21,7 @@ class HeadOperands {
  public:
   HeadOperands(const BlockSparsePlan& plan, int64_t D, HeadOperandSet set) : plan_(plan), D_(D), set_(set) {
     const int64_t G = std::max<int64_t>(plan.max_global_keys, 1);
-    ldt_ = packed_ld<T>(plan.order.ld_transposed());
+    ldt_ = packed_ld<T>(transposed_ld(plan.order.L));
     ldg_ = packed_ld<T>(G);
     kt_.resize(packed_rows<T>(D) * ldt_);
     kgt_.resize(packed_rows<T>(D) * ldg_);
@@ -39,7 +39,7 @@ class HeadOperands {
   // Rebuilds the operands for a key/value head of batch b given its K and V, (L x D) with
   // leading dimensions ldk and ldv.
   void build(const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t b) {
-    const ResidueOrder& order = plan_.order;
+    const ResidueSubsequences& order = plan_.order;
     const int64_t d = order.d, D = D_;
     const int64_t* gkeys = plan_.global_keys.data() + b * plan_.max_global_keys;
     const int64_t G = plan_.num_global_keys[b];

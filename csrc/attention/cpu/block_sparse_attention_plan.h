@@ -1,8 +1,6 @@
 // The iteration plan shared by the CPU forward and backward of block-sparse attention.
 //
-// Dilation d is handled as d interleaved plain windows: positions with the same residue
-// i mod d form a subsequence in which the dilated window is a plain window of half-width w.
-// Query blocks are tiles of kBlockQ consecutive positions of one residue subsequence; a block
+// Dilation: the residue subsequences of attention/block_sparse_attention_residues.h. Query blocks are tiles of kBlockQ consecutive positions of one residue subsequence; a block
 // visits one contiguous range of that subsequence's keys (its window, in chunks of at most
 // kMaxChunk keys, through a per-head transposed copy of K in residue order) and then the
 // global keys outside that range (through a per-head gathered copy). Global query rows are
@@ -23,6 +21,7 @@
 #include <vector>
 
 #include "attention/block_sparse_attention_params.h"
+#include "attention/block_sparse_attention_residues.h"
 #include "attention/cpu/tile_gemm.h"
 
 namespace moediffuseq::cpu {
@@ -36,18 +35,11 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 enum KeyClass : uint8_t { kNormalKey = 0, kGlobalKey = 1, kPaddedKey = 2 };
 
-// Slot of position i in residue order: offset(i % d) + i / d.
-struct ResidueOrder {
-  int64_t L = 0;
-  int64_t d = 1;
-  int64_t length(int64_t r) const { return r < L ? (L - r + d - 1) / d : 0; }
-  int64_t offset(int64_t r) const { return r * (L / d) + std::min(r, L % d); }
-  // Leading dimension of (D x L) transposed copies, padded like kLdS.
-  int64_t ld_transposed() const { return (L + 15) / 16 * 16 + 16; }
-};
+// Leading dimension of (D x L) transposed copies, padded like kLdS.
+inline int64_t transposed_ld(int64_t L) { return (L + 15) / 16 * 16 + 16; }
 
 struct BlockSparsePlan {
-  ResidueOrder order;
+  ResidueSubsequences order;  // slot of position i in residue order: offset(i % d) + i / d
   int64_t window = 0;
   bool causal = false;
   std::vector<uint8_t> key_class;            // (B, L), residue order
@@ -64,7 +56,9 @@ struct BlockSparsePlan {
   // The contiguous range [lo, hi) of residue-r key slots visited by queries [t0, t1); lo is
   // even so that chunks start on a row pair of pair-packed operands.
   std::pair<int64_t, int64_t> local_range(int64_t r, int64_t t0, int64_t t1) const {
-    return {std::max<int64_t>(0, t0 - window) / 2 * 2, std::min(order.length(r), causal ? t1 : t1 + window)};
+    int64_t lo, hi;
+    band_keys(order.length(r), t0, t1, window, causal, lo, hi);
+    return {lo / 2 * 2, hi};
   }
   const uint8_t* classes(int64_t b) const { return key_class.data() + b * order.L; }
   // True when every query of block [t0, t1) of residue r is global: the dense pass over global
@@ -81,7 +75,7 @@ struct BlockSparsePlan {
 inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   BlockSparsePlan plan;
   const int64_t B = p.batch, L = p.seqlen, d = p.dilation;
-  plan.order = ResidueOrder{L, d};
+  plan.order = ResidueSubsequences{L, d};
   plan.window = p.window;
   plan.causal = p.causal;
   plan.key_class.assign(B * L, kNormalKey);

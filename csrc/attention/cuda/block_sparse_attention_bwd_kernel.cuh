@@ -1,9 +1,10 @@
 // Backward kernel of block-sparse attention (flash-attention-2 style, CuTe, SM80 tensor-core
-// atoms that Hopper runs). One CTA of 8 warps per (key tile, head, batch) accumulates dK and
-// dV of its 64 keys in registers over the query tiles that see them (the transposed lists of
-// attention/cuda/block_sparse_attention_tiles.h) and adds dQ = scale dS K to a float32 buffer with
-// atomics. Probabilities are rebuilt from the saved log-sum-exp; delta = rowsum(dO * O) comes
-// from a preprocessing kernel.
+// atoms that Hopper runs). One CTA of 8 warps per (key tile, key/value head, batch) accumulates
+// dK and dV of its 64 keys in registers over the query tiles that see them (the transposed lists
+// of attention/cuda/block_sparse_attention_tile_io.cuh), for each query head of its group
+// (grouped-query attention: no atomics on dK, dV), and adds dQ = scale dS K to a float32 buffer
+// with atomics. Probabilities are rebuilt from the saved log-sum-exp; delta = rowsum(dO * O)
+// comes from a preprocessing kernel.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -14,7 +15,7 @@
 #include "attention/cuda/block_sparse_attention_cuda.h"
 #include "attention/cuda/block_sparse_attention_mma.cuh"
 #include "attention/cuda/block_sparse_attention_tile_io.cuh"
-#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/block_sparse_attention_residues.h"
 
 namespace moediffuseq::cuda {
 
@@ -45,7 +46,7 @@ struct BwdKernel {
 };
 
 // p.window and p.dilation are at most p.seqlen (clamped by the launcher).
-// grid = (band key tiles + dense CTAs, H, B); blockIdx.x < num_band_tiles is a band key tile, else (part of) a tile of global keys,
+// grid = (band key tiles + dense CTAs, H_kv, B); blockIdx.x < num_band_tiles is a band key tile, else (part of) a tile of global keys,
 // whose gradients are added to ws.split_grad_{k,v} when it is split.
 template <typename Elem, int D>
 __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
@@ -60,18 +61,15 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   auto& ss = *reinterpret_cast<typename K::Shared*>(smem_raw);
 
   const int tid = threadIdx.x;
-  const int b = blockIdx.z, h = blockIdx.y;
+  const int b = blockIdx.z, hk = blockIdx.y;
   const int L = static_cast<int>(p.seqlen), d = static_cast<int>(p.dilation), w = static_cast<int>(p.window);
-  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
-  const Elem* q = static_cast<const Elem*>(p.q) + bh * L * D;
-  const Elem* k = static_cast<const Elem*>(p.k) + bh * L * D;
-  const Elem* v = static_cast<const Elem*>(p.v) + bh * L * D;
-  const Elem* dout = static_cast<const Elem*>(p.grad_out) + bh * L * D;
-  Elem* dk = static_cast<Elem*>(p.grad_k) + bh * L * D;
-  Elem* dv = static_cast<Elem*>(p.grad_v) + bh * L * D;
-  float* dq_accum = ws.grad_q_accum + bh * L * D;
-  const float* lse = p.lse + bh * L;
-  const float* delta = ws.delta + bh * L;
+  const bool causal = p.causal;
+  const int group = static_cast<int>(p.heads / p.kv_heads);  // query heads hk * group .. per key/value head
+  const int64_t bhk = static_cast<int64_t>(b) * p.kv_heads + hk;
+  const Elem* k = static_cast<const Elem*>(p.k) + p.k_strides.at(b, hk, 0);
+  const Elem* v = static_cast<const Elem*>(p.v) + p.v_strides.at(b, hk, 0);
+  Elem* dk = static_cast<Elem*>(p.grad_k) + p.grad_k_strides.at(b, hk, 0);
+  Elem* dv = static_cast<Elem*>(p.grad_v) + p.grad_v_strides.at(b, hk, 0);
   const bool has_global = p.global_mask != nullptr;
   PositionFlags flags;
   flags.global = has_global ? p.global_mask + static_cast<int64_t>(b) * L : nullptr;
@@ -86,24 +84,26 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   DenseTile dense;
   int residue = 0, c0 = 0, lo = 0, hi = 0, n_first, n_second;
   if (band) {
-    const ResidueTiles tiles{L, d};
+    const ResidueSubsequences seq{L, d};
     int64_t r64, c64, lo64, hi64;
-    tiles.decode(blockIdx.x, r64, c64);
+    seq.decode(blockIdx.x, kBsaTile, r64, c64);
     residue = static_cast<int>(r64);
     c0 = static_cast<int>(c64);
-    const int len = static_cast<int>(tiles.length(r64));
-    band_range(len, c64, w, lo64, hi64);  // the band is symmetric: queries [c0 - w, c0 + 64 + w)
+    const int64_t len = seq.length(r64);
+    band_queries(len, c64, c64 + kBsaTile < len ? c64 + kBsaTile : len, w, causal, lo64, hi64);
     lo = static_cast<int>(lo64);
     hi = static_cast<int>(hi64);
-    krows = strided_rows(residue, d, c0, len);
-    n_first = static_cast<int>(ResidueTiles::tiles_of(hi - lo));
-    n_second = static_cast<int>(ResidueTiles::tiles_of(num_global_rows));
+    krows = strided_rows(residue, d, c0, static_cast<int>(len));
+    n_first = static_cast<int>(ResidueSubsequences::blocks_of(hi - lo, kBsaTile));
+    n_second = static_cast<int>(ResidueSubsequences::blocks_of(num_global_rows, kBsaTile));
   } else {
     dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
     const int g0 = dense.tile * kBsaTile;
     const int num_keys = ws.num_global[p.batch + b];
     if (g0 >= num_keys) return;  // the whole CTA: fewer global keys than launched tiles
-    krows = gathered_rows(ws.global_keys + static_cast<int64_t>(b) * L, g0, num_keys);
+    const int* keys = ws.global_keys + static_cast<int64_t>(b) * L;
+    krows = gathered_rows(keys, g0, num_keys);
+    if (causal) causal_query_tiles(dense, keys[g0]);
     n_first = dense.end - dense.first;
     n_second = 0;
   }
@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     key_dropped = !ss.kkeep[tid];
   }
   const bool any_key_dropped = __syncthreads_or(key_dropped);
-  load_tile_async<D, kLd, kThreads>(ss.k, k, ss.kpos, tid);
-  load_tile_async<D, kLd, kThreads>(ss.v, v, ss.kpos, tid);
+  load_tile_async<D, kLd, kThreads>(ss.k, k, p.k_strides.row, ss.kpos, tid);
+  load_tile_async<D, kLd, kThreads>(ss.v, v, p.v_strides.row, ss.kpos, tid);
   cp_async_commit();
 
   typename K::TiledMma mma;
@@ -175,7 +175,16 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   Tensor tSsdS = thr.partition_C(sdS);
   const float scale_log2 = p.scale * kLog2e;
 
-  for (int j = 0; j < n_first + n_second; ++j) {
+  // Every query head of the group, each over the same query tiles.
+  const int n_tiles = n_first + n_second;
+  for (int step = 0; step < group * n_tiles; ++step) {
+    const int h = hk * group + step / n_tiles, j = step % n_tiles;
+    const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+    const Elem* q = static_cast<const Elem*>(p.q) + p.q_strides.at(b, h, 0);
+    const Elem* dout = static_cast<const Elem*>(p.grad_out) + p.grad_out_strides.at(b, h, 0);
+    float* dq_accum = ws.grad_q_accum + bh * L * D;
+    const float* lse = p.lse + bh * L;
+    const float* delta = ws.delta + bh * L;
     TileRows qrows;
     bool geometry = false;
     int t0 = 0;
@@ -201,10 +210,12 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
       ss.delta[tid] = keep ? delta[pos] : 0.f;
     }
     __syncthreads();
+    // Causal pairs of band tiles are part of their geometry; other tiles compare positions.
+    const bool by_position = causal && !geometry;
     const bool need_mask =
-        any_key_dropped || (geometry && !(t0 + kBsaTile - 1 - c0 <= w && c0 + kBsaTile - 1 - t0 <= w));
-    load_tile_async<D, kLd, kThreads>(ss.q, q, ss.qpos, tid);
-    load_tile_async<D, kLd, kThreads>(ss.dout, dout, ss.qpos, tid);
+        any_key_dropped || by_position || (geometry && !band_block_full(t0, c0, kBsaTile, w, causal));
+    load_tile_async<D, kLd, kThreads>(ss.q, q, p.q_strides.row, ss.qpos, tid);
+    load_tile_async<D, kLd, kThreads>(ss.dout, dout, p.grad_out_strides.row, ss.qpos, tid);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -223,10 +234,8 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
       bool ok = true;
       if (need_mask) {
         ok = ss.kkeep[col];
-        if (geometry) {
-          const int dt = (t0 + row) - (c0 + col);
-          ok = ok && dt <= w && dt >= -w;
-        }
+        if (geometry) ok = ok && band_pair((t0 + row) - (c0 + col), w, causal);
+        if (by_position) ok = ok && ss.kpos[col] <= ss.qpos[row];
       }
       // <= 0 in exact arithmetic; clamped so that rounding at a huge scale cannot overflow
       const float prob = ok ? exp2f(fminf(acc_s(i) * scale_log2 - ss.lse[row], 0.f)) : 0.f;
@@ -251,7 +260,7 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
 
   if (dense.partial) {
     // Part of the query tiles: add to the float32 sums that block_sparse_attention_finish_keys_kernel writes out.
-    const int64_t slot = (bh * kBsaSplitTiles + dense.tile) * kBsaTile;
+    const int64_t slot = (bhk * kBsaSplitTiles + dense.tile) * kBsaTile;
     float* part_dk = ws.split_grad_k + slot * D;
     float* part_dv = ws.split_grad_v + slot * D;
     Tensor cK = thr.partition_C(make_identity_tensor(Shape<Int<kBsaTile>, Int<D>>{}));  // (key, D)
@@ -274,18 +283,17 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     tVsV(i) = static_cast<Elem>(acc_dv(i));
   }
   __syncthreads();
-  store_tile<D, kLd, kThreads>(dk, ss.q, ss.kpos, ss.kwrite, tid);
-  store_tile<D, kLd, kThreads>(dv, ss.dout, ss.kpos, ss.kwrite, tid);
+  store_tile<D, kLd, kThreads>(dk, p.grad_k_strides.row, ss.q, ss.kpos, ss.kwrite, tid);
+  store_tile<D, kLd, kThreads>(dv, p.grad_v_strides.row, ss.dout, ss.kpos, ss.kwrite, tid);
 }
 
 template <typename Elem, int D>
 cudaError_t run_block_sparse_attention_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws,
                                            cudaStream_t stream) {
   using K = BwdKernel<Elem, D>;
-  const ResidueTiles tiles{p.seqlen, p.dilation};
-  const int64_t band_tiles = tiles.num_tiles();
+  const int64_t band_tiles = ResidueSubsequences{p.seqlen, p.dilation}.num_blocks(kBsaTile);
   const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
-  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.heads),
+  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.kv_heads),
                   static_cast<unsigned>(p.batch));
   const int smem = static_cast<int>(sizeof(typename K::Shared));
   auto kernel = block_sparse_attention_bwd_kernel<Elem, D>;

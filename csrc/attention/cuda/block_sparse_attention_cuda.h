@@ -25,9 +25,12 @@ struct BsaWorkspace {
   int num_splits = 1;
   float* split_out = nullptr;  // forward: (B, H, kBsaSplitTiles, num_splits, 64, D) unnormalised outputs
   float* split_max_sum = nullptr;  // forward: (B, H, kBsaSplitTiles, num_splits, 64, 2) row max (log2), row sum
-  float* split_grad_k = nullptr;   // backward: (B, H, kBsaSplitTiles, 64, D), zero on entry
-  float* split_grad_v = nullptr;   // backward: (B, H, kBsaSplitTiles, 64, D), zero on entry
+  float* split_grad_k = nullptr;   // backward: (B, H_kv, kBsaSplitTiles, 64, D), zero on entry
+  float* split_grad_v = nullptr;   // backward: (B, H_kv, kBsaSplitTiles, 64, D), zero on entry
 };
+
+// Rows of a query tile and of a key tile.
+constexpr int kBsaTile = 64;
 
 // Tiles of global rows (forward) or global keys (backward) that are split; further tiles run whole.
 constexpr int kBsaSplitTiles = 4;

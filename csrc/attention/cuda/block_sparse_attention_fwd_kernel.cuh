@@ -1,9 +1,10 @@
 // Forward kernel of block-sparse attention (flash-attention-2 style, CuTe, SM80 tensor-core
 // atoms that Hopper runs). One CTA of 4 warps per (query tile, head, batch): each warp owns 16
 // query rows, keeps Q in registers, and runs an online softmax over the key tiles that the
-// tile decomposition of attention/cuda/block_sparse_attention_tiles.h assigns to its query tile.
-// Element masks are applied only to key tiles that need them (partial, padded, global or
-// off-band pairs); full band tiles skip them.
+// tile decomposition of attention/cuda/block_sparse_attention_tile_io.cuh assigns to its query
+// tile. Element masks are applied only to key tiles that need them (partial, padded, global,
+// off-band or, under causal, future pairs); full band tiles skip them. Grouped-query heads read
+// the key/value head h / (H / H_kv); every tensor is addressed through its strides.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -14,7 +15,7 @@
 #include "attention/cuda/block_sparse_attention_cuda.h"
 #include "attention/cuda/block_sparse_attention_mma.cuh"
 #include "attention/cuda/block_sparse_attention_tile_io.cuh"
-#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/block_sparse_attention_residues.h"
 
 namespace moediffuseq::cuda {
 
@@ -54,11 +55,13 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   const int tid = threadIdx.x;
   const int b = blockIdx.z, h = blockIdx.y;
   const int L = static_cast<int>(p.seqlen), d = static_cast<int>(p.dilation), w = static_cast<int>(p.window);
+  const bool causal = p.causal;
   const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
-  const Elem* q = static_cast<const Elem*>(p.q) + bh * L * D;
-  const Elem* k = static_cast<const Elem*>(p.k) + bh * L * D;
-  const Elem* v = static_cast<const Elem*>(p.v) + bh * L * D;
-  Elem* out = static_cast<Elem*>(p.out_mut) + bh * L * D;
+  const int hk = h / static_cast<int>(p.heads / p.kv_heads);  // grouped-query: the key/value head
+  const Elem* q = static_cast<const Elem*>(p.q) + p.q_strides.at(b, h, 0);
+  const Elem* k = static_cast<const Elem*>(p.k) + p.k_strides.at(b, hk, 0);
+  const Elem* v = static_cast<const Elem*>(p.v) + p.v_strides.at(b, hk, 0);
+  Elem* out = static_cast<Elem*>(p.out_mut) + p.out_strides.at(b, h, 0);
   float* lse = p.lse + bh * L;
   const bool has_global = p.global_mask != nullptr;
   PositionFlags flags;
@@ -74,24 +77,26 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   DenseTile dense;
   int residue = 0, t0 = 0, lo = 0, hi = 0, n_first, n_second;
   if (band) {
-    const ResidueTiles tiles{L, d};
+    const ResidueSubsequences seq{L, d};
     int64_t r64, t64, lo64, hi64;
-    tiles.decode(blockIdx.x, r64, t64);
+    seq.decode(blockIdx.x, kBsaTile, r64, t64);
     residue = static_cast<int>(r64);
     t0 = static_cast<int>(t64);
-    const int len = static_cast<int>(tiles.length(r64));
-    band_range(len, t64, w, lo64, hi64);
+    const int64_t len = seq.length(r64);
+    band_keys(len, t64, t64 + kBsaTile < len ? t64 + kBsaTile : len, w, causal, lo64, hi64);
     lo = static_cast<int>(lo64);
     hi = static_cast<int>(hi64);
-    qrows = strided_rows(residue, d, t0, len);
-    n_first = static_cast<int>(ResidueTiles::tiles_of(hi - lo));
-    n_second = static_cast<int>(ResidueTiles::tiles_of(num_global_keys));
+    qrows = strided_rows(residue, d, t0, static_cast<int>(len));
+    n_first = static_cast<int>(ResidueSubsequences::blocks_of(hi - lo, kBsaTile));
+    n_second = static_cast<int>(ResidueSubsequences::blocks_of(num_global_keys, kBsaTile));
   } else {
     dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
     const int g0 = dense.tile * kBsaTile;
     const int num_rows = ws.num_global[b];
     if (g0 >= num_rows) return;  // the whole CTA: fewer global rows than launched tiles
-    qrows = gathered_rows(ws.global_queries + static_cast<int64_t>(b) * L, g0, num_rows);
+    const int* rows = ws.global_queries + static_cast<int64_t>(b) * L;
+    qrows = gathered_rows(rows, g0, num_rows);
+    if (causal) causal_key_tiles(dense, rows[(g0 + kBsaTile < num_rows ? g0 + kBsaTile : num_rows) - 1]);
     n_first = dense.end - dense.first;
     n_second = 0;
   }
@@ -103,7 +108,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     ss.qwrite[tid] = pos >= 0 && (!band || !flags.is_global(pos));
   }
   __syncthreads();
-  load_tile_async<D, kLd, kThreads>(ss.q, q, ss.qpos, tid);
+  load_tile_async<D, kLd, kThreads>(ss.q, q, p.q_strides.row, ss.qpos, tid);
   cp_async_commit();
 
   typename K::TiledMma mma;
@@ -174,11 +179,12 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
       drop = !keep;
     }
     const bool any_dropped = __syncthreads_or(drop);
-    const bool need_mask =
-        any_dropped || (geometry && !(c0 + kBsaTile - 1 - t0 <= w && t0 + kBsaTile - 1 - c0 <= w));
-    load_tile_async<D, kLd, kThreads>(ss.k, k, ss.kpos, tid);
+    // Causal pairs of band tiles are part of their geometry; other tiles compare positions.
+    const bool by_position = causal && !geometry;
+    const bool need_mask = any_dropped || by_position || (geometry && !band_block_full(t0, c0, kBsaTile, w, causal));
+    load_tile_async<D, kLd, kThreads>(ss.k, k, p.k_strides.row, ss.kpos, tid);
     cp_async_commit();
-    load_tile_async<D, kLd, kThreads>(ss.v, v, ss.kpos, tid);
+    load_tile_async<D, kLd, kThreads>(ss.v, v, p.v_strides.row, ss.kpos, tid);
     cp_async_commit();
     cp_async_wait<1>();  // K has landed; V may still be in flight
     __syncthreads();
@@ -202,10 +208,8 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
         if (need_mask) {
           const int row = get<0>(cS(r, c)), col = get<1>(cS(r, c));
           bool ok = ss.kkeep[col];
-          if (geometry) {
-            const int dt = (t0 + row) - (c0 + col);
-            ok = ok && dt <= w && dt >= -w;
-          }
+          if (geometry) ok = ok && band_pair((t0 + row) - (c0 + col), w, causal);
+          if (by_position) ok = ok && ss.kpos[col] <= ss.qpos[row];
           s = ok ? s : -INFINITY;
         }
         s_rc(r, c) = s;
@@ -289,15 +293,14 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   CUTE_UNROLL
   for (int i = 0; i < size(acc_o); ++i) tOsO(i) = static_cast<Elem>(acc_o(i));
   __syncthreads();
-  store_tile<D, kLd, kThreads>(out, ss.q, ss.qpos, ss.qwrite, tid);
+  store_tile<D, kLd, kThreads>(out, p.out_strides.row, ss.q, ss.qpos, ss.qwrite, tid);
 }
 
 template <typename Elem, int D>
 cudaError_t run_block_sparse_attention_fwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws,
                                            cudaStream_t stream) {
   using K = FwdKernel<Elem, D>;
-  const ResidueTiles tiles{p.seqlen, p.dilation};
-  const int64_t band_tiles = tiles.num_tiles();
+  const int64_t band_tiles = ResidueSubsequences{p.seqlen, p.dilation}.num_blocks(kBsaTile);
   const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
   const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.heads),
                   static_cast<unsigned>(p.batch));

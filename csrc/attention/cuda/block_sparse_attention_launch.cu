@@ -11,7 +11,7 @@
 #include "attention/cuda/block_sparse_attention_cuda.h"
 #include "attention/cuda/block_sparse_attention_kernels.h"
 #include "attention/cuda/block_sparse_attention_tile_io.cuh"
-#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/block_sparse_attention_residues.h"
 
 namespace moediffuseq::cuda {
 namespace {
@@ -56,16 +56,22 @@ __global__ void __launch_bounds__(kListThreads)
   }
 }
 
-// delta[row] = sum over D of grad_out * out, one warp per row, float32.
+// Row (b, h, l) of a logical (B, H, L, D) tensor from its flat index b H L + h L + l.
+__device__ __forceinline__ int64_t row_offset(const BsaStrides& s, int64_t row, int64_t heads, int64_t seqlen) {
+  const int64_t l = row % seqlen, bh = row / seqlen;
+  return s.at(bh / heads, bh % heads, l);
+}
+
+// delta[row] = sum over D of grad_out * out, one warp per (b, h, l) row, float32.
 template <typename Elem>
-__global__ void bsa_delta_kernel(const Elem* grad_out, const Elem* out, float* delta, int64_t rows, int D) {
+__global__ void bsa_delta_kernel(const BlockSparseAttentionParams p, float* delta, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32, D = static_cast<int>(p.head_dim);
+  const Elem* grad_out = static_cast<const Elem*>(p.grad_out) + row_offset(p.grad_out_strides, row, p.heads, p.seqlen);
+  const Elem* out = static_cast<const Elem*>(p.out) + row_offset(p.out_strides, row, p.heads, p.seqlen);
   float sum = 0.f;
-  for (int c = lane; c < D; c += 32) {
-    sum += static_cast<float>(grad_out[row * D + c]) * static_cast<float>(out[row * D + c]);
-  }
+  for (int c = lane; c < D; c += 32) sum += static_cast<float>(grad_out[c]) * static_cast<float>(out[c]);
   for (int m = 16; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
   if (lane == 0) delta[row] = sum;
 }
@@ -93,7 +99,7 @@ __global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const Bsa
       sum += ms[1] * exp2f(ms[0] - shift);
     }
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    Elem* out = static_cast<Elem*>(p.out_mut) + (bh * L + pos) * D;
+    Elem* out = static_cast<Elem*>(p.out_mut) + p.out_strides.at(b, h, pos);
     for (int c = lane; c < D; c += 32) {
       float acc = 0.f;
       for (int s = 0; s < S; ++s) {
@@ -107,11 +113,12 @@ __global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const Bsa
 }
 
 // The split tiles of global keys: their float32 gradient sums to the dK and dV rows.
+// grid = (split tiles, H_kv, B).
 template <typename Elem>
 __global__ void bsa_finish_keys_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws) {
   const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int L = static_cast<int>(p.seqlen), D = static_cast<int>(p.head_dim);
-  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+  const int64_t bh = static_cast<int64_t>(b) * p.kv_heads + h;
   const int num_keys = ws.num_global[p.batch + b];
   for (int idx = threadIdx.x; idx < kBsaTile * D; idx += blockDim.x) {
     const int row = idx / D, c = idx % D;
@@ -119,22 +126,24 @@ __global__ void bsa_finish_keys_kernel(const BlockSparseAttentionParams p, const
     if (g >= num_keys) break;
     const int pos = ws.global_keys[static_cast<int64_t>(b) * L + g];
     const int64_t from = ((bh * kBsaSplitTiles + tile) * kBsaTile + row) * D + c;
-    static_cast<Elem*>(p.grad_k)[(bh * L + pos) * D + c] = static_cast<Elem>(ws.split_grad_k[from]);
-    static_cast<Elem*>(p.grad_v)[(bh * L + pos) * D + c] = static_cast<Elem>(ws.split_grad_v[from]);
+    static_cast<Elem*>(p.grad_k)[p.grad_k_strides.at(b, h, pos) + c] = static_cast<Elem>(ws.split_grad_k[from]);
+    static_cast<Elem*>(p.grad_v)[p.grad_v_strides.at(b, h, pos) + c] = static_cast<Elem>(ws.split_grad_v[from]);
   }
 }
 
 // Tiles of the compact lists that are split (see dense_tile).
 unsigned split_tiles(const BlockSparseAttentionParams& p, const BsaWorkspace& ws) {
   if (!p.global_mask || ws.num_splits <= 1) return 0;
-  return static_cast<unsigned>(std::min<int64_t>(kBsaSplitTiles, ResidueTiles::tiles_of(p.seqlen)));
+  return static_cast<unsigned>(std::min<int64_t>(kBsaSplitTiles, ResidueSubsequences::blocks_of(p.seqlen, kBsaTile)));
 }
 
+// grad_q (through its strides) <- the contiguous (B, H, L, D) float32 accumulator.
 template <typename Elem>
-__global__ void bsa_convert_kernel(const float* in, Elem* out, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+__global__ void bsa_convert_kernel(const BlockSparseAttentionParams p, const float* in, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x, D = p.head_dim;
+  Elem* out = static_cast<Elem*>(p.grad_q);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = static_cast<Elem>(in[i]);
+    out[row_offset(p.grad_q_strides, i / D, p.heads, p.seqlen) + i % D] = static_cast<Elem>(in[i]);
   }
 }
 
@@ -184,8 +193,7 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
   const int64_t rows = p.batch * p.heads * p.seqlen;
   const int warps_per_block = 8;
   bsa_delta_kernel<Elem><<<static_cast<unsigned>((rows + warps_per_block - 1) / warps_per_block), 32 * warps_per_block,
-                           0, stream>>>(static_cast<const Elem*>(p.grad_out), static_cast<const Elem*>(p.out), ws.delta,
-                                        rows, static_cast<int>(p.head_dim));
+                           0, stream>>>(p, ws.delta, rows);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   switch (p.head_dim) {
@@ -195,14 +203,14 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
   }
   if (err != cudaSuccess) return err;
   if (const unsigned tiles = split_tiles(p, ws)) {
-    bsa_finish_keys_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), 256,
+    bsa_finish_keys_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch)), 256,
                                    0, stream>>>(p, ws);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const int64_t n = rows * p.head_dim;
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65536);
-  bsa_convert_kernel<Elem><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(ws.grad_q_accum, static_cast<Elem*>(p.grad_q), n);
+  bsa_convert_kernel<Elem><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, ws.grad_q_accum, n);
   return cudaGetLastError();
 }
 

@@ -8,7 +8,7 @@
 
 #include <type_traits>
 
-#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/cuda/block_sparse_attention_cuda.h"
 
 namespace moediffuseq::cuda {
 

@@ -1,7 +1,19 @@
-// Tile movement shared by the forward and backward kernels of block-sparse attention:
-// row descriptors (which sequence positions the 64 rows of a tile hold), asynchronous
-// global -> shared copies of (64, D) tiles with zero fill, and shared -> global row stores.
-// Torch-free: included by the .cu kernel files only.
+// Tiles of block-sparse attention on the GPU and their movement, shared by the forward and
+// backward kernels: row descriptors (which sequence positions the 64 rows of a tile hold),
+// asynchronous global -> shared copies of (64, D) tiles with zero fill, shared -> global row
+// stores, and the CTAs of the dense parts. Torch-free: included by the .cu files only.
+//
+// A band tile is 64 consecutive slots of one residue subsequence
+// (attention/block_sparse_attention_residues.h). The allowed pairs are split into three
+// disjoint parts, each computed once:
+//   band     query i not global, key j not global and not padded, same residue, band_pair(t_i - t_j)
+//   g-keys   any query i, key j global and not padded (causal: j <= i)
+//   g-rows   query i global, key j not global and not padded (causal: j <= i)
+// The forward visits, for a band query tile, the band key tiles of band_keys() and then the
+// tiles of the compact list of global keys; a tile of global query rows visits every key tile
+// (g-keys and g-rows together; causal: up to its last row). The backward runs per key tile: a
+// band key tile visits the band query tiles of band_queries() and the tiles of the global-query
+// list; a tile of the global-key list visits every query tile (causal: from its first key on).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,7 +21,7 @@
 #include <cstdint>
 
 #include "attention/cuda/block_sparse_attention_cuda.h"
-#include "attention/cuda/block_sparse_attention_tiles.h"
+#include "attention/block_sparse_attention_residues.h"
 
 namespace moediffuseq::cuda {
 
@@ -60,30 +72,32 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// smem (64 rows, leading dimension kLd) <- rows pos[k] of x (L, D); rows with pos < 0 are zero.
+// smem (64 rows, leading dimension kLd) <- rows pos[k] of x (L rows of D, `ld` elements apart);
+// rows with pos < 0 are zero. x and ld keep every row 16-byte aligned (the host entry ensures it).
 template <int D, int kLd, int kThreads, typename Elem>
-__device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* x, const int* pos, int tid) {
+__device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* x, int64_t ld, const int* pos, int tid) {
   constexpr int kChunks = D * int(sizeof(Elem)) / 16;  // 16-byte pieces per row
   constexpr int kPerRow = 16 / int(sizeof(Elem));
 #pragma unroll
   for (int idx = tid; idx < kBsaTile * kChunks; idx += kThreads) {
     const int row = idx / kChunks, chunk = idx % kChunks;
     const int p = pos[row];
-    const Elem* src = x + static_cast<int64_t>(p < 0 ? 0 : p) * D + chunk * kPerRow;
+    const Elem* src = x + static_cast<int64_t>(p < 0 ? 0 : p) * ld + chunk * kPerRow;
     cp_async_16(smem + row * kLd + chunk * kPerRow, src, p >= 0);
   }
 }
 
-// Rows pos[k] of y (L, D) <- smem rows k, for the rows with write[k] set.
+// Rows pos[k] of y (L rows of D, `ld` elements apart) <- smem rows k, for the rows with write[k] set.
 template <int D, int kLd, int kThreads, typename Elem>
-__device__ __forceinline__ void store_tile(Elem* y, const Elem* smem, const int* pos, const bool* write, int tid) {
+__device__ __forceinline__ void store_tile(Elem* y, int64_t ld, const Elem* smem, const int* pos, const bool* write,
+                                           int tid) {
   constexpr int kChunks = D * int(sizeof(Elem)) / 16;
   constexpr int kPerRow = 16 / int(sizeof(Elem));
 #pragma unroll
   for (int idx = tid; idx < kBsaTile * kChunks; idx += kThreads) {
     const int row = idx / kChunks, chunk = idx % kChunks;
     if (!write[row]) continue;
-    *reinterpret_cast<uint4*>(y + static_cast<int64_t>(pos[row]) * D + chunk * kPerRow) =
+    *reinterpret_cast<uint4*>(y + static_cast<int64_t>(pos[row]) * ld + chunk * kPerRow) =
         *reinterpret_cast<const uint4*>(smem + row * kLd + chunk * kPerRow);
   }
 }
@@ -109,7 +123,7 @@ struct DenseTile {
 };
 
 MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int seqlen, int num_splits) {
-  const int total = static_cast<int>(ResidueTiles::tiles_of(seqlen));
+  const int total = static_cast<int>(ResidueSubsequences::blocks_of(seqlen, kBsaTile));
   const int split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
   DenseTile t;
   if (x < split_tiles * num_splits) {
@@ -127,9 +141,21 @@ MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int seqlen, int num_splits) 
   return t;
 }
 
+// Causal: the tiles of the other side that a dense tile needs. Its rows (forward: global
+// queries up to position last_query) see key tiles [0, last_query / 64]; its keys (backward:
+// global keys from position first_key on) are seen by query tiles [first_key / 64, total).
+MOEDIFFUSEQ_HOST_DEVICE void causal_key_tiles(DenseTile& t, int last_query) {
+  const int end = last_query / kBsaTile + 1;
+  if (t.end > end) t.end = end > t.first ? end : t.first;
+}
+MOEDIFFUSEQ_HOST_DEVICE void causal_query_tiles(DenseTile& t, int first_key) {
+  const int first = first_key / kBsaTile;
+  if (t.first < first) t.first = first < t.end ? first : t.end;
+}
+
 // CTAs past the band tiles: one per dense tile that is not split, num_splits per split one.
 inline int64_t dense_ctas(int64_t seqlen, int num_splits) {
-  const int64_t total = ResidueTiles::tiles_of(seqlen);
+  const int64_t total = ResidueSubsequences::blocks_of(seqlen, kBsaTile);
   const int64_t split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
   return split_tiles * num_splits + (total - split_tiles);
 }

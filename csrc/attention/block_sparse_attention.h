@@ -1,24 +1,34 @@
-// CPU host entry points of block_sparse_attention: validation, layouts and strides, output
-// allocation, and the dispatcher registration.
+// The one host entry of block_sparse_attention and its backward, for every backend: checks,
+// layouts and strides, output allocation and the params, then the backend's kernels.
+//
+// A Backend supplies (static members):
+//   check(q, k, causal)    the backend's own limits, on the logical (B, H, L, D) views
+//   readable(t)            t when its kernels read t's memory in place, else a copy they can read
+//   forward(params, q)     runs the forward kernels on params (q: the logical query view)
+//   backward(params, q)    runs the backward kernels
+// Outputs and gradients are allocated contiguous in their input's layout ("bhld" or "blhd").
+#pragma once
+
 #include <ATen/ATen.h>
-#include <torch/library.h>
+
+#include <tuple>
 
 #include "attention/block_sparse_attention_checks.h"
-#include "attention/cpu/block_sparse_attention_cpu.h"
 
-namespace moediffuseq::cpu {
-namespace {
+namespace moediffuseq {
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_entry(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t window, int64_t dilation,
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
     double scale, bool causal, c10::string_view layout_name) {
   const BsaLayout layout = parse_bsa_layout(layout_name);
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale, layout);
-  // logical (B, H, L, D) views of the caller's memory: no transpose copy
-  const at::Tensor q = bsa_logical(bsa_rows_contiguous(q_in), layout);
-  const at::Tensor k = bsa_logical(bsa_rows_contiguous(k_in), layout);
-  const at::Tensor v = bsa_logical(bsa_rows_contiguous(v_in), layout);
+  Backend::check(bsa_logical(q_in, layout), bsa_logical(k_in, layout), causal);
+  // logical (B, H, L, D) views of the caller's memory wherever the kernels can read it
+  const at::Tensor q = bsa_logical(Backend::readable(q_in), layout);
+  const at::Tensor k = bsa_logical(Backend::readable(k_in), layout);
+  const at::Tensor v = bsa_logical(Backend::readable(v_in), layout);
   const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   const at::Tensor out_mem = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor out = bsa_logical(out_mem, layout);
@@ -26,11 +36,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   if (q.numel() == 0) return {out_mem, lse};
   BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, causal);
   set_bsa_forward_tensors(p, q, k, v, out, lse);
-  block_sparse_attention_fwd_cpu(p, q.scalar_type());
+  Backend::forward(p, q);
   return {out_mem, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_cpu(
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_entry(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t window, int64_t dilation,
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
@@ -39,32 +50,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale, layout);
   check_bsa_tensor(grad_out_in, "grad_out", q_in, "q", layout);
   check_bsa_tensor(out_in, "out", q_in, "q", layout);
-  const at::Tensor q = bsa_logical(bsa_rows_contiguous(q_in), layout);
-  const at::Tensor k = bsa_logical(bsa_rows_contiguous(k_in), layout);
-  const at::Tensor v = bsa_logical(bsa_rows_contiguous(v_in), layout);
-  const at::Tensor grad_out = bsa_logical(bsa_rows_contiguous(grad_out_in), layout);
-  const at::Tensor out = bsa_logical(bsa_rows_contiguous(out_in), layout);
-  check_bsa_lse(lse_in, q);
+  check_bsa_lse(lse_in, bsa_logical(q_in, layout));
+  Backend::check(bsa_logical(q_in, layout), bsa_logical(k_in, layout), causal);
+  const auto logical = [&](const at::Tensor& t) { return bsa_logical(Backend::readable(t), layout); };
+  const at::Tensor q = logical(q_in), k = logical(k_in), v = logical(v_in);
+  const at::Tensor grad_out = logical(grad_out_in), out = logical(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
-  const auto contiguous = [](const at::Tensor& t) {
+  const auto like = [](const at::Tensor& t) {
     return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
   };
-  at::Tensor grad_q_mem = contiguous(q_in), grad_k_mem = contiguous(k_in), grad_v_mem = contiguous(v_in);
+  at::Tensor grad_q_mem = like(q_in), grad_k_mem = like(k_in), grad_v_mem = like(v_in);
   if (q.numel() == 0) return {grad_q_mem, grad_k_mem.zero_(), grad_v_mem.zero_()};
   const at::Tensor grad_q = bsa_logical(grad_q_mem, layout), grad_k = bsa_logical(grad_k_mem, layout),
                    grad_v = bsa_logical(grad_v_mem, layout);
   BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, causal);
   set_bsa_backward_tensors(p, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v);
-  block_sparse_attention_bwd_cpu(p, q.scalar_type());
+  Backend::backward(p, q);
   return {grad_q_mem, grad_k_mem, grad_v_mem};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(moediffuseq, CPU, m) {
-  m.impl("block_sparse_attention", &block_sparse_attention_cpu);
-  m.impl("block_sparse_attention_backward", &block_sparse_attention_backward_cpu);
-}
-
-}  // namespace moediffuseq::cpu
+}  // namespace moediffuseq
