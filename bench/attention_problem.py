@@ -1,10 +1,11 @@
 """The problem of bench/attention.py: its configuration, seeded inputs, allowed-pair count
-(closed form, or counted from the mask when causal), and the methods timed on the CPU (the op,
-SDPA dense and with a boolean mask, compiled FlexAttention, the dense reference)."""
+(closed form, or counted from the mask when causal), the check of the op, and the methods timed
+on each device: on the CPU the op (fp32, bf16), SDPA dense and with a boolean mask, compiled
+FlexAttention and the dense reference; on a GPU the op, SDPA on its flash backend and compiled
+FlexAttention, all in bfloat16."""
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,9 @@ import torch
 import torch._inductor.config
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from bench.common import Timing
 from moediffuseq.ops import block_sparse_allowed_mask, block_sparse_attention, block_sparse_attention_ref
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -25,8 +26,9 @@ FWD = "fwd"
 FWD_BWD = "fwd+bwd"
 PASSES = (FWD, FWD_BWD)
 BACKWARD_FLOP_FACTOR = 3.5  # forward + backward ~ (1 + 2.5) x forward
-CHECK_MAX_LENGTH = 4096  # sanity checks against the dense reference up to this length
+CHECK_MAX_LENGTH = 4096  # CPU: checks against the dense reference up to this length
 CHECK_TOLERANCE = 1e-4
+CUDA_CHECK_TOLERANCE = 3e-2  # bfloat16 outputs of two fused kernels, |v| ~ 1
 
 OURS_FP32 = "ours fp32"
 OURS_BF16 = "ours bf16"
@@ -34,6 +36,8 @@ SDPA_DENSE = "sdpa dense fp32"
 SDPA_MASK = "sdpa bool-mask fp32"
 FLEX = "flex compiled fp32"
 REFERENCE = "reference fp32"
+SDPA_FLASH = "sdpa flash dense bf16"
+FLEX_BF16 = "flex compiled bf16"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Config:
     seed: int
     out: Path
     causal: bool = False
+    device: str = "cpu"
 
 
 @dataclass
@@ -90,7 +95,7 @@ class Method:
 
     name: str
     dtype: torch.dtype
-    build: Callable[[Problem, Config], Built]
+    build: Callable[[Problem, Config, torch.dtype], Built]
     max_length: Optional[int] = None
 
 
@@ -138,7 +143,8 @@ def counted_pairs(length: int, cfg: Config, global_mask: Tensor, rows: int = 102
 
 
 def make_problem(length: int, cfg: Config) -> Problem:
-    """Seeded inputs at ``length`` (independent of which other lengths are run)."""
+    """Seeded inputs at ``length`` (independent of which other lengths are run), drawn on the
+    CPU in float32 and moved to the device; methods cast them to their dtype."""
     gen = torch.Generator().manual_seed(cfg.seed + length)
     shape = (cfg.batch, cfg.heads, length, cfg.dim)
     q, k, v, grad = (torch.randn(shape, generator=gen) for _ in range(4))
@@ -149,7 +155,8 @@ def make_problem(length: int, cfg: Config) -> Problem:
         pairs = counted_pairs(length, cfg, global_mask)
     else:
         pairs = allowed_pairs(length, cfg.window, cfg.dilation, positions, cfg.batch)
-    return Problem(length, q, k, v, grad, global_mask, pairs)
+    move = lambda t: t.to(cfg.device)  # noqa: E731
+    return Problem(length, move(q), move(k), move(v), move(grad), move(global_mask), pairs)
 
 
 def dense_allowed(problem: Problem, cfg: Config) -> Tensor:
@@ -169,7 +176,7 @@ def check_close(name: str, got: Tensor, expected: Tensor) -> None:
 
 
 def sanity_check(problem: Problem, cfg: Config) -> None:
-    """Check the pair count and the op's float32 output against the dense reference."""
+    """CPU: check the pair count and the op's float32 output against the dense reference."""
     mask = dense_allowed(problem, cfg)
     if int(mask.sum()) != problem.pairs:
         raise RuntimeError(f"allowed_pairs gives {problem.pairs}, the dense mask {int(mask.sum())}")
@@ -180,25 +187,51 @@ def sanity_check(problem: Problem, cfg: Config) -> None:
     check_close(f"{OURS_FP32} at L={problem.length}", ours, reference)
 
 
-def build_ours(problem: Problem, cfg: Config) -> Built:
+def check_against_flex(problem: Problem, cfg: Config, notes: list[str]) -> str:
+    """GPU: the op against FlexAttention with the same pattern (bfloat16), output and gradients;
+    "ok" or "MISMATCH", with the differences in ``notes``."""
+    methods = {OURS_BF16: build_ours(problem, cfg, torch.bfloat16).attend,
+               FLEX_BF16: build_flex(problem, cfg, torch.bfloat16).attend}
+    outs = {}
+    for name, attend in methods.items():
+        leaves = [t.detach().to(torch.bfloat16).requires_grad_() for t in (problem.q, problem.k, problem.v)]
+        out = attend(*leaves)
+        outs[name] = (out.detach(), *torch.autograd.grad(out, leaves, problem.grad.to(torch.bfloat16)))
+    errors = [(a.float() - b.float()).abs().max().item() for a, b in zip(outs[OURS_BF16], outs[FLEX_BF16])]
+    verdict = "ok" if all(e <= CUDA_CHECK_TOLERANCE * max(1.0, b.abs().max().item())
+                          for e, b in zip(errors, outs[FLEX_BF16])) else "MISMATCH"
+    notes.append(f"check at L={problem.length}, ours vs FlexAttention max abs difference: out {errors[0]:.3g}, "
+                 f"grad q {errors[1]:.3g}, grad k {errors[2]:.3g}, grad v {errors[3]:.3g} -> {verdict}")
+    return verdict
+
+
+def build_ours(problem: Problem, cfg: Config, dtype: torch.dtype) -> Built:
     """The fused op."""
     return Built(lambda q, k, v: block_sparse_attention(
         q, k, v, window=cfg.window, dilation=cfg.dilation, global_mask=problem.global_mask, causal=cfg.causal
     ))
 
 
-def build_sdpa_dense(problem: Problem, cfg: Config) -> Built:
-    """SDPA without a mask: all L^2 pairs (is_causal=True: the causal half)."""
-    return Built(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal))
+def build_sdpa_dense(problem: Problem, cfg: Config, dtype: torch.dtype) -> Built:
+    """SDPA without a mask: all L^2 pairs (is_causal=True: the causal half); on a GPU its flash
+    backend."""
+    if cfg.device == "cpu":
+        return Built(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal))
+
+    def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)
+
+    return Built(flash)
 
 
-def build_sdpa_mask(problem: Problem, cfg: Config) -> Built:
+def build_sdpa_mask(problem: Problem, cfg: Config, dtype: torch.dtype) -> Built:
     """SDPA with the allowed pattern as a dense boolean mask."""
     mask = dense_allowed(problem, cfg)
     return Built(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-def build_reference(problem: Problem, cfg: Config) -> Built:
+def build_reference(problem: Problem, cfg: Config, dtype: torch.dtype) -> Built:
     """The dense pure-PyTorch reference in the input dtype."""
     return Built(lambda q, k, v: block_sparse_attention_ref(
         q, k, v, window=cfg.window, dilation=cfg.dilation,
@@ -216,13 +249,15 @@ compiled_block_mask = torch.compile(create_block_mask, dynamic=False)
 
 
 @functools.cache
-def flex_backward_error() -> Optional[str]:
+def flex_backward_error(device: str) -> Optional[str]:
     """Why FlexAttention cannot run a CPU backward (None if it can), probed on tiny inputs.
 
     The probe calls the eager ``flex_attention``: an error raised while the compiled one is
     tracing makes torch.compile fall back to eager for every later call, and eager
     FlexAttention on CPU materialises the dense B x H x L x L scores.
     """
+    if device != "cpu":
+        return None
     q, k, v = (torch.randn(1, 1, 128, 16, requires_grad=True) for _ in range(3))
     try:
         flex_attention(q, k, v).sum().backward()
@@ -244,37 +279,47 @@ def flex_mask_mod(is_global: Tensor, cfg: Config) -> Callable:
     return mask_mod
 
 
-def build_flex(problem: Problem, cfg: Config) -> Built:
-    """Compiled FlexAttention with a block mask of the same pattern; makes the first call."""
+def build_flex(problem: Problem, cfg: Config, dtype: torch.dtype) -> Built:
+    """Compiled FlexAttention with a block mask of the same pattern; makes the first call (in
+    ``dtype``), checked against the op up to CHECK_MAX_LENGTH on the CPU."""
     mask_mod = flex_mask_mod(problem.global_mask, cfg)
 
     length = problem.length
     start = time.perf_counter()
-    block_mask = compiled_block_mask(mask_mod, cfg.batch, None, length, length, device="cpu")
+    block_mask = compiled_block_mask(mask_mod, cfg.batch, None, length, length, device=cfg.device)
     mask_seconds = time.perf_counter() - start
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return compiled_flex(q, k, v, block_mask=block_mask)
 
+    q, k, v = (t.to(dtype) for t in (problem.q, problem.k, problem.v))
     start = time.perf_counter()
     with torch.no_grad():
-        out = attend(problem.q, problem.k, problem.v)
+        out = attend(q, k, v)
+        if cfg.device == "cuda":
+            torch.cuda.synchronize()
     first_seconds = time.perf_counter() - start
-    if length <= CHECK_MAX_LENGTH:
+    if cfg.device == "cpu" and length <= CHECK_MAX_LENGTH:
         with torch.no_grad():
-            ours = build_ours(problem, cfg).attend(problem.q, problem.k, problem.v)
+            ours = build_ours(problem, cfg, dtype).attend(q, k, v)
         check_close(f"{FLEX} at L={length}", out, ours)
     note = (f"create_block_mask (compiled) {mask_seconds:.1f} s, "
             f"{block_mask.sparsity():.1f}% of 128x128 blocks skipped")
-    return Built(attend, setup_note=note, first_call_s=first_seconds, no_backward=flex_backward_error())
+    return Built(attend, setup_note=note, first_call_s=first_seconds, no_backward=flex_backward_error(cfg.device))
 
 
-Key = tuple[int, str, str]  # (L, method, pass)
-
-
-def report_progress(length: int, method: str, pass_: str, timing: Timing) -> None:
-    """One line per timed cell on stderr, so long runs show where they are."""
-    print(
-        f"[L={length}] {method} {pass_}: {timing['median_s'] * 1e3:.1f} ms ({timing['repeats']} runs)",
-        file=sys.stderr, flush=True,
-    )
+METHODS = {
+    "cpu": (
+        Method(OURS_FP32, torch.float32, build_ours),
+        Method(OURS_BF16, torch.bfloat16, build_ours),
+        Method(SDPA_DENSE, torch.float32, build_sdpa_dense, max_length=16384),
+        Method(SDPA_MASK, torch.float32, build_sdpa_mask, max_length=8192),
+        Method(FLEX, torch.float32, build_flex),
+        Method(REFERENCE, torch.float32, build_reference, max_length=8192),
+    ),
+    "cuda": (  # the CUDA kernels run in bfloat16/float16 only
+        Method(OURS_BF16, torch.bfloat16, build_ours),
+        Method(SDPA_FLASH, torch.bfloat16, build_sdpa_dense),
+        Method(FLEX_BF16, torch.bfloat16, build_flex),
+    ),
+}

@@ -166,10 +166,10 @@ def test_the_summary_is_written_when_the_runner_is_stopped(tmp_path):
 
 
 def test_moe_bench_tells_the_cutlass_grouped_gemm_from_cublas_kernels():
-    """bench/moe.py's check on CUDA (bench/moe_cuda.py): only CUTLASS grouped GEMM kernels count as
-    the expert GEMMs; cuBLAS kernels, CUTLASS kernels shipped in cuBLAS among them, count as a
+    """bench/moe.py's check on CUDA (bench/moe_profile.py): only CUTLASS grouped GEMM kernels count
+    as the expert GEMMs; cuBLAS kernels, CUTLASS kernels shipped in cuBLAS among them, count as a
     fallback."""
-    from bench import moe_cuda
+    from bench import moe_profile
 
     ours = ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<"
             "cute::tuple<int, int, int> >, cutlass::gemm::collective::CollectiveMma<cutlass::gemm::"
@@ -189,12 +189,12 @@ def test_moe_bench_tells_the_cutlass_grouped_gemm_from_cublas_kernels():
     others = ["void moediffuseq::cuda::(anonymous namespace)::gather_kernel<__nv_bfloat16, 8>(MoeGatherParams)",
               "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >()",
               "Memcpy DtoH (Device -> Pinned)"]
-    assert moe_cuda.is_cutlass_grouped_gemm(ours) and moe_cuda.is_cutlass_grouped_gemm(mangled)
-    assert not moe_cuda.is_library_gemm(ours) and not moe_cuda.is_library_gemm(mangled)
-    assert all(moe_cuda.is_library_gemm(name) and not moe_cuda.is_cutlass_grouped_gemm(name) for name in cublas)
-    assert not any(moe_cuda.is_library_gemm(name) or moe_cuda.is_cutlass_grouped_gemm(name) for name in others)
-    profile = moe_cuda.KernelProfile(inside=5, grouped={"moediffuseq::moe_ffn": 4}, library={cublas[0]})
+    assert moe_profile.is_cutlass_grouped_gemm(ours) and moe_profile.is_cutlass_grouped_gemm(mangled)
+    assert not moe_profile.is_library_gemm(ours) and not moe_profile.is_library_gemm(mangled)
+    assert all(moe_profile.is_library_gemm(name) and not moe_profile.is_cutlass_grouped_gemm(name) for name in cublas)
+    assert not any(moe_profile.is_library_gemm(name) or moe_profile.is_cutlass_grouped_gemm(name) for name in others)
+    profile = moe_profile.KernelProfile(inside=5, grouped={"moediffuseq::moe_ffn": 4}, library={cublas[0]})
     problems = profile.problems("fwd+bwd")
     assert len(problems) == 2 and "moe_ffn_backward" in problems[0] and "cuBLAS" in problems[1]
-    assert moe_cuda.KernelProfile(inside=4, grouped={"moediffuseq::moe_ffn": 4}).problems("fwd") == []
-    assert "no kernel" in moe_cuda.KernelProfile().problems("fwd")[0]
+    assert moe_profile.KernelProfile(inside=4, grouped={"moediffuseq::moe_ffn": 4}).problems("fwd") == []
+    assert "no kernel" in moe_profile.KernelProfile().problems("fwd")[0]
