@@ -69,26 +69,23 @@ int check_forward(const Problem& p) {
   Coverage cov(p);
   const ResidueSubsequences seq{p.L, p.d};
   for (int64_t x = 0; x < seq.num_blocks(kBsaTile); ++x) {
-    int64_t r, t0, lo, hi;
-    seq.decode(x, kBsaTile, r, t0);
-    const int64_t len = seq.length(r);
-    band_keys(len, t0, t0 + kBsaTile < len ? t0 + kBsaTile : len, p.w, p.causal, lo, hi);
-    const int n_first = int(ResidueSubsequences::blocks_of(hi - lo, kBsaTile));
-    const int n_second = int(ResidueSubsequences::blocks_of(p.global_keys.size(), kBsaTile));
+    const BandTile tile = band_tile(x, p.L, p.d, p.w, p.causal, /*queries_of_keys=*/false);
+    const int r = tile.residue, t0 = tile.first, len = tile.len, lo = tile.lo, hi = tile.hi;
+    const int n_first = tiles_of(hi - lo), n_second = tiles_of(p.global_keys.size());
     for (int j = 0; j < n_first + n_second; ++j) {
       const bool geometry = j < n_first;
-      const int c0 = int(lo) + j * kBsaTile;
+      const int c0 = lo + j * kBsaTile;
       int kpos[kBsaTile];
       bool keep[kBsaTile], dropped = false;
       for (int c = 0; c < kBsaTile; ++c) {
-        kpos[c] = geometry ? strided(int(r), p.d, c0, int(hi), c) : gathered(p.global_keys, (j - n_first) * kBsaTile, c);
+        kpos[c] = geometry ? strided(r, p.d, c0, hi, c) : gathered(p.global_keys, (j - n_first) * kBsaTile, c);
         keep[c] = kpos[c] >= 0 && (!geometry || (!p.padded[kpos[c]] && !p.global[kpos[c]]));
         dropped |= !keep[c];
       }
       const bool by_position = p.causal && !geometry;
       const bool need_mask = dropped || by_position || (geometry && !band_block_full(t0, c0, kBsaTile, p.w, p.causal));
       for (int row = 0; row < kBsaTile; ++row) {
-        const int i = strided(int(r), p.d, int(t0), int(len), row);
+        const int i = strided(r, p.d, t0, len, row);
         if (i < 0 || p.global[i]) continue;  // not written by this tile
         for (int c = 0; c < kBsaTile; ++c) {
           bool ok = true;
@@ -130,26 +127,23 @@ int check_backward(const Problem& p) {
   Coverage cov(p);
   const ResidueSubsequences seq{p.L, p.d};
   for (int64_t x = 0; x < seq.num_blocks(kBsaTile); ++x) {
-    int64_t r, c0, lo, hi;
-    seq.decode(x, kBsaTile, r, c0);
-    const int64_t len = seq.length(r);
-    band_queries(len, c0, c0 + kBsaTile < len ? c0 + kBsaTile : len, p.w, p.causal, lo, hi);
+    const BandTile tile = band_tile(x, p.L, p.d, p.w, p.causal, /*queries_of_keys=*/true);
+    const int r = tile.residue, c0 = tile.first, len = tile.len, lo = tile.lo, hi = tile.hi;
     int kpos[kBsaTile];
     bool kkeep[kBsaTile], dropped = false;
     for (int c = 0; c < kBsaTile; ++c) {
-      kpos[c] = strided(int(r), p.d, int(c0), int(len), c);
+      kpos[c] = strided(r, p.d, c0, len, c);
       kkeep[c] = kpos[c] >= 0 && !p.padded[kpos[c]] && !p.global[kpos[c]];
       dropped |= !kkeep[c];
     }
-    const int n_first = int(ResidueSubsequences::blocks_of(hi - lo, kBsaTile));
-    const int n_second = int(ResidueSubsequences::blocks_of(p.global_queries.size(), kBsaTile));
+    const int n_first = tiles_of(hi - lo), n_second = tiles_of(p.global_queries.size());
     for (int j = 0; j < n_first + n_second; ++j) {
       const bool geometry = j < n_first;
-      const int t0 = int(lo) + j * kBsaTile;
+      const int t0 = lo + j * kBsaTile;
       const bool by_position = p.causal && !geometry;
       const bool need_mask = dropped || by_position || (geometry && !band_block_full(t0, c0, kBsaTile, p.w, p.causal));
       for (int row = 0; row < kBsaTile; ++row) {
-        const int i = geometry ? strided(int(r), p.d, t0, int(hi), row)
+        const int i = geometry ? strided(r, p.d, t0, hi, row)
                                : gathered(p.global_queries, (j - n_first) * kBsaTile, row);
         if (i < 0 || (geometry && p.global[i])) continue;  // a row the tile does not keep
         for (int c = 0; c < kBsaTile; ++c) {

@@ -279,11 +279,7 @@ void backward_impl(const BlockSparseAttentionParams& p) {
 }  // namespace
 
 void block_sparse_attention_bwd_cpu(const BlockSparseAttentionParams& params, c10::ScalarType dtype) {
-  if (dtype == c10::ScalarType::Float) {
-    backward_impl<float>(params);
-  } else {
-    backward_impl<c10::BFloat16>(params);
-  }
+  with_bsa_element_type(dtype, [&](auto element) { backward_impl<decltype(element)>(params); });
 }
 
 }  // namespace moediffuseq::cpu

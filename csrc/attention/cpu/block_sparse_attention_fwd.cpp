@@ -204,11 +204,7 @@ void forward_impl(const BlockSparseAttentionParams& p) {
 }  // namespace
 
 void block_sparse_attention_fwd_cpu(const BlockSparseAttentionParams& params, c10::ScalarType dtype) {
-  if (dtype == c10::ScalarType::Float) {
-    forward_impl<float>(params);
-  } else {
-    forward_impl<c10::BFloat16>(params);
-  }
+  with_bsa_element_type(dtype, [&](auto element) { forward_impl<decltype(element)>(params); });
 }
 
 }  // namespace moediffuseq::cpu

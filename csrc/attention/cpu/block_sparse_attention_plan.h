@@ -72,6 +72,16 @@ struct BlockSparsePlan {
   }
 };
 
+// f(T{}) with T the element type of dtype: float (Float) or c10::BFloat16 (BFloat16).
+template <typename F>
+inline void with_bsa_element_type(c10::ScalarType dtype, F&& f) {
+  if (dtype == c10::ScalarType::Float) {
+    f(float{});
+  } else {
+    f(c10::BFloat16{});
+  }
+}
+
 inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   BlockSparsePlan plan;
   const int64_t B = p.batch, L = p.seqlen, d = p.dilation;

@@ -70,12 +70,8 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   const Elem* v = static_cast<const Elem*>(p.v) + p.v_strides.at(b, hk, 0);
   Elem* dk = static_cast<Elem*>(p.grad_k) + p.grad_k_strides.at(b, hk, 0);
   Elem* dv = static_cast<Elem*>(p.grad_v) + p.grad_v_strides.at(b, hk, 0);
-  const bool has_global = p.global_mask != nullptr;
-  PositionFlags flags;
-  flags.global = has_global ? p.global_mask + static_cast<int64_t>(b) * L : nullptr;
-  flags.padded = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * L : nullptr;
-  const int num_global_rows = has_global ? ws.num_global[b] : 0;
-  const int* global_rows = has_global ? ws.global_queries + static_cast<int64_t>(b) * L : nullptr;
+  const PositionFlags flags = position_flags(p, b);
+  const GlobalList global_rows = global_list(p, ws, b, /*keys=*/false);
 
   // The keys of this CTA and the query tiles that see them: first n_first band query tiles
   // (or, for global keys, every query tile), then n_second tiles of the global-row list.
@@ -84,26 +80,21 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   DenseTile dense;
   int residue = 0, c0 = 0, lo = 0, hi = 0, n_first, n_second;
   if (band) {
-    const ResidueSubsequences seq{L, d};
-    int64_t r64, c64, lo64, hi64;
-    seq.decode(blockIdx.x, kBsaTile, r64, c64);
-    residue = static_cast<int>(r64);
-    c0 = static_cast<int>(c64);
-    const int64_t len = seq.length(r64);
-    band_queries(len, c64, c64 + kBsaTile < len ? c64 + kBsaTile : len, w, causal, lo64, hi64);
-    lo = static_cast<int>(lo64);
-    hi = static_cast<int>(hi64);
-    krows = strided_rows(residue, d, c0, static_cast<int>(len));
-    n_first = static_cast<int>(ResidueSubsequences::blocks_of(hi - lo, kBsaTile));
-    n_second = static_cast<int>(ResidueSubsequences::blocks_of(num_global_rows, kBsaTile));
+    const BandTile tile = band_tile(blockIdx.x, L, d, w, causal, /*queries_of_keys=*/true);
+    residue = tile.residue;
+    c0 = tile.first;
+    lo = tile.lo;
+    hi = tile.hi;
+    krows = strided_rows(residue, d, c0, tile.len);
+    n_first = tiles_of(hi - lo);
+    n_second = tiles_of(global_rows.count);
   } else {
     dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
     const int g0 = dense.tile * kBsaTile;
-    const int num_keys = ws.num_global[p.batch + b];
-    if (g0 >= num_keys) return;  // the whole CTA: fewer global keys than launched tiles
-    const int* keys = ws.global_keys + static_cast<int64_t>(b) * L;
-    krows = gathered_rows(keys, g0, num_keys);
-    if (causal) causal_query_tiles(dense, keys[g0]);
+    const GlobalList keys = global_list(p, ws, b, /*keys=*/true);
+    if (g0 >= keys.count) return;  // the whole CTA: fewer global keys than launched tiles
+    krows = gathered_rows(keys.positions, g0, keys.count);
+    if (causal) causal_query_tiles(dense, keys.positions[g0]);
     n_first = dense.end - dense.first;
     n_second = 0;
   }
@@ -197,7 +188,7 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
         qrows = strided_rows(0, 1, (dense.first + j) * kBsaTile, L);
       }
     } else {
-      qrows = gathered_rows(global_rows, (j - n_first) * kBsaTile, num_global_rows);
+      qrows = gathered_rows(global_rows.positions, (j - n_first) * kBsaTile, global_rows.count);
     }
     __syncthreads();  // the previous query tile is no longer read
     if (tid < kBsaTile) {
@@ -291,16 +282,9 @@ template <typename Elem, int D>
 cudaError_t run_block_sparse_attention_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws,
                                            cudaStream_t stream) {
   using K = BwdKernel<Elem, D>;
-  const int64_t band_tiles = ResidueSubsequences{p.seqlen, p.dilation}.num_blocks(kBsaTile);
-  const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
-  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.kv_heads),
-                  static_cast<unsigned>(p.batch));
-  const int smem = static_cast<int>(sizeof(typename K::Shared));
-  auto kernel = block_sparse_attention_bwd_kernel<Elem, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, K::kThreads, smem, stream>>>(p, ws, static_cast<int>(band_tiles));
-  return cudaGetLastError();
+  // one CTA per key/value head: it sums dK and dV over the query heads of its group
+  return launch_tiles(block_sparse_attention_bwd_kernel<Elem, D>, K::kThreads, sizeof(typename K::Shared), p.kv_heads,
+                      p, ws, stream);
 }
 
 }  // namespace moediffuseq::cuda

@@ -63,12 +63,8 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   const Elem* v = static_cast<const Elem*>(p.v) + p.v_strides.at(b, hk, 0);
   Elem* out = static_cast<Elem*>(p.out_mut) + p.out_strides.at(b, h, 0);
   float* lse = p.lse + bh * L;
-  const bool has_global = p.global_mask != nullptr;
-  PositionFlags flags;
-  flags.global = has_global ? p.global_mask + static_cast<int64_t>(b) * L : nullptr;
-  flags.padded = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * L : nullptr;
-  const int num_global_keys = has_global ? ws.num_global[p.batch + b] : 0;
-  const int* global_keys = has_global ? ws.global_keys + static_cast<int64_t>(b) * L : nullptr;
+  const PositionFlags flags = position_flags(p, b);
+  const GlobalList global_keys = global_list(p, ws, b, /*keys=*/true);
 
   // The query rows and the key tiles they visit: first n_first band tiles (or, for global
   // rows, every key tile), then n_second tiles of the global-key list.
@@ -77,26 +73,21 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   DenseTile dense;
   int residue = 0, t0 = 0, lo = 0, hi = 0, n_first, n_second;
   if (band) {
-    const ResidueSubsequences seq{L, d};
-    int64_t r64, t64, lo64, hi64;
-    seq.decode(blockIdx.x, kBsaTile, r64, t64);
-    residue = static_cast<int>(r64);
-    t0 = static_cast<int>(t64);
-    const int64_t len = seq.length(r64);
-    band_keys(len, t64, t64 + kBsaTile < len ? t64 + kBsaTile : len, w, causal, lo64, hi64);
-    lo = static_cast<int>(lo64);
-    hi = static_cast<int>(hi64);
-    qrows = strided_rows(residue, d, t0, static_cast<int>(len));
-    n_first = static_cast<int>(ResidueSubsequences::blocks_of(hi - lo, kBsaTile));
-    n_second = static_cast<int>(ResidueSubsequences::blocks_of(num_global_keys, kBsaTile));
+    const BandTile tile = band_tile(blockIdx.x, L, d, w, causal, /*queries_of_keys=*/false);
+    residue = tile.residue;
+    t0 = tile.first;
+    lo = tile.lo;
+    hi = tile.hi;
+    qrows = strided_rows(residue, d, t0, tile.len);
+    n_first = tiles_of(hi - lo);
+    n_second = tiles_of(global_keys.count);
   } else {
     dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
     const int g0 = dense.tile * kBsaTile;
-    const int num_rows = ws.num_global[b];
-    if (g0 >= num_rows) return;  // the whole CTA: fewer global rows than launched tiles
-    const int* rows = ws.global_queries + static_cast<int64_t>(b) * L;
-    qrows = gathered_rows(rows, g0, num_rows);
-    if (causal) causal_key_tiles(dense, rows[(g0 + kBsaTile < num_rows ? g0 + kBsaTile : num_rows) - 1]);
+    const GlobalList rows = global_list(p, ws, b, /*keys=*/false);
+    if (g0 >= rows.count) return;  // the whole CTA: fewer global rows than launched tiles
+    qrows = gathered_rows(rows.positions, g0, rows.count);
+    if (causal) causal_key_tiles(dense, rows.positions[(g0 + kBsaTile < rows.count ? g0 + kBsaTile : rows.count) - 1]);
     n_first = dense.end - dense.first;
     n_second = 0;
   }
@@ -163,7 +154,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
         krows = strided_rows(0, 1, (dense.first + j) * kBsaTile, L);
       }
     } else {
-      krows = gathered_rows(global_keys, (j - n_first) * kBsaTile, num_global_keys);
+      krows = gathered_rows(global_keys.positions, (j - n_first) * kBsaTile, global_keys.count);
     }
     __syncthreads();  // the previous tile's K and V are no longer read
     bool drop = false;
@@ -300,16 +291,8 @@ template <typename Elem, int D>
 cudaError_t run_block_sparse_attention_fwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws,
                                            cudaStream_t stream) {
   using K = FwdKernel<Elem, D>;
-  const int64_t band_tiles = ResidueSubsequences{p.seqlen, p.dilation}.num_blocks(kBsaTile);
-  const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
-  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(p.heads),
-                  static_cast<unsigned>(p.batch));
-  const int smem = static_cast<int>(sizeof(typename K::Shared));
-  auto kernel = block_sparse_attention_fwd_kernel<Elem, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, K::kThreads, smem, stream>>>(p, ws, static_cast<int>(band_tiles));
-  return cudaGetLastError();
+  return launch_tiles(block_sparse_attention_fwd_kernel<Elem, D>, K::kThreads, sizeof(typename K::Shared), p.heads, p,
+                      ws, stream);
 }
 
 }  // namespace moediffuseq::cuda

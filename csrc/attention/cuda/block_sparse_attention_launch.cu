@@ -171,14 +171,24 @@ BsaWorkspace checked(const BsaWorkspace& ws, const BlockSparseAttentionParams& p
   return c;
 }
 
+// The generated kernel of (Elem, head dim, direction).
+template <typename Elem, bool kBackward>
+cudaError_t run_head_dim(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64:
+      return kBackward ? run_block_sparse_attention_bwd<Elem, 64>(p, ws, stream)
+                       : run_block_sparse_attention_fwd<Elem, 64>(p, ws, stream);
+    case 128:
+      return kBackward ? run_block_sparse_attention_bwd<Elem, 128>(p, ws, stream)
+                       : run_block_sparse_attention_fwd<Elem, 128>(p, ws, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 template <typename Elem>
 cudaError_t dispatch_fwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
-  cudaError_t err;
-  switch (p.head_dim) {
-    case 64: err = run_block_sparse_attention_fwd<Elem, 64>(p, ws, stream); break;
-    case 128: err = run_block_sparse_attention_fwd<Elem, 128>(p, ws, stream); break;
-    default: return cudaErrorInvalidValue;
-  }
+  cudaError_t err = run_head_dim<Elem, false>(p, ws, stream);
   if (err != cudaSuccess) return err;
   if (const unsigned tiles = split_tiles(p, ws)) {
     bsa_combine_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), 256, 0,
@@ -196,11 +206,7 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
                            0, stream>>>(p, ws.delta, rows);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  switch (p.head_dim) {
-    case 64: err = run_block_sparse_attention_bwd<Elem, 64>(p, ws, stream); break;
-    case 128: err = run_block_sparse_attention_bwd<Elem, 128>(p, ws, stream); break;
-    default: return cudaErrorInvalidValue;
-  }
+  err = run_head_dim<Elem, true>(p, ws, stream);
   if (err != cudaSuccess) return err;
   if (const unsigned tiles = split_tiles(p, ws)) {
     bsa_finish_keys_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch)), 256,
@@ -214,28 +220,35 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
   return cudaGetLastError();
 }
 
+// Both directions: the clamped params, the workspace checked, the global lists, then the
+// kernels of the dtype.
+template <bool kBackward>
+cudaError_t launch(const BlockSparseAttentionParams& params, DType dtype, const BsaWorkspace& workspace,
+                   cudaStream_t stream) {
+  const BlockSparseAttentionParams p = clamped(params);
+  const BsaWorkspace ws = checked(workspace, p, kBackward);
+  cudaError_t err = build_global_lists(p, ws, stream);
+  if (err != cudaSuccess) return err;
+  switch (dtype) {
+    case DType::kBFloat16:
+      return kBackward ? dispatch_bwd<cutlass::bfloat16_t>(p, ws, stream) : dispatch_fwd<cutlass::bfloat16_t>(p, ws, stream);
+    case DType::kFloat16:
+      return kBackward ? dispatch_bwd<cutlass::half_t>(p, ws, stream) : dispatch_fwd<cutlass::half_t>(p, ws, stream);
+    default:
+      return cudaErrorInvalidValue;  // tensor-core kernels: 16-bit only
+  }
+}
+
 }  // namespace
 
 cudaError_t block_sparse_attention_fwd_cuda(const BlockSparseAttentionParams& params, DType dtype,
                                             const BsaWorkspace& workspace, cudaStream_t stream) {
-  const BlockSparseAttentionParams p = clamped(params);
-  const BsaWorkspace ws = checked(workspace, p, /*backward=*/false);
-  cudaError_t err = build_global_lists(p, ws, stream);
-  if (err != cudaSuccess) return err;
-  if (dtype == DType::kFloat32) return cudaErrorInvalidValue;  // tensor-core kernels: 16-bit only
-  return dtype == DType::kBFloat16 ? dispatch_fwd<cutlass::bfloat16_t>(p, ws, stream)
-                                   : dispatch_fwd<cutlass::half_t>(p, ws, stream);
+  return launch</*kBackward=*/false>(params, dtype, workspace, stream);
 }
 
 cudaError_t block_sparse_attention_bwd_cuda(const BlockSparseAttentionParams& params, DType dtype,
                                             const BsaWorkspace& workspace, cudaStream_t stream) {
-  const BlockSparseAttentionParams p = clamped(params);
-  const BsaWorkspace ws = checked(workspace, p, /*backward=*/true);
-  cudaError_t err = build_global_lists(p, ws, stream);
-  if (err != cudaSuccess) return err;
-  if (dtype == DType::kFloat32) return cudaErrorInvalidValue;  // tensor-core kernels: 16-bit only
-  return dtype == DType::kBFloat16 ? dispatch_bwd<cutlass::bfloat16_t>(p, ws, stream)
-                                   : dispatch_bwd<cutlass::half_t>(p, ws, stream);
+  return launch</*kBackward=*/true>(params, dtype, workspace, stream);
 }
 
 }  // namespace moediffuseq::cuda

@@ -102,6 +102,36 @@ __device__ __forceinline__ void store_tile(Elem* y, int64_t ld, const Elem* smem
   }
 }
 
+// A band tile: the 64 slots [first, first + 64) of residue `residue` (a subsequence of `len`
+// slots), and the slots [lo, hi) of the other side that it visits: the keys of a query tile
+// (forward, band_keys) or the queries of a key tile (backward, band_queries).
+struct BandTile {
+  int residue = 0, first = 0, len = 0, lo = 0, hi = 0;
+};
+
+MOEDIFFUSEQ_HOST_DEVICE BandTile band_tile(int64_t x, int64_t L, int64_t d, int64_t w, bool causal,
+                                           bool queries_of_keys) {
+  const ResidueSubsequences seq{L, d};
+  int64_t r, first, lo, hi;
+  seq.decode(x, kBsaTile, r, first);
+  const int64_t len = seq.length(r), end = first + kBsaTile < len ? first + kBsaTile : len;
+  if (queries_of_keys) {
+    band_queries(len, first, end, w, causal, lo, hi);
+  } else {
+    band_keys(len, first, end, w, causal, lo, hi);
+  }
+  BandTile t;
+  t.residue = static_cast<int>(r);
+  t.first = static_cast<int>(first);
+  t.len = static_cast<int>(len);
+  t.lo = static_cast<int>(lo);
+  t.hi = static_cast<int>(hi);
+  return t;
+}
+
+// Tiles of 64 rows that n rows take.
+MOEDIFFUSEQ_HOST_DEVICE int tiles_of(int64_t n) { return static_cast<int>(ResidueSubsequences::blocks_of(n, kBsaTile)); }
+
 // Per-position flags of batch b (masks may be null).
 struct PositionFlags {
   const bool* global = nullptr;  // (L) of batch b
@@ -109,6 +139,29 @@ struct PositionFlags {
   __device__ __forceinline__ bool is_global(int p) const { return global && global[p]; }
   __device__ __forceinline__ bool is_padded(int p) const { return padded && padded[p]; }
 };
+
+__device__ __forceinline__ PositionFlags position_flags(const BlockSparseAttentionParams& p, int b) {
+  PositionFlags flags;
+  flags.global = p.global_mask ? p.global_mask + static_cast<int64_t>(b) * p.seqlen : nullptr;
+  flags.padded = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen : nullptr;
+  return flags;
+}
+
+// The compact list of batch b's global query rows (keys = false) or global, not padded keys
+// (keys = true): positions ascending, and their count (0 without a global mask).
+struct GlobalList {
+  const int* positions = nullptr;
+  int count = 0;
+};
+
+__device__ __forceinline__ GlobalList global_list(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, int b,
+                                                  bool keys) {
+  GlobalList list;
+  if (p.global_mask == nullptr) return list;
+  list.positions = (keys ? ws.global_keys : ws.global_queries) + static_cast<int64_t>(b) * p.seqlen;
+  list.count = ws.num_global[keys ? p.batch + b : b];
+  return list;
+}
 
 // The dense parts: the CTAs past the band tiles take the tiles of a compact list (global rows
 // in the forward, global keys in the backward) against every tile of the other side. The
@@ -123,7 +176,7 @@ struct DenseTile {
 };
 
 MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int seqlen, int num_splits) {
-  const int total = static_cast<int>(ResidueSubsequences::blocks_of(seqlen, kBsaTile));
+  const int total = tiles_of(seqlen);
   const int split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
   DenseTile t;
   if (x < split_tiles * num_splits) {
@@ -158,6 +211,21 @@ inline int64_t dense_ctas(int64_t seqlen, int num_splits) {
   const int64_t total = ResidueSubsequences::blocks_of(seqlen, kBsaTile);
   const int64_t split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
   return split_tiles * num_splits + (total - split_tiles);
+}
+
+// Launches a forward or backward kernel over grid (band tiles + dense CTAs, heads, B), with
+// `smem` bytes of dynamic shared memory; the kernel takes (params, workspace, band tiles).
+template <typename Kernel>
+cudaError_t launch_tiles(Kernel kernel, int threads, int smem, int64_t heads, const BlockSparseAttentionParams& p,
+                         const BsaWorkspace& ws, cudaStream_t stream) {
+  const int64_t band_tiles = ResidueSubsequences{p.seqlen, p.dilation}.num_blocks(kBsaTile);
+  const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
+  const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(heads),
+                  static_cast<unsigned>(p.batch));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem, stream>>>(p, ws, static_cast<int>(band_tiles));
+  return cudaGetLastError();
 }
 
 }  // namespace moediffuseq::cuda
