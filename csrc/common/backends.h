@@ -5,7 +5,7 @@
 //       const KernelsRegistration<MoeKernels> registration(c10::DeviceType::CPU, {...});
 //   - The host entry takes `kernels_for<MoeKernels>(x.device(), op)`, holds an OpDeviceGuard
 //     for the whole op, and is registered with the dispatcher for the CPU key and, in a build
-//     with CUDA kernels, the CUDA key: MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(register_fn).
+//     with CUDA kernels, the CUDA key: MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("op", &op);).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -71,11 +71,13 @@ class OpDeviceGuard {
 
 }  // namespace moediffuseq
 
+// MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("op", &op); ...): the statements, on the library `m`,
+// for the CPU key and, in a build with CUDA kernels, the CUDA key.
 #if MOEDIFFUSEQ_WITH_CUDA
-#define MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(REGISTER)       \
-  TORCH_LIBRARY_IMPL(moediffuseq, CPU, m) { REGISTER(m); } \
-  TORCH_LIBRARY_IMPL(moediffuseq, CUDA, m) { REGISTER(m); }
+#define MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(...)                     \
+  TORCH_LIBRARY_IMPL(moediffuseq, CPU, m) { __VA_ARGS__ }  \
+  TORCH_LIBRARY_IMPL(moediffuseq, CUDA, m) { __VA_ARGS__ }
 #else
-#define MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(REGISTER) \
-  TORCH_LIBRARY_IMPL(moediffuseq, CPU, m) { REGISTER(m); }
+#define MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(...) \
+  TORCH_LIBRARY_IMPL(moediffuseq, CPU, m) { __VA_ARGS__ }
 #endif

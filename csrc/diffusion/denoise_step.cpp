@@ -87,13 +87,9 @@ at::Tensor denoise_step(const at::Tensor& x_t, const at::Tensor& x0_hat, const a
   return out;
 }
 
-void register_denoise_step(torch::Library& m) {
-  m.impl("denoise_step", &denoise_step);
-  m.impl("denoise_step.out", &denoise_step_out);
-}
-
 }  // namespace
 
-MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(register_denoise_step)
+MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("denoise_step", &denoise_step);
+                              m.impl("denoise_step.out", &denoise_step_out);)
 
 }  // namespace moediffuseq

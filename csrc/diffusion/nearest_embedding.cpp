@@ -51,10 +51,8 @@ at::Tensor nearest_embedding(const at::Tensor& x_in, const at::Tensor& emb_in) {
   return best;
 }
 
-void register_nearest_embedding(torch::Library& m) { m.impl("nearest_embedding", &nearest_embedding); }
-
 }  // namespace
 
-MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(register_nearest_embedding)
+MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("nearest_embedding", &nearest_embedding);)
 
 }  // namespace moediffuseq

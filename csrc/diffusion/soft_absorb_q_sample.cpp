@@ -86,13 +86,9 @@ std::tuple<at::Tensor, at::Tensor> soft_absorb_q_sample_backward(const at::Tenso
   return {grad_x0, grad_m};
 }
 
-void register_soft_absorb_q_sample(torch::Library& m) {
-  m.impl("soft_absorb_q_sample", &soft_absorb_q_sample);
-  m.impl("soft_absorb_q_sample_backward", &soft_absorb_q_sample_backward);
-}
-
 }  // namespace
 
-MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(register_soft_absorb_q_sample)
+MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("soft_absorb_q_sample", &soft_absorb_q_sample);
+                              m.impl("soft_absorb_q_sample_backward", &soft_absorb_q_sample_backward);)
 
 }  // namespace moediffuseq

@@ -123,13 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_ffn_backward(
   return {grad_x, grad_weights, grad_w1, grad_w2};
 }
 
-void register_moe_ffn(torch::Library& m) {
-  m.impl("moe_ffn", &moe_ffn);
-  m.impl("moe_ffn_backward", &moe_ffn_backward);
-}
-
 }  // namespace
 
-MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(register_moe_ffn)
+MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("moe_ffn", &moe_ffn); m.impl("moe_ffn_backward", &moe_ffn_backward);)
 
 }  // namespace moediffuseq

@@ -54,42 +54,41 @@ inline int64_t moe_routing_scratch_ints(int64_t num_slots, int num_experts) {
   return moe_routing_blocks(num_slots) * (num_experts + 1);
 }
 
-// dst[r, :] = scale[slot] * src[slot / k, :] for the grouped rows r < rows, slot = slot_of_row[r]
-// (scale null: a plain copy).
-struct MoeGatherParams {
+// What the row-moving kernels (gather, combine, routing-weight gradient) share: the element
+// type, the row width D and k, the slots per token (slot s belongs to token s / k).
+struct MoeRowsParams {
   DType dtype = DType::kFloat32;
-  int64_t rows = 0;
   int64_t dim = 0;  // D
   int k = 1;
+};
+
+// dst[r, :] = scale[slot] * src[slot / k, :] for the grouped rows r < rows, slot = slot_of_row[r]
+// (scale null: a plain copy).
+struct MoeGatherParams : MoeRowsParams {
+  int64_t rows = 0;
+  const void* src = nullptr;  // (T, D)
   const int32_t* slot_of_row = nullptr;
-  const void* src = nullptr;     // (T, D)
-  const float* scale = nullptr;  // (T * k) or null
   void* dst = nullptr;           // (rows, D)
+  const float* scale = nullptr;  // (T * k) or null
 };
 
 // out[t, :] = sum_j scale[t*k + j] * rows[row_of_slot[t*k + j], :] over the slots that are not
 // dropped, accumulated in float32 (scale null: 1). Written in the element type.
-struct MoeCombineParams {
-  DType dtype = DType::kFloat32;
+struct MoeCombineParams : MoeRowsParams {
   int64_t tokens = 0;
-  int64_t dim = 0;
-  int k = 1;
   const int32_t* row_of_slot = nullptr;
-  const void* rows = nullptr;    // (N, D), grouped rows
   const float* scale = nullptr;  // (T * k) or null
+  const void* rows = nullptr;    // (N, D), grouped rows
   void* out = nullptr;           // (T, D)
 };
 
 // grad_weights[s] = <grad_y[s / k], expert_out[row_of_slot[s]]> in float32, 0 for a dropped slot.
-struct MoeGradWeightsParams {
-  DType dtype = DType::kFloat32;
+struct MoeGradWeightsParams : MoeRowsParams {
   int64_t num_slots = 0;
-  int64_t dim = 0;
-  int k = 1;
-  const int32_t* row_of_slot = nullptr;
   const void* grad_y = nullptr;      // (T, D)
   const void* expert_out = nullptr;  // (N, D)
-  float* grad_weights = nullptr;     // (N)
+  const int32_t* row_of_slot = nullptr;
+  float* grad_weights = nullptr;  // (N)
 };
 
 // Forward: a = act(h). Backward: a = act(h) (recomputed for grad_w2) and

@@ -47,10 +47,8 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_softmax(const at::Tensor& logits_in,
   return {weights, indices};
 }
 
-void register_moe_topk_softmax(torch::Library& m) { m.impl("moe_topk_softmax", &moe_topk_softmax); }
-
 }  // namespace
 
-MOEDIFFUSEQ_REGISTER_CPU_AND_CUDA(register_moe_topk_softmax)
+MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("moe_topk_softmax", &moe_topk_softmax);)
 
 }  // namespace moediffuseq

@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "common/dtype.h"
@@ -80,10 +81,42 @@ cudaError_t dispatch_vec(bool vectorise, F&& f) {
   return f(std::integral_constant<int, 1>{});
 }
 
+// f(r, c) for every pack of V elements (row r, first column c) of a (rows, width) grid of
+// elements, width a multiple of V: the grid-stride loop of the elementwise kernels.
+template <int V, typename F>
+__device__ __forceinline__ void for_each_pack(int64_t rows, int64_t width, const F& f) {
+  const int64_t packs = width / V, total = rows * packs;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / packs;
+    f(r, (i - r * packs) * V);
+  }
+}
+
 // Blocks of `threads` for a grid-stride loop over n items (at least one block).
 inline unsigned grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks));
+}
+
+// Launches pick(T{}, std::integral_constant<int, V>{}) -- a pointer to a kernel taking `p` -- on
+// rows x width elements in packs of V (one grid-stride item per pack): T the element type of
+// `dtype`, V = kVec<T> when `width` is a multiple of it and every non-null pointer of `ptrs` is
+// 16-byte aligned, else 1. Nothing is launched for an empty grid.
+template <typename P, typename Pick>
+cudaError_t launch_packed(DType dtype, int64_t rows, int64_t width, std::initializer_list<const void*> ptrs,
+                          int threads, cudaStream_t stream, const P& p, const Pick& pick) {
+  if (rows == 0 || width == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bool vectorise = width % kVec<T> == 0;
+    for (const void* ptr : ptrs) vectorise = vectorise && (ptr == nullptr || aligned16(ptr));
+    return dispatch_vec<T>(vectorise, [&](auto v) {
+      const auto kernel = pick(tag, v);
+      kernel<<<grid_for(rows * (width / decltype(v)::value), threads), threads, 0, stream>>>(p);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace moediffuseq::cuda

@@ -42,14 +42,11 @@ void denoise_step(const DenoiseStepParams& p) {
   const int64_t L = p.seqlen, d = p.dim;
   dispatch_cpu_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* xt = static_cast<const T*>(p.x_t);
-    const T* x0 = static_cast<const T*>(p.x0_hat);
-    const T* xp = static_cast<const T*>(p.x0_prev);
-    const T* np = static_cast<const T*>(p.noise);
-    const T* an = static_cast<const T*>(p.anchor);
+    const auto in = [](const void* ptr) { return static_cast<const T*>(ptr); };
+    const T *xt = in(p.x_t), *x0 = in(p.x0_hat), *xp = in(p.x0_prev), *np = in(p.noise), *an = in(p.anchor);
     T* op = static_cast<T*>(p.out);
     std::vector<float> mf(d);
-    to_float(static_cast<const T*>(p.m), mf.data(), d);
+    to_float(in(p.m), mf.data(), d);
     auto row_fn = xp ? (np ? &update_row<T, true, true> : &update_row<T, true, false>)
                      : (np ? &update_row<T, false, true> : &update_row<T, false, false>);
     at::parallel_for(0, p.batch * L, 64, [&](int64_t begin, int64_t end) {

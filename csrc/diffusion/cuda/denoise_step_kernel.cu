@@ -53,33 +53,22 @@ __global__ void denoise_step_kernel(DenoiseStepParams p) {
   }
 }
 
+// The kernel variant of the optional terms present, for elements T in packs of V.
 template <typename T, int V>
-cudaError_t launch_typed(const DenoiseStepParams& p, cudaStream_t stream) {
-  const unsigned grid = grid_for(p.batch * p.seqlen * (p.dim / V), kThreads);
-  if (p.x0_prev && p.noise) {
-    denoise_step_kernel<T, V, true, true><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.x0_prev) {
-    denoise_step_kernel<T, V, true, false><<<grid, kThreads, 0, stream>>>(p);
-  } else if (p.noise) {
-    denoise_step_kernel<T, V, false, true><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    denoise_step_kernel<T, V, false, false><<<grid, kThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+auto denoise_step_variant(const DenoiseStepParams& p) {
+  if (p.x0_prev && p.noise) return &denoise_step_kernel<T, V, true, true>;
+  if (p.x0_prev) return &denoise_step_kernel<T, V, true, false>;
+  if (p.noise) return &denoise_step_kernel<T, V, false, true>;
+  return &denoise_step_kernel<T, V, false, false>;
 }
 
 }  // namespace
 
 cudaError_t launch_denoise_step(const DenoiseStepParams& p, cudaStream_t stream) {
-  if (p.batch * p.seqlen == 0 || p.dim == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    bool vec = p.dim % kVec<T> == 0;
-    for (const void* ptr : {p.x_t, p.x0_hat, p.x0_prev, p.noise, p.anchor, p.m, static_cast<const void*>(p.out)}) {
-      vec = vec && (ptr == nullptr || aligned16(ptr));
-    }
-    return dispatch_vec<T>(vec, [&](auto v) { return launch_typed<T, decltype(v)::value>(p, stream); });
-  });
+  return launch_packed(p.dtype, p.batch * p.seqlen, p.dim, {p.x_t, p.x0_hat, p.x0_prev, p.noise, p.anchor, p.m, p.out},
+                       kThreads, stream, p, [&](auto tag, auto v) {
+                         return denoise_step_variant<decltype(tag), decltype(v)::value>(p);
+                       });
 }
 
 }  // namespace moediffuseq::cuda

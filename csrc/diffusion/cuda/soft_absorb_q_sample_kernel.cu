@@ -13,10 +13,10 @@ constexpr int kThreads = 256;
 template <typename T, int V>
 __global__ void q_sample_kernel(SoftAbsorbQSampleParams p) {
   const int64_t chunks = p.dim / V, rows = p.batch * p.seqlen, total = rows * chunks;
+  T* out = static_cast<T*>(p.out);
   const T* x0 = static_cast<const T*>(p.x0);
   const T* noise = static_cast<const T*>(p.noise);
   const T* m = static_cast<const T*>(p.m);
-  T* out = static_cast<T*>(p.out);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / chunks, c = (i - row * chunks) * V, at = row * p.dim + c;
@@ -100,18 +100,8 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t spl
 }  // namespace
 
 cudaError_t launch_soft_absorb_q_sample(const SoftAbsorbQSampleParams& p, cudaStream_t stream) {
-  const int64_t rows = p.batch * p.seqlen;
-  if (rows == 0 || p.dim == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool vec = p.dim % kVec<T> == 0 && aligned16(p.x0) && aligned16(p.noise) && aligned16(p.m) &&
-                     aligned16(p.out);
-    return dispatch_vec<T>(vec, [&](auto v) {
-      constexpr int V = decltype(v)::value;
-      q_sample_kernel<T, V><<<grid_for(rows * (p.dim / V), kThreads), kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
-    });
-  });
+  return launch_packed(p.dtype, p.batch * p.seqlen, p.dim, {p.x0, p.noise, p.m, p.out}, kThreads, stream, p,
+                       [](auto tag, auto v) { return &q_sample_kernel<decltype(tag), decltype(v)::value>; });
 }
 
 cudaError_t launch_soft_absorb_q_sample_backward(const SoftAbsorbQSampleBackwardParams& p, cudaStream_t stream) {

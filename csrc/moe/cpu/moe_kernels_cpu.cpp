@@ -100,8 +100,8 @@ void gather(const at::Tensor& src, const MoeGroups& g, int64_t k, const float* s
   const int64_t n = dst.size(0), D = src.size(1);
   const int64_t* slot_of_row = g.slot_of_row.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "moe_gather", [&] {
-    const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
+    const scalar_t* s = src.data_ptr<scalar_t>();
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t slot = slot_of_row[i];

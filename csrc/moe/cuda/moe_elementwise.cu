@@ -37,15 +37,10 @@ __device__ __forceinline__ float silu_grad(float x) {
 // ---------------------------------------------------------------------------------------------
 template <typename T, int V>
 __global__ void gather_kernel(MoeGatherParams p) {
-  const int64_t chunks = p.dim / V, total = p.rows * chunks;
-  const T* src = static_cast<const T*>(p.src);
-  T* dst = static_cast<T*>(p.dst);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / chunks, c = (i - r * chunks) * V;
+  for_each_pack<V>(p.rows, p.dim, [&](int64_t r, int64_t c) {
     const int32_t slot = p.slot_of_row[r];
-    const T* in = src + (slot / p.k) * p.dim + c;
-    T* out = dst + r * p.dim + c;
+    const T* in = static_cast<const T*>(p.src) + (slot / p.k) * p.dim + c;
+    T* out = static_cast<T*>(p.dst) + r * p.dim + c;
     if (p.scale) {
       float v[V];
       load_float<T, V>(in, v);
@@ -56,17 +51,13 @@ __global__ void gather_kernel(MoeGatherParams p) {
     } else {
       copy_pack<T, V>(in, out);
     }
-  }
+  });
 }
 
 template <typename T, int V>
 __global__ void combine_kernel(MoeCombineParams p) {
-  const int64_t chunks = p.dim / V, total = p.tokens * chunks;
   const T* rows = static_cast<const T*>(p.rows);
-  T* out = static_cast<T*>(p.out);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / chunks, c = (i - t * chunks) * V;
+  for_each_pack<V>(p.tokens, p.dim, [&](int64_t t, int64_t c) {
     float acc[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) acc[j] = 0.f;
@@ -79,8 +70,8 @@ __global__ void combine_kernel(MoeCombineParams p) {
 #pragma unroll
       for (int q = 0; q < V; ++q) acc[q] += w * x[q];
     }
-    store_float<T, V>(out + t * p.dim + c, acc);
-  }
+    store_float<T, V>(static_cast<T*>(p.out) + t * p.dim + c, acc);
+  });
 }
 
 // One warp per slot.
@@ -173,64 +164,46 @@ __global__ void activation_backward_kernel(MoeActivationParams p) {
   }
 }
 
-template <typename T, int V, template <typename, int, MoeActivation> class Kernel>
-cudaError_t launch_activation(const MoeActivationParams& p, cudaStream_t stream) {
-  const unsigned grid = grid_for(p.rows * (p.width / V), kThreads);
-  switch (p.act) {
-    case MoeActivation::kGelu:
-      Kernel<T, V, MoeActivation::kGelu>::launch(grid, kThreads, stream, p);
-      break;
-    case MoeActivation::kSilu:
-      Kernel<T, V, MoeActivation::kSilu>::launch(grid, kThreads, stream, p);
-      break;
-    case MoeActivation::kSwiglu:
-      Kernel<T, V, MoeActivation::kSwiglu>::launch(grid, kThreads, stream, p);
-      break;
+// The activation kernel of `act`, forward or backward, for elements T in packs of V.
+template <bool kBackward, typename T, int V, MoeActivation kAct>
+auto activation_kernel() {
+  if constexpr (kBackward) {
+    return &activation_backward_kernel<T, V, kAct>;
+  } else {
+    return &activation_forward_kernel<T, V, kAct>;
   }
-  return cudaGetLastError();
 }
 
-template <typename T, int V, MoeActivation kAct>
-struct ForwardKernel {
-  static void launch(unsigned grid, int threads, cudaStream_t stream, const MoeActivationParams& p) {
-    activation_forward_kernel<T, V, kAct><<<grid, threads, 0, stream>>>(p);
-  }
-};
-template <typename T, int V, MoeActivation kAct>
-struct BackwardKernel {
-  static void launch(unsigned grid, int threads, cudaStream_t stream, const MoeActivationParams& p) {
-    activation_backward_kernel<T, V, kAct><<<grid, threads, 0, stream>>>(p);
-  }
-};
+template <bool kBackward>
+cudaError_t launch_activation(const MoeActivationParams& p, std::initializer_list<const void*> ptrs,
+                              cudaStream_t stream) {
+  return launch_packed(p.dtype, p.rows, p.width, ptrs, kThreads, stream, p, [&](auto tag, auto v) {
+    using T = decltype(tag);
+    constexpr int V = decltype(v)::value;
+    switch (p.act) {
+      case MoeActivation::kGelu:
+        return activation_kernel<kBackward, T, V, MoeActivation::kGelu>();
+      case MoeActivation::kSilu:
+        return activation_kernel<kBackward, T, V, MoeActivation::kSilu>();
+      default:
+        return activation_kernel<kBackward, T, V, MoeActivation::kSwiglu>();
+    }
+  });
+}
 
 }  // namespace
 
 cudaError_t launch_moe_gather(const MoeGatherParams& p, cudaStream_t stream) {
-  if (p.rows == 0 || p.dim == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool vec = p.dim % kVec<T> == 0 && aligned16(p.src) && aligned16(p.dst);
-    return dispatch_vec<T>(vec, [&](auto v) {
-      constexpr int V = decltype(v)::value;
-      gather_kernel<T, V><<<grid_for(p.rows * (p.dim / V), kThreads), kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
-    });
-  });
+  return launch_packed(p.dtype, p.rows, p.dim, {p.src, p.dst}, kThreads, stream, p,
+                       [](auto tag, auto v) { return &gather_kernel<decltype(tag), decltype(v)::value>; });
 }
 
 cudaError_t launch_moe_combine(const MoeCombineParams& p, cudaStream_t stream) {
-  if (p.tokens == 0 || p.dim == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool vec = p.dim % kVec<T> == 0 && aligned16(p.rows) && aligned16(p.out);
-    return dispatch_vec<T>(vec, [&](auto v) {
-      constexpr int V = decltype(v)::value;
-      combine_kernel<T, V><<<grid_for(p.tokens * (p.dim / V), kThreads), kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
-    });
-  });
+  return launch_packed(p.dtype, p.tokens, p.dim, {p.rows, p.out}, kThreads, stream, p,
+                       [](auto tag, auto v) { return &combine_kernel<decltype(tag), decltype(v)::value>; });
 }
 
+// One warp per slot (32 threads per grid item).
 cudaError_t launch_moe_grad_weights(const MoeGradWeightsParams& p, cudaStream_t stream) {
   if (p.num_slots == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto tag) {
@@ -246,22 +219,11 @@ cudaError_t launch_moe_grad_weights(const MoeGradWeightsParams& p, cudaStream_t 
 }
 
 cudaError_t launch_moe_activation_forward(const MoeActivationParams& p, cudaStream_t stream) {
-  if (p.rows == 0 || p.width == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool vec = p.width % kVec<T> == 0 && aligned16(p.h) && aligned16(p.a);
-    return dispatch_vec<T>(vec, [&](auto v) { return launch_activation<T, decltype(v)::value, ForwardKernel>(p, stream); });
-  });
+  return launch_activation</*kBackward=*/false>(p, {p.h, p.a}, stream);
 }
 
 cudaError_t launch_moe_activation_backward(const MoeActivationParams& p, cudaStream_t stream) {
-  if (p.rows == 0 || p.width == 0) return cudaSuccess;
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool vec = p.width % kVec<T> == 0 && aligned16(p.h) && aligned16(p.a) && aligned16(p.da) &&
-                     aligned16(p.dh);
-    return dispatch_vec<T>(vec, [&](auto v) { return launch_activation<T, decltype(v)::value, BackwardKernel>(p, stream); });
-  });
+  return launch_activation</*kBackward=*/true>(p, {p.h, p.a, p.da, p.dh}, stream);
 }
 
 }  // namespace moediffuseq::cuda

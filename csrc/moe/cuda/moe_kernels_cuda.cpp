@@ -159,44 +159,45 @@ void grouped_gemm(std::vector<MoeGemm>& gemms, GemmLayout layout, const MoeShape
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The fields every row-moving kernel shares, for rows of `t`'s dtype and width.
+template <typename Params>
+Params rows_params(const at::Tensor& t, int64_t k, const char* op) {
+  Params p;
+  p.dtype = kernel_dtype(t, op);
+  p.dim = t.size(1);
+  p.k = static_cast<int>(k);
+  return p;
+}
+
 void gather(const at::Tensor& src, const MoeGroups& g, int64_t k, const float* scale, at::Tensor& dst,
             const char* op) {
-  MoeGatherParams p;
-  p.dtype = kernel_dtype(src, op);
+  auto p = rows_params<MoeGatherParams>(src, k, op);
   p.rows = dst.size(0);
-  p.dim = src.size(1);
-  p.k = static_cast<int>(k);
-  p.slot_of_row = g.slot_of_row.data_ptr<int32_t>();
   p.src = src.data_ptr();
-  p.scale = scale;
+  p.slot_of_row = g.slot_of_row.data_ptr<int32_t>();
   p.dst = dst.data_ptr();
+  p.scale = scale;
   C10_CUDA_CHECK(launch_moe_gather(p, current_stream()));
 }
 
 void combine(const at::Tensor& rows, const MoeGroups& g, int64_t k, const float* scale, at::Tensor& out,
              const char* op) {
-  MoeCombineParams p;
-  p.dtype = kernel_dtype(rows, op);
+  auto p = rows_params<MoeCombineParams>(rows, k, op);
   p.tokens = out.size(0);
-  p.dim = rows.size(1);
-  p.k = static_cast<int>(k);
   p.row_of_slot = g.row_of_slot.data_ptr<int32_t>();
-  p.rows = rows.data_ptr();
   p.scale = scale;
+  p.rows = rows.data_ptr();
   p.out = out.data_ptr();
   C10_CUDA_CHECK(launch_moe_combine(p, current_stream()));
 }
 
 void grad_weights(const at::Tensor& grad_y, const at::Tensor& expert_out, const MoeGroups& g, int64_t k,
                   at::Tensor& out, const char* op) {
-  MoeGradWeightsParams p;
-  p.dtype = kernel_dtype(grad_y, op);
+  auto p = rows_params<MoeGradWeightsParams>(grad_y, k, op);
   p.num_slots = out.numel();
-  p.dim = grad_y.size(1);
-  p.k = static_cast<int>(k);
-  p.row_of_slot = g.row_of_slot.data_ptr<int32_t>();
   p.grad_y = grad_y.data_ptr();
   p.expert_out = expert_out.data_ptr();
+  p.row_of_slot = g.row_of_slot.data_ptr<int32_t>();
   p.grad_weights = out.data_ptr<float>();
   C10_CUDA_CHECK(launch_moe_grad_weights(p, current_stream()));
 }
