@@ -1,6 +1,6 @@
-// Every op schema of the library, declared once. Backends register implementations in
-// csrc/<subject>/cpu/*.cpp and csrc/<subject>/cuda/*.cpp with
-// TORCH_LIBRARY_IMPL(moediffuseq, <Backend>, m);
+// Every op schema of the library, declared once. Implementations are registered with
+// TORCH_LIBRARY_IMPL(moediffuseq, <Backend>, m) by each op's host entry (csrc/<subject>/*.cpp,
+// for the CPU and CUDA keys) or by the backend files (csrc/<subject>/{cpu,cuda}/*.cpp);
 // moediffuseq/ops/<op>.py adds the fake (meta) kernel and autograd on top.
 #include <torch/library.h>
 

@@ -1,6 +1,8 @@
 // Host launchers of the diffusion CUDA kernels (csrc/diffusion/cuda/{soft_absorb_q_sample,
-// denoise_step,nearest_embedding}_kernel.cu). Torch-free: the torch glue fills the params structs of
-// diffusion/diffusion_params.h. Each launcher enqueues on `stream` and returns the launch error.
+// denoise_step,nearest_embedding}_kernel.cu). Torch-free: the host entries fill the params
+// structs of diffusion/diffusion_params.h, and diffusion_cuda.cpp registers each launcher for
+// them, run on the current stream with its error checked. Each enqueues on `stream` and returns
+// the launch error (cudaSuccess when nothing was launched).
 #pragma once
 
 #include <cuda_runtime_api.h>

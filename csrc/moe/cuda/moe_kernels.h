@@ -1,7 +1,8 @@
 // Host launchers of the mixture-of-experts CUDA kernels (csrc/moe/cuda/moe_*.cu). Torch-free: the
-// kernels compile with nvcc alone; the torch glue (moe_*_cuda.cpp) fills the params structs of
-// moe/moe_params.h and checks the returned errors. Every launcher enqueues on `stream` and
-// returns the launch error (cudaSuccess when nothing was launched).
+// kernels compile with nvcc alone; the CUDA kernel table (moe_kernels_cuda.cpp) and the host
+// entries fill the params structs of moe/moe_params.h, and the table checks the returned errors.
+// Every launcher enqueues on `stream` and returns the launch error (cudaSuccess when nothing was
+// launched).
 #pragma once
 
 #include <cuda_runtime_api.h>
