@@ -24,7 +24,7 @@ BAD_INPUTS = [
      r'k must be \(B, L, H_kv, D\) with the B, L and D of q \[2, 16, 2, 8\] \(layout "blhd"; both tensors in '
      r"the same layout\)"),
     ("blhd q rank", lambda a: a.update(q=a["q"][0], layout="blhd"), r"q must be \(B, L, H, D\)"),
-    ("unknown layout", lambda a: a.update(layout="bshd"), r'layout must be "bhld" or "blhd"'),
+    ("unknown layout", lambda a: a.update(layout="bshd"), r'layout must be "bhld"'),
     ("k dtype", lambda a: a.update(k=a["k"].double()), r"k must have the dtype of q"),
     ("float64", lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()),
      r"must be float32 or bfloat16"),

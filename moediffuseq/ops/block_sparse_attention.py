@@ -58,23 +58,13 @@ def block_sparse_attention(
     Returns:
         The shape and layout of q, in its dtype. Softmax and accumulation run in float32.
     """
+    # The op checks values; a wrong type would reach the dispatcher, whose message prints the value.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"block_sparse_attention: {name} must be a Tensor, got {type(t).__name__}")
-    for name, t in (("k", k), ("v", v), ("global_mask", global_mask), ("key_padding_mask", key_padding_mask)):
-        if t is not None and t.device != q.device:
-            raise ValueError(
-                f"block_sparse_attention: {name} must be on the device of q ({q.device}), got {t.device}"
-            )
-    if layout not in _LAYOUTS:
-        raise ValueError(f'block_sparse_attention: layout must be "bhld" or "blhd", got {layout!r}')
-    if scale is None:
-        if q.dim() != 4:
-            shape = "(B, H, L, D)" if layout == "bhld" else "(B, L, H, D)"
-            raise ValueError(f"block_sparse_attention: q must be {shape} (layout {layout!r}), got shape {tuple(q.shape)}")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-    out, _ = _OP(q, k, v, int(window), int(dilation), global_mask, key_padding_mask, float(scale), bool(causal),
-                 layout)
+    if scale is None:  # 1 / sqrt(D); a q that is not (.., D) is named by the op's own check
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
+    out, _ = _OP(q, k, v, window, dilation, global_mask, key_padding_mask, scale, causal, layout)
     return out
 
 
@@ -95,6 +85,9 @@ def _(q, k, v, window, dilation, global_mask, key_padding_mask, scale, causal=Fa
     torch._check(ql.shape[1] % kl.shape[1] == 0 if kl.shape[1] != 0 else ql.shape[1] == 0,
                  lambda: f"block_sparse_attention: the query heads H = {ql.shape[1]} must be a multiple of the "
                  f"key/value heads H_kv = {kl.shape[1]}")
+    for name, t in (("k", k), ("v", v), ("global_mask", global_mask), ("key_padding_mask", key_padding_mask)):
+        torch._check(t is None or t.device == q.device,
+                     lambda: f"block_sparse_attention: {name} must be on the device of q ({q.device}), got {t.device}")
     torch._check(window >= 0, lambda: f"block_sparse_attention: window must be >= 0, got {window}")
     torch._check(dilation >= 1, lambda: f"block_sparse_attention: dilation must be >= 1, got {dilation}")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
