@@ -123,14 +123,15 @@ void grouped_gemm(std::vector<MoeGemm>& gemms, GemmLayout layout, const MoeShape
   for (MoeGemm& gemm : gemms) at::mm_out(gemm.d, gemm.a, gemm.b);
 }
 
-void activation_forward(const at::Tensor& h, MoeActivation act, at::Tensor& a, const char* op) {
-  cpu::activation_forward(h, act, a);
+void activation_rows(const at::Tensor& h, MoeActivation act, at::Tensor& a, const char* op) {
+  activation_forward(h, act, a);
 }
 
-void activation_backward(const at::Tensor& h, const at::Tensor& da, MoeActivation act, at::Tensor& a,
-                         at::Tensor& dh, const char* op) {
-  cpu::activation_forward(h, act, a);
-  cpu::activation_backward(da, h, act, dh);
+// a = act(h) (recomputed for grad_w2), then dh (moe_activation.h).
+void activation_rows_backward(const at::Tensor& h, const at::Tensor& da, MoeActivation act, at::Tensor& a,
+                              at::Tensor& dh, const char* op) {
+  activation_forward(h, act, a);
+  activation_backward(da, h, act, dh);
 }
 
 void combine(const at::Tensor& rows, const MoeGroups& g, int64_t k, const float* scale, at::Tensor& out,
@@ -192,8 +193,8 @@ void grad_weights(const at::Tensor& grad_y, const at::Tensor& expert_out, const 
   });
 }
 
-const MoeKernels kKernels{/*allow_half=*/false, &topk_softmax, &route, &gather, &grouped_gemm, &activation_forward,
-                          &activation_backward, &combine, &grad_weights};
+const MoeKernels kKernels{/*allow_half=*/false, &topk_softmax, &route, &gather, &grouped_gemm, &activation_rows,
+                          &activation_rows_backward, &combine, &grad_weights};
 const KernelsRegistration<MoeKernels> kRegistration(c10::DeviceType::CPU, kKernels);
 
 }  // namespace
