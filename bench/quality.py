@@ -4,8 +4,10 @@ the copy-the-source and before-training baselines; all in one run, on the same d
 scored on text decoded from token ids with bootstrap 95% intervals (moediffuseq.evaluate).
 
 Every system trains for the same wall-clock budget (--seconds) with the tiny shape (2 layers,
-d_model 128; the MoE's active feed-forward width equals the dense preset's d_ff), then generates
-for the first --examples test sources (DPM-Solver++ 10 steps, no MBR).
+d_model 128; the MoE's active feed-forward width equals the dense preset's d_ff), the systems of
+one task and seed in turns of --slice-seconds so that the load of a shared machine falls on all
+of them alike, then generates for the first --examples test sources (DPM-Solver++ 10 steps, no
+MBR).
 
     python -m bench.quality                                   # the default tasks
     python -m bench.quality --seconds 60 --examples 50 --seeds 0 --tasks pycode:64 pycode-body:512
@@ -48,19 +50,32 @@ def score(hyps, refs):
     return {k: row[k] for k in ("bleu", "rouge2", "rougeL", "avg_len")}, bootstrap_intervals(hyps, refs)
 
 
-def train_for(name, cfg, tok, train_set, seconds, seed, out_dir):
+def make_trainer(cfg, tok, train_set, seed, out_dir):
+    """A trainer of a fresh model (seeded) and a copy of its initial weights."""
     torch.manual_seed(seed)
     model = MoEDiffuSeq(cfg)
     initial = MoEDiffuSeq(cfg)
     initial.load_state_dict(model.state_dict())
     tcfg = TrainConfig(steps=10 ** 6, batch_size=32, lr=3e-3, warmup_steps=100, lr_decay="constant", ema_decay=0.999,
                        seed=seed, progress=False, eval_batches=0, bleu_examples=0)
-    trainer = Trainer(model, tok, train_set, None, tcfg, out_dir)
-    curve, start = [], time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        loss = trainer.train_step()["loss"]
-        curve.append((elapsed, loss))
-    return trainer, initial, curve
+    return Trainer(model, tok, train_set, None, tcfg, out_dir), initial
+
+
+def train_round_robin(trainers, seconds, slice_seconds):
+    """Trains every trainer for `seconds` of its own wall time, in turns of `slice_seconds`, so
+    that a load that comes and goes on a shared machine falls on all systems alike. Returns
+    each trainer's curve of (its training seconds, loss)."""
+    curves = {name: [] for name in trainers}
+    spent = dict.fromkeys(trainers, 0.0)
+    while any(spent[name] < seconds for name in trainers):
+        for name, trainer in trainers.items():
+            turn_end = min(seconds, spent[name] + slice_seconds)
+            while spent[name] < turn_end:
+                start = time.perf_counter()
+                loss = trainer.train_step()["loss"]
+                spent[name] += time.perf_counter() - start
+                curves[name].append((spent[name], loss))
+    return curves
 
 
 def generate_texts(model, tok, sources, target_len, method="dpm++", steps=10):
@@ -74,6 +89,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["pycode:64", "pycode:256", "pycode-body:512"])
     p.add_argument("--seconds", type=float, default=60.0, help="training wall time of every system")
+    p.add_argument("--slice-seconds", type=float, default=5.0,
+                   help="the systems of a task and seed train in turns of this many seconds each")
     p.add_argument("--examples", type=int, default=50, help="test sources generated per system")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--ddpm-task", default="pycode:64",
@@ -96,10 +113,14 @@ def main() -> None:
         m, iv = score(decoded(sources, tok), refs)
         rows.append(dict(task=task, system="copy the source", seed="-", train_s=0, steps=0, gen_s=0, **m, iv=iv))
         for seed in args.seeds:
+            made = {name: make_trainer(SYSTEMS[name](L, len(tok)), tok, train_set, seed,
+                                       args.out / "quality_runs" / f"{corpus}{L}-{name[:3]}-{seed}")
+                    for name in args.systems}
+            task_curves = train_round_robin({name: made[name][0] for name in args.systems}, args.seconds,
+                                            args.slice_seconds)
             for name in args.systems:
-                cfg = SYSTEMS[name](L, len(tok))
-                trainer, initial, curve = train_for(name, cfg, tok, train_set, args.seconds, seed,
-                                                    args.out / "quality_runs" / f"{corpus}{L}-{name[:3]}-{seed}")
+                trainer, initial = made[name]
+                curve = task_curves[name]
                 curves[f"{task} {name} s{seed}"] = curve
                 if name == args.systems[0]:
                     hyps, gen_s = generate_texts(initial, tok, sources, target_len)
