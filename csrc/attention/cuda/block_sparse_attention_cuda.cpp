@@ -1,18 +1,18 @@
-// The CUDA backend of block_sparse_attention: its limits (head dimensions 64 and 128, 16-bit
-// dtypes, grid sizes), the tensors its kernels read in place (16-byte aligned rows), the
-// workspace of a call, device guard and current stream; registered with the dispatcher through
-// the one host entry (attention/block_sparse_attention.h). Built only against a CUDA build of
-// torch; the kernels themselves are torch-free (block_sparse_attention_cuda.h).
+// The CUDA backend of block_sparse_attention: its limits (head dimensions 64 and 128, grid
+// sizes), the tensors its kernels read in place (16-byte aligned rows), the workspace of a call
+// and the current stream; its BsaKernels table serves the one host entry
+// (attention/block_sparse_attention.cpp), which holds the device guard. Built only against a
+// CUDA build of torch; the kernels themselves are torch-free (block_sparse_attention_cuda.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
 #include <cstdint>
 
-#include "attention/block_sparse_attention.h"
+#include "attention/block_sparse_attention_backend.h"
+#include "attention/block_sparse_attention_checks.h"
 #include "attention/cuda/block_sparse_attention_cuda.h"
-#include "common/cuda/device_check.h"
+#include "common/backends.h"
 
 namespace moediffuseq::cuda {
 namespace {
@@ -64,53 +64,44 @@ struct GlobalBuffers {
   }
 };
 
-struct CudaBackend {
-  static void check(const at::Tensor& q, const at::Tensor& k, bool /*causal*/) {
-    TORCH_CHECK(q.is_cuda(), "block_sparse_attention: expected CUDA tensors, got ", q.device());
-    TORCH_CHECK(bsa_cuda_supports_head_dim(q.size(3)),
-                "block_sparse_attention: the CUDA kernels support head dimensions 64 and 128, got D = ", q.size(3));
-    TORCH_CHECK(q.size(2) < (int64_t(1) << 30), "block_sparse_attention: sequence length too large for the CUDA "
-                "kernels, got L = ", q.size(2));
-    // the kernels put heads on gridDim.y and batches on gridDim.z, each limited to 65535
-    TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535 && k.size(1) <= 65535,
-                "block_sparse_attention: the CUDA kernels take at most 65535 batches and 65535 heads, got B = ",
-                q.size(0), ", H = ", q.size(1));
-  }
-
-  static at::Tensor readable(const at::Tensor& t) {
-    if (rows_aligned(t)) return t;
-    at::Tensor c = t.contiguous();
-    return rows_aligned(c) ? c : c.clone(at::MemoryFormat::Contiguous);
-  }
-
-  static void forward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
-    const CudaOpGuard guard(q.device());
-    BsaWorkspace ws;
-    GlobalBuffers buffers;
-    buffers.fill(ws, p, q, /*backward=*/false);
-    C10_CUDA_CHECK(block_sparse_attention_fwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
-  }
-
-  static void backward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
-    // dQ (and the split dK, dV) are sums of float atomics: not bitwise reproducible run to run
-    at::globalContext().alertNotDeterministic("block_sparse_attention_backward (CUDA)");
-    const CudaOpGuard guard(q.device());
-    at::Tensor grad_q_accum = at::zeros({p.batch, p.heads, p.seqlen, p.head_dim}, q.options().dtype(at::kFloat));
-    at::Tensor delta = at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(at::kFloat));
-    BsaWorkspace ws;
-    ws.grad_q_accum = grad_q_accum.data_ptr<float>();
-    ws.delta = delta.data_ptr<float>();
-    GlobalBuffers buffers;
-    buffers.fill(ws, p, q, /*backward=*/true);
-    C10_CUDA_CHECK(block_sparse_attention_bwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
-  }
-};
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(moediffuseq, CUDA, m) {
-  m.impl("block_sparse_attention", &block_sparse_attention_entry<CudaBackend>);
-  m.impl("block_sparse_attention_backward", &block_sparse_attention_backward_entry<CudaBackend>);
+void check(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(bsa_cuda_supports_head_dim(q.size(3)),
+              "block_sparse_attention: the CUDA kernels support head dimensions 64 and 128, got D = ", q.size(3));
+  TORCH_CHECK(q.size(2) < (int64_t(1) << 30), "block_sparse_attention: sequence length too large for the CUDA "
+              "kernels, got L = ", q.size(2));
+  // the kernels put heads on gridDim.y and batches on gridDim.z, each limited to 65535
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535 && k.size(1) <= 65535,
+              "block_sparse_attention: the CUDA kernels take at most 65535 batches and 65535 heads, got B = ",
+              q.size(0), ", H = ", q.size(1));
 }
 
+at::Tensor readable(const at::Tensor& t) {
+  if (rows_aligned(t)) return t;
+  at::Tensor c = t.contiguous();
+  return rows_aligned(c) ? c : c.clone(at::MemoryFormat::Contiguous);
+}
+
+void forward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
+  BsaWorkspace ws;
+  GlobalBuffers buffers;
+  buffers.fill(ws, p, q, /*backward=*/false);
+  C10_CUDA_CHECK(block_sparse_attention_fwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
+}
+
+void backward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
+  // dQ (and the split dK, dV) are sums of float atomics: not bitwise reproducible run to run
+  at::globalContext().alertNotDeterministic("block_sparse_attention_backward (CUDA)");
+  at::Tensor grad_q_accum = at::zeros({p.batch, p.heads, p.seqlen, p.head_dim}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(at::kFloat));
+  BsaWorkspace ws;
+  ws.grad_q_accum = grad_q_accum.data_ptr<float>();
+  ws.delta = delta.data_ptr<float>();
+  GlobalBuffers buffers;
+  buffers.fill(ws, p, q, /*backward=*/true);
+  C10_CUDA_CHECK(block_sparse_attention_bwd_cuda(p, dtype_of(q), ws, at::cuda::getCurrentCUDAStream()));
+}
+
+const KernelsRegistration<BsaKernels> registration(c10::DeviceType::CUDA, {check, readable, forward, backward});
+
+}  // namespace
 }  // namespace moediffuseq::cuda

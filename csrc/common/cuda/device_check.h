@@ -1,11 +1,10 @@
-// The device guard of every CUDA op's host entry: switches to the tensors' device and checks,
-// once per device, that this build holds code that runs on it, so that a GPU whose compute
-// capability was not built gets a message naming the rebuild instead of "no kernel image is
-// available". The decision is csrc/common/cuda/cuda_arch_support.h.
+// The check behind every host entry's device guard (OpDeviceGuard, common/backends.h): once per
+// device, that this build holds code that runs on it, so that a GPU whose compute capability
+// was not built gets a message naming the rebuild instead of "no kernel image is available".
+// The decision is csrc/common/cuda/cuda_arch_support.h.
 #pragma once
 
 #include <c10/core/Device.h>
-#include <c10/cuda/CUDAGuard.h>
 
 namespace moediffuseq::cuda {
 
@@ -16,16 +15,5 @@ void check_device_supported(c10::DeviceIndex device);
 // Whether `device` runs this build's sm_90a code (the CUTLASS Hopper kernels): capability 9.0
 // and 90a built.
 bool device_runs_sm90a(c10::DeviceIndex device);
-
-// Used as `const CudaOpGuard guard(x.device());` in place of a c10::cuda::CUDAGuard.
-class CudaOpGuard {
- public:
-  explicit CudaOpGuard(const c10::Device& device) : guard_(device) {
-    check_device_supported(guard_.current_device().index());
-  }
-
- private:
-  c10::cuda::CUDAGuard guard_;
-};
 
 }  // namespace moediffuseq::cuda

@@ -1,34 +1,32 @@
 // The one host entry of block_sparse_attention and its backward, for every backend: checks,
-// layouts and strides, output allocation and the params, then the backend's kernels.
-//
-// A Backend supplies (static members):
-//   check(q, k, causal)    the backend's own limits, on the logical (B, H, L, D) views
-//   readable(t)            t when its kernels read t's memory in place, else a copy they can read
-//   forward(params, q)     runs the forward kernels on params (q: the logical query view)
-//   backward(params, q)    runs the backward kernels
-// Outputs and gradients are allocated contiguous in their input's layout ("bhld" or "blhd").
-#pragma once
-
+// layouts and strides, output allocation and the params, then the kernels of the device's
+// backend (BsaKernels, attention/block_sparse_attention_backend.h). Outputs and gradients are
+// allocated contiguous in their input's layout ("bhld" or "blhd").
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
+#include "attention/block_sparse_attention_backend.h"
 #include "attention/block_sparse_attention_checks.h"
+#include "common/backends.h"
 
 namespace moediffuseq {
+namespace {
 
-template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_entry(
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t window, int64_t dilation,
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
     double scale, bool causal, c10::string_view layout_name) {
+  const BsaKernels& kernels = kernels_for<BsaKernels>(q_in.device(), "block_sparse_attention");
   const BsaLayout layout = parse_bsa_layout(layout_name);
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale, layout);
-  Backend::check(bsa_logical(q_in, layout), bsa_logical(k_in, layout), causal);
+  kernels.check(bsa_logical(q_in, layout), bsa_logical(k_in, layout));
+  const OpDeviceGuard guard(q_in.device());
   // logical (B, H, L, D) views of the caller's memory wherever the kernels can read it
-  const at::Tensor q = bsa_logical(Backend::readable(q_in), layout);
-  const at::Tensor k = bsa_logical(Backend::readable(k_in), layout);
-  const at::Tensor v = bsa_logical(Backend::readable(v_in), layout);
+  const at::Tensor q = bsa_logical(kernels.readable(q_in), layout);
+  const at::Tensor k = bsa_logical(kernels.readable(k_in), layout);
+  const at::Tensor v = bsa_logical(kernels.readable(v_in), layout);
   const auto global_mask = contiguous_mask(global_mask_in), key_padding_mask = contiguous_mask(key_padding_mask_in);
   const at::Tensor out_mem = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor out = bsa_logical(out_mem, layout);
@@ -36,23 +34,24 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_entry(
   if (q.numel() == 0) return {out_mem, lse};
   BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, causal);
   set_bsa_forward_tensors(p, q, k, v, out, lse);
-  Backend::forward(p, q);
+  kernels.forward(p, q);
   return {out_mem, lse};
 }
 
-template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_entry(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, int64_t window, int64_t dilation,
     const std::optional<at::Tensor>& global_mask_in, const std::optional<at::Tensor>& key_padding_mask_in,
     double scale, bool causal, c10::string_view layout_name) {
+  const BsaKernels& kernels = kernels_for<BsaKernels>(q_in.device(), "block_sparse_attention_backward");
   const BsaLayout layout = parse_bsa_layout(layout_name);
   check_bsa_inputs(q_in, k_in, v_in, window, dilation, global_mask_in, key_padding_mask_in, scale, layout);
   check_bsa_tensor(grad_out_in, "grad_out", q_in, "q", layout);
   check_bsa_tensor(out_in, "out", q_in, "q", layout);
   check_bsa_lse(lse_in, bsa_logical(q_in, layout));
-  Backend::check(bsa_logical(q_in, layout), bsa_logical(k_in, layout), causal);
-  const auto logical = [&](const at::Tensor& t) { return bsa_logical(Backend::readable(t), layout); };
+  kernels.check(bsa_logical(q_in, layout), bsa_logical(k_in, layout));
+  const OpDeviceGuard guard(q_in.device());
+  const auto logical = [&](const at::Tensor& t) { return bsa_logical(kernels.readable(t), layout); };
   const at::Tensor q = logical(q_in), k = logical(k_in), v = logical(v_in);
   const at::Tensor grad_out = logical(grad_out_in), out = logical(out_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -66,8 +65,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_e
                    grad_v = bsa_logical(grad_v_mem, layout);
   BlockSparseAttentionParams p = make_bsa_params(q, k, window, dilation, global_mask, key_padding_mask, scale, causal);
   set_bsa_backward_tensors(p, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v);
-  Backend::backward(p, q);
+  kernels.backward(p, q);
   return {grad_q_mem, grad_k_mem, grad_v_mem};
 }
+
+}  // namespace
+
+MOEDIFFUSEQ_IMPL_CPU_AND_CUDA(m.impl("block_sparse_attention", &block_sparse_attention);
+                              m.impl("block_sparse_attention_backward", &block_sparse_attention_backward);)
 
 }  // namespace moediffuseq
