@@ -77,6 +77,8 @@ inline void check_nearest_embedding_inputs(const at::Tensor& x, const at::Tensor
   TORCH_CHECK(emb.dim() == 2 && emb.size(1) == x.size(1), "nearest_embedding: emb must be (V, d) with d = ",
               x.size(1), ", got shape ", emb.sizes());
   TORCH_CHECK(emb.size(0) >= 1, "nearest_embedding: emb must have at least one row");
+  TORCH_CHECK(x.size(1) >= 1, "nearest_embedding: the embedding width d must be >= 1 (every distance would be 0), "
+              "got x ", x.sizes(), " and emb ", emb.sizes());
   for (const auto* t : {&x, &emb}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 ||
                     (allow_half && t->scalar_type() == at::kHalf),

@@ -12,14 +12,10 @@ def nearest_embedding(x: Tensor, emb: Tensor) -> Tensor:
     never exists at once); ties go to the lowest index; NaN input is an error. Returns int64
     of shape x.shape[:-1]. Not differentiable (an argmin).
     """
-    if emb.dim() != 2:
-        raise ValueError(f"nearest_embedding: emb must be (V, d), got {tuple(emb.shape)}")
-    if x.dim() < 1 or x.shape[-1] != emb.shape[-1]:
-        raise ValueError(f"nearest_embedding: x must be (..., {emb.shape[-1]}), got {tuple(x.shape)}")
-    if emb.shape[-1] == 0:
-        raise ValueError("nearest_embedding: the embedding width d must be >= 1 (every distance would be 0), "
-                         f"got x {tuple(x.shape)} and emb {tuple(emb.shape)}")
-    return _OP(x.reshape(-1, x.shape[-1]), emb).reshape(x.shape[:-1])
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        return _OP(x, emb)  # the op names what is wrong
+    rows = x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)  # (N, d)
+    return _OP(rows, emb).reshape(x.shape[:-1])
 
 
 @torch.library.register_fake("moediffuseq::nearest_embedding")
