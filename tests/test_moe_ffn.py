@@ -106,6 +106,17 @@ def test_matches_reference(device):
     matches()
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+def test_experts_in_several_passes(device, activation, routing):
+    """T k = 6000 grouped rows: on the CPU the experts run in passes of at most 2048 rows
+    (MoeKernels::pass_rows) through reused buffers, some passes holding several experts, one
+    expert holding more than a pass; a quarter of the slots dropped. All against the reference."""
+    skip_unless_ready(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    check(make_problem(3000, 16, 24, 6, 2, activation, dtype, routing, seed=5, drop=0.25, device=device), activation)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_experts_get_zero_weight_gradients(device, dtype):
     x, weights, indices, w1, w2, grad = make_problem(50, 16, 8, 6, 1, "gelu", dtype, "one_expert", 3, device=device)

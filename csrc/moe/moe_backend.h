@@ -37,13 +37,17 @@ struct MoeGemm {
 // `op` names the op in error messages.
 struct MoeKernels {
   bool allow_half = false;  // float16 accepted
+  // The experts run in passes of consecutive experts holding at most this many grouped rows (one
+  // expert at least), whose buffers are reused pass after pass (cache-sized work on the CPU);
+  // 0: every expert in one pass (one grouped GEMM launch on the GPU).
+  int64_t pass_rows = 0;
   // moe_topk_softmax: weights, indices and the lowest bad row (moe/moe_params.h).
   void (*topk_softmax)(const MoeTopkSoftmaxParams& p);
   // The stable counting sort of the slots by expert; raises on an index outside [-1, E).
   MoeGroups (*route)(const at::Tensor& indices, int64_t num_experts, const char* op);
-  // dst (V, D): grouped row r = scale[s] * src[s / k] with s the slot of r (scale null: a copy).
-  void (*gather)(const at::Tensor& src, const MoeGroups& g, int64_t k, const float* scale, at::Tensor& dst,
-                 const char* op);
+  // dst (n, D): row i = scale[s] * src[s / k] with s the slot of grouped row row0 + i (scale null: a copy).
+  void (*gather)(const at::Tensor& src, const MoeGroups& g, int64_t k, const float* scale, int64_t row0,
+                 at::Tensor& dst, const char* op);
   // d = a b for every GEMM of `gemms` (one per non-empty expert, operands laid out as `layout`).
   void (*grouped_gemm)(std::vector<MoeGemm>& gemms, GemmLayout layout, const MoeShapes& s, const at::Tensor& like,
                        const char* op);

@@ -169,12 +169,12 @@ Params rows_params(const at::Tensor& t, int64_t k, const char* op) {
   return p;
 }
 
-void gather(const at::Tensor& src, const MoeGroups& g, int64_t k, const float* scale, at::Tensor& dst,
+void gather(const at::Tensor& src, const MoeGroups& g, int64_t k, const float* scale, int64_t row0, at::Tensor& dst,
             const char* op) {
   auto p = rows_params<MoeGatherParams>(src, k, op);
   p.rows = dst.size(0);
   p.src = src.data_ptr();
-  p.slot_of_row = g.slot_of_row.data_ptr<int32_t>();
+  p.slot_of_row = g.slot_of_row.data_ptr<int32_t>() + row0;
   p.dst = dst.data_ptr();
   p.scale = scale;
   C10_CUDA_CHECK(launch_moe_gather(p, current_stream()));
@@ -226,7 +226,7 @@ void activation_backward(const at::Tensor& h, const at::Tensor& da, MoeActivatio
   C10_CUDA_CHECK(launch_moe_activation_backward(p, current_stream()));
 }
 
-const MoeKernels kKernels{/*allow_half=*/true,
+const MoeKernels kKernels{/*allow_half=*/true, /*pass_rows=*/0,
                           &launch_on_current_stream<MoeTopkSoftmaxParams, launch_moe_topk_softmax>,
                           &route, &gather, &grouped_gemm, &activation_forward, &activation_backward, &combine,
                           &grad_weights};
