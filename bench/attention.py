@@ -34,8 +34,8 @@ import torch
 from bench.attention_problem import (BACKWARD_FLOP_FACTOR, CHECK_MAX_LENGTH, FLEX, FWD, FWD_BWD, METHODS, OURS_BF16,
                                      OURS_FP32, PASSES, SDPA_MASK, Built, Config, Method, Problem,
                                      check_against_flex, forward_flops, make_problem, sanity_check)
-from bench.common import (DEFAULT_OUT_DIR, Cell, Timing, copy_bandwidth, device_description, markdown_row,
-                          matmul_rate, timer, write_table)
+from bench.common import (DEFAULT_OUT_DIR, Cell, Timing, append_targets, copy_bandwidth, device_description,
+                          markdown_row, matmul_rate, timer, write_table)
 
 Key = tuple[int, str, str]  # (L, method, pass)
 COLUMNS = ["L", "method", "pass", "median ms", "runs", "useful GFLOP/s", "% matmul", "ours speed-up", "status"]
@@ -261,10 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     lines = target_lines(cfg, timings, pairs, rates) if not cuda else [
         f"{'PASS' if v == 'ok' else 'FAIL'} ours vs FlexAttention at L={length}, output and gradients in bfloat16"
         for length, v in verdicts.items()]
-    section = "\n## Targets\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-    print(section, end="")
-    with open(out_dir / f"{name}.md", "a", encoding="utf-8") as handle:
-        handle.write(section)
+    append_targets(out_dir, name, lines)
 
 
 if __name__ == "__main__":

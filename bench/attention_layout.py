@@ -18,9 +18,7 @@ from typing import Callable
 import torch
 
 from bench.common import copy_bandwidth, machine_description
-from bench.end_to_end import TOKENS_PER_STEP, batch, model_config
-from moediffuseq.diffusion import NoiseSchedule, diffusion_loss
-from moediffuseq.model import MoEDiffuSeq
+from bench.end_to_end import training_step
 from moediffuseq.nn import BlockSparseSelfAttention
 from moediffuseq.ops import block_sparse_attention
 
@@ -68,26 +66,13 @@ def main() -> None:
     args = parser.parse_args()
     device, L = args.device, args.length
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch.manual_seed(0)
-    cfg = model_config("moe-diffuseq", L, device)
-    model = MoEDiffuSeq(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    schedule = NoiseSchedule.create(cfg.schedule, cfg.diffusion_steps)
-    B = max(1, TOKENS_PER_STEP // L)
-    ids, target = batch(cfg, B, device)
-    gen = torch.Generator().manual_seed(1)
+    cfg, model, B, step = training_step("moe-diffuseq", L, device, args.bf16)
 
     def train_step(cls: type) -> Callable[[], None]:
-        def step() -> None:
+        def run() -> None:
             set_attention_class(model, cls)
-            t = torch.randint(0, schedule.num_steps, (B,), generator=gen).to(device)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = diffusion_loss(model, schedule, ids, target, t).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-        return step
+            step()
+        return run
 
     layers = set_attention_class(model, BlockSparseSelfAttention)
     dtype = torch.bfloat16 if args.bf16 else torch.float32

@@ -208,3 +208,13 @@ def write_table(
         writer.writerow(columns)
         writer.writerows([["" if row.get(column) is None else row.get(column) for column in columns] for row in rows])
     return out_dir
+
+
+def append_targets(out_dir: Path, name: str, lines: Sequence[str]) -> None:
+    """Print the target verdicts ``lines`` as a "Targets" section and append it to ``<name>.md``."""
+    if not lines:
+        return
+    section = "\n## Targets\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    print(section, end="")
+    with open(Path(out_dir) / f"{name}.md", "a", encoding="utf-8") as handle:
+        handle.write(section)

@@ -35,7 +35,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bench.common import DEFAULT_OUT_DIR, Cell, copy_bandwidth, device_description, matmul_rate, timer, write_table
+from bench.common import (DEFAULT_OUT_DIR, Cell, append_targets, copy_bandwidth, device_description, matmul_rate,
+                          timer, write_table)
 from moediffuseq.ops import (denoise_step, denoise_step_ref, nearest_embedding, soft_absorb_q_sample,
                              soft_absorb_q_sample_ref)
 
@@ -206,12 +207,7 @@ def main() -> None:
     name = "diffusion_cuda" if cuda else "diffusion"
     out_dir = write_table(rows, COLUMNS, name, out_dir=args.out, notes=notes,
                           title=f"diffusion ops on {args.device}: fused vs eager and compiled ops")
-    lines = target_lines(rows, cuda)
-    if lines:
-        section = "\nTargets\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-        print(section, end="")
-        with open(out_dir / f"{name}.md", "a", encoding="utf-8") as handle:
-            handle.write(section)
+    append_targets(out_dir, name, target_lines(rows, cuda))
 
 
 if __name__ == "__main__":

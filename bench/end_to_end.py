@@ -57,8 +57,9 @@ def batch(cfg: MoEDiffuSeqConfig, B: int, device: str, seed: int = 0):
     return ids.to(device), target.to(device)
 
 
-def train_worker(name: str, L: int, device: str, steps: int, bf16: bool) -> dict:
-    """Runs in a fresh process: tokens/s of optimizer steps and the peak memory."""
+def training_step(name: str, L: int, device: str, bf16: bool):
+    """The model of ``name`` at length L, and one optimizer step (loss, backward, AdamW) on a
+    fixed batch of TOKENS_PER_STEP tokens: (cfg, model, batch size, step)."""
     torch.manual_seed(0)
     cfg = model_config(name, L, device)
     model = MoEDiffuSeq(cfg).to(device)
@@ -78,6 +79,12 @@ def train_worker(name: str, L: int, device: str, steps: int, bf16: bool) -> dict
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    return cfg, model, B, step
+
+
+def train_worker(name: str, L: int, device: str, steps: int, bf16: bool) -> dict:
+    """Runs in a fresh process: tokens/s of optimizer steps and the peak memory."""
+    _, model, B, step = training_step(name, L, device, bf16)
     step()  # warm-up
     times = []
     for _ in range(steps):

@@ -51,7 +51,7 @@ from typing import Optional
 
 import torch
 
-from bench.common import DEFAULT_OUT_DIR, Cell, device_description, matmul_rate, timer, write_table
+from bench.common import DEFAULT_OUT_DIR, Cell, append_targets, device_description, matmul_rate, timer, write_table
 from bench.moe_layer import DTYPES, METHODS, PASSES, Shape, layer_call, make_params, pass_call, probe_grouped_mm, verify
 from bench.moe_profile import moe_kernel_profile, outside_expert_gemm_share
 
@@ -268,10 +268,7 @@ def main() -> None:
     name = "moe_cuda" if cuda else "moe"
     out_dir = write_table(rows, COLUMNS, name, out_dir=args.out, notes=notes,
                           title=f"MoE layer on {args.device}: ours vs HF loop vs torch._grouped_mm vs dense FFN")
-    section = "\nTargets\n" + "\n".join(f"- {line}" for line in targets(args.device, rates, shape, all_results))
-    print(section + "\n", end="")
-    with open(out_dir / f"{name}.md", "a", encoding="utf-8") as handle:
-        handle.write(section + "\n")
+    append_targets(out_dir, name, targets(args.device, rates, shape, all_results))
     problems = [line for results in all_results.values() for pass_ in PASSES
                 for line in results[pass_, "ours"].problems]
     if problems:
