@@ -32,7 +32,7 @@ __all__ = ["CliError", "build_parser", "main", "train_configs"]
 # ---------------------------------------------------------------------------------- generate
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    from moediffuseq.diffusion.samplers import SAMPLERS
+    from moediffuseq.diffusion.samplers import SAMPLERS, SamplerConfig
     from moediffuseq.generate import DTYPES
 
     p.add_argument("--model", required=True, help="a model directory (e.g. OUT/model from train)")
@@ -43,8 +43,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    "generated texts, one per line)")
     p.add_argument("--show-steps", action="store_true",
                    help="print the first source's text after every sampling step (on stderr)")
-    p.add_argument("--sampler", default="dpm++", choices=SAMPLERS)
-    p.add_argument("--steps", type=int_at_least(1), default=10, help="sampling steps (default 10)")
+    p.add_argument("--sampler", default=SamplerConfig.method, choices=SAMPLERS,
+                   help=f"reverse process (default {SamplerConfig.method}: measured best at 10 steps, bench/RESULTS.md)")
+    p.add_argument("--steps", type=int_at_least(1), default=SamplerConfig.steps,
+                   help=f"sampling steps (default {SamplerConfig.steps})")
     p.add_argument("--mbr", type=int_at_least(1), default=1, help="samples per source; output is their MBR choice")
     p.add_argument("--clamp", action="store_true", help="round x0 predictions to the nearest embedding")
     p.add_argument("--early-stop", type=int_at_least(0), default=0,

@@ -86,15 +86,16 @@ class MoEDiffuSeqPipeline:
         return generate(self.model, self.tokenizer, sources, cfg, cfg.target_len or self.target_len, progress,
                         callback, record_steps)
 
-    def __call__(self, sources: Union[str, Sequence[str]], *, sampler: str = "dpm++", steps: int = 10, mbr: int = 1,
-                 target_len: Optional[int] = None, seed: int = 0, batch_size: int = 16, clamp: bool = False,
+    def __call__(self, sources: Union[str, Sequence[str]], *, sampler: str = SamplerConfig.method,
+                 steps: int = SamplerConfig.steps, mbr: int = 1, target_len: Optional[int] = None, seed: int = 0,
+                 batch_size: int = 16, clamp: bool = SamplerConfig.clamp,
                  early_stop: int = 0, dtype: Optional[str] = None, progress: bool = False,
                  callback: Optional[StepCallback] = None, return_candidates: bool = False,
                  return_steps: bool = False) -> Union[str, list[str], Generation, list[Generation]]:
         """Generates for one source text or a list of them.
 
         Args:
-            sampler, steps: ``ddpm``, ``ddim`` or ``dpm++`` (default, 10 steps).
+            sampler, steps: ``ddpm`` (default, respaced to 10 steps), ``ddim``, ``dpm++``.
             mbr: samples per source; the output is their minimum-Bayes-risk choice.
             target_len: target token budget (default: the one saved by training).
             seed: the noise (with ``batch_size``: sources sampled together share a draw).

@@ -37,10 +37,10 @@ def validation_loss(model: MoEDiffuSeq, schedule: NoiseSchedule, valid_set: Seq2
 
 def validation_bleu(model: MoEDiffuSeq, tokenizer: TextTokenizer, valid_set: Seq2SeqDataset, examples: int,
                     batch_size: int, bf16: bool, target_len: int) -> float:
-    """Sentence BLEU of ``model`` on the first ``examples`` validation sources (DPM-Solver++ 10),
+    """Sentence BLEU of ``model`` on the first ``examples`` validation sources (the default sampler),
     against the references decoded from their token ids (as the outputs are)."""
     chosen = valid_set.examples[:examples]
-    gen_cfg = GenerationConfig(SamplerConfig("dpm++", 10), batch_size=batch_size, seed=0,
+    gen_cfg = GenerationConfig(SamplerConfig(), batch_size=batch_size, seed=0,
                                dtype="bf16" if bf16 else None)
     outputs = generate(model, tokenizer, [e.src for e in chosen], gen_cfg, target_len)
     references = decoded([e.trg for e in chosen], tokenizer)

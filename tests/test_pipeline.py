@@ -49,11 +49,11 @@ def test_callback_and_steps_watch_the_text_emerge_without_changing_it(model_dir)
     watched = pipe(SOURCES, steps=4, batch_size=3, return_steps=True,
                    callback=lambda step, t, texts: seen.append((step, t, texts)))
     assert [w.hypothesis for w in watched] == plain
-    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5] * 2  # dpm++ with 4 steps: 5 model calls; 2 batches
-    assert [len(texts) for _, _, texts in seen] == [3] * 5 + [1] * 5
-    assert watched[0].steps == [texts[0] for _, _, texts in seen[:5]]
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4] * 2  # the default ddpm with 4 steps: 4 model calls; 2 batches
+    assert [len(texts) for _, _, texts in seen] == [3] * 4 + [1] * 4
+    assert watched[0].steps == [texts[0] for _, _, texts in seen[:4]]
     assert watched[0].steps[-1] == watched[0].hypothesis
-    assert watched[3].steps == [texts[0] for _, _, texts in seen[5:]]
+    assert watched[3].steps == [texts[0] for _, _, texts in seen[4:]]
     assert pipe("zeta", steps=4, batch_size=3) == pipe(["zeta"], steps=4, batch_size=3)[0]
 
 
@@ -107,9 +107,10 @@ def test_generate_takes_text_in_and_gives_text_out(model_dir, tmp_path, capsys, 
     assert "no references" in capsys.readouterr().out
     assert main([*base, "--text", SOURCES[0], "--show-steps"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == expected[:1]
+    alone = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")(SOURCES[:1], steps=3)  # its own noise draw
+    assert captured.out.splitlines() == alone
     assert [line.split(":", 1)[0] for line in captured.err.splitlines()] == [
-        f"step {i:3d} (t={t:4d})" for i, t in zip(range(1, 5), (1999, 1333, 666, 0))]
+        f"step {i:3d} (t={t:4d})" for i, t in zip(range(1, 4), (1999, 1000, 0))]  # the default ddpm, 3 steps
 
 
 def test_generation_files_hold_the_reference_decoded_from_its_ids(model_dir, tmp_path):
