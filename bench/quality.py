@@ -1,16 +1,19 @@
 """Quality against CPU time: MoE-DiffuSeq vs the dense ``diffuseq`` preset at equal wall time,
-with and without self-conditioning, DPM-Solver++ 10 vs DDPM 2000 on the same trained model, and
+with and without self-conditioning, the mse over the target or over every position, DPM-Solver++
+10 (with and without clamping) vs DDPM 2000 on the same trained model, and
 the copy-the-source and before-training baselines; all in one run, on the same data and seeds,
 scored on text decoded from token ids with bootstrap 95% intervals (moediffuseq.evaluate).
 
 Every system trains for the same wall-clock budget (--seconds) with the tiny shape (2 layers,
 d_model 128; the MoE's active feed-forward width equals the dense preset's d_ff), the systems of
 one task and seed in turns of --slice-seconds so that the load of a shared machine falls on all
-of them alike, then generates for the first --examples test sources (DPM-Solver++ 10 steps, no
-MBR).
+of them alike, then generates for the first --examples test sources (the default sampler, DDPM
+respaced to 10 steps, no MBR).
 
-    python -m bench.quality                                   # the default tasks
+    python -m bench.quality                                   # the default tasks and systems
     python -m bench.quality --seconds 60 --examples 50 --seeds 0 --tasks pycode:64 pycode-body:512
+    python -m bench.quality --tasks pycode-body:512 --seconds 600 --ddpm-task none \
+        --systems moe-diffuseq "moe-diffuseq mse-all" "diffuseq (dense)"
 
 Writes bench/out/quality.md, quality.json and quality_curves.png (train loss against time).
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.common import DEFAULT_OUT_DIR
+from bench.sampler_quality import parse_sampler
 
 from moediffuseq.data import Seq2SeqDataset, TextTokenizer, build_corpus, read_jsonl, split_path
 from moediffuseq.diffusion.samplers import SamplerConfig
@@ -42,7 +46,18 @@ SYSTEMS = {
                                                                      self_conditioning=True),
     "diffuseq (dense)": lambda L, V: MoEDiffuSeqConfig.preset("diffuseq", **{**DENSE_TINY, "max_len": L},
                                                               vocab_size=V, mse_target_only=True),
+    # METHOD's and the reference code's mse over every position, against the target-only mse above
+    "moe-diffuseq mse-all": lambda L, V: MoEDiffuSeqConfig.preset("tiny", max_len=L, vocab_size=V, dropout=0.0,
+                                                                  window=min(32, L), mse_target_only=False),
 }
+DEFAULT_SYSTEMS = ["moe-diffuseq", "moe-diffuseq +self-cond", "diffuseq (dense)"]
+# the first seed's MoE model of --ddpm-task is also sampled with these (the others: the default sampler)
+SAMPLER_ROWS = ["dpm++:10", "dpm++:10+clamp", "ddpm:2000"]
+
+
+def slug(name: str) -> str:
+    """A system's name as a directory name: "moe-diffuseq +self-cond" -> "moe-diffuseq-self-cond"."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
 
 
 def score(hyps, refs):
@@ -78,8 +93,8 @@ def train_round_robin(trainers, seconds, slice_seconds):
     return curves
 
 
-def generate_texts(model, tok, sources, target_len, method="dpm++", steps=10):
-    cfg = GenerationConfig(SamplerConfig(method, steps), batch_size=50, seed=0)
+def generate_texts(model, tok, sources, target_len, sampler=None):
+    cfg = GenerationConfig(sampler or SamplerConfig(), batch_size=50, seed=0)
     start = time.perf_counter()
     out = generate(model, tok, sources, cfg, target_len)
     return [o.hypothesis for o in out], time.perf_counter() - start
@@ -94,8 +109,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=50, help="test sources generated per system")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--ddpm-task", default="pycode:64",
-                   help="task whose MoE model (of the first seed) is also sampled with DDPM 2000")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+                   help=f"task whose MoE model (of the first seed) is also sampled with {', '.join(SAMPLER_ROWS)}")
+    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, choices=list(SYSTEMS))
     p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -114,7 +129,7 @@ def main() -> None:
         rows.append(dict(task=task, system="copy the source", seed="-", train_s=0, steps=0, gen_s=0, **m, iv=iv))
         for seed in args.seeds:
             made = {name: make_trainer(SYSTEMS[name](L, len(tok)), tok, train_set, seed,
-                                       args.out / "quality_runs" / f"{corpus}{L}-{name[:3]}-{seed}")
+                                       args.out / "quality_runs" / f"{corpus}{L}-{slug(name)}-{seed}")
                     for name in args.systems}
             task_curves = train_round_robin({name: made[name][0] for name in args.systems}, args.seconds,
                                             args.slice_seconds)
@@ -133,11 +148,12 @@ def main() -> None:
                                  steps=len(curve), gen_s=gen_s, final_loss=curve[-1][1], **m, iv=iv))
                 print(rows[-1], flush=True)
                 if task == args.ddpm_task and name == "moe-diffuseq" and seed == args.seeds[0]:
-                    hyps, gen_s = generate_texts(trainer.ema, tok, sources, target_len, "ddpm", 2000)
-                    m, iv = score(hyps, refs)
-                    rows.append(dict(task=task, system=f"{name}, DDPM 2000 steps", seed=seed,
-                                     train_s=round(curve[-1][0], 1), steps=len(curve), gen_s=gen_s, **m, iv=iv))
-                    print(rows[-1], flush=True)
+                    for spec in SAMPLER_ROWS:
+                        hyps, gen_s = generate_texts(trainer.ema, tok, sources, target_len, parse_sampler(spec))
+                        m, iv = score(hyps, refs)
+                        rows.append(dict(task=task, system=f"{name}, sampler {spec}", seed=seed,
+                                         train_s=round(curve[-1][0], 1), steps=len(curve), gen_s=gen_s, **m, iv=iv))
+                        print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1) + "\n")
     lines = ["| task | system | seed | train s | steps | generate s | BLEU [95% CI] | ROUGE-2 [95% CI] | ROUGE-L [95% CI] |",
