@@ -14,7 +14,8 @@ The default is ``ddpm`` respaced to 10 steps: the posterior step between kept st
 also the first-order SDE-DPM-Solver++ step. At the same 10 model calls it gave better text than
 DPM-Solver++ on the trained demo models (bench/RESULTS.md, "Samplers on a trained model"): the
 deterministic samplers (DPM-Solver++, DDIM) solve the same probability-flow ODE (DPM++ 10 scores
-as DDIM 2000) and end between word embeddings more often; ``clamp`` narrows that gap.
+as DDIM 2000), and that ODE's end points score below the stochastic samplers'; ``clamp`` narrows
+the gap.
 
 A sampler takes one ``Conditioning``: the batch to complete (anchor, target mask), the
 absorbing vector m and ``denoise(x_t, t) -> x0_hat`` (``MoEDiffuSeq.condition`` builds it, the
