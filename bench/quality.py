@@ -15,7 +15,9 @@ respaced to 10 steps, no MBR).
     python -m bench.quality --tasks pycode-body:512 --seconds 600 --ddpm-task none \
         --systems moe-diffuseq "moe-diffuseq mse-all" "diffuseq (dense)"
 
-Writes bench/out/quality.md, quality.json and quality_curves.png (train loss against time).
+Every system's EMA model is also scored on the same test sources every --probe-seconds of its
+training. Writes bench/out/quality.md, quality.json and quality_curves.png (train loss, BLEU and
+ROUGE-L against training time).
 """
 from __future__ import annotations
 
@@ -76,12 +78,16 @@ def make_trainer(cfg, tok, train_set, seed, out_dir):
     return Trainer(model, tok, train_set, None, tcfg, out_dir), initial
 
 
-def train_round_robin(trainers, seconds, slice_seconds):
+def train_round_robin(trainers, seconds, slice_seconds, probe=None, probe_seconds=0.0):
     """Trains every trainer for `seconds` of its own wall time, in turns of `slice_seconds`, so
     that a load that comes and goes on a shared machine falls on all systems alike. Returns
-    each trainer's curve of (its training seconds, loss)."""
+    each trainer's curve of (its training seconds, loss) and, with `probe(trainer) -> metrics`,
+    its quality curve of (its training seconds, metrics) every `probe_seconds` of training (the
+    probes' own time is not training time)."""
     curves = {name: [] for name in trainers}
+    quality = {name: [] for name in trainers}
     spent = dict.fromkeys(trainers, 0.0)
+    next_probe = dict.fromkeys(trainers, probe_seconds if probe else float("inf"))
     while any(spent[name] < seconds for name in trainers):
         for name, trainer in trainers.items():
             turn_end = min(seconds, spent[name] + slice_seconds)
@@ -90,7 +96,10 @@ def train_round_robin(trainers, seconds, slice_seconds):
                 loss = trainer.train_step()["loss"]
                 spent[name] += time.perf_counter() - start
                 curves[name].append((spent[name], loss))
-    return curves
+                if spent[name] >= next_probe[name]:
+                    quality[name].append((spent[name], probe(trainer)))
+                    next_probe[name] = (spent[name] // probe_seconds + 1) * probe_seconds  # one probe per mark passed
+    return curves, quality
 
 
 def generate_texts(model, tok, sources, target_len, sampler=None):
@@ -104,6 +113,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["pycode:64", "pycode:256", "pycode-body:512"])
     p.add_argument("--seconds", type=float, default=60.0, help="training wall time of every system")
+    p.add_argument("--probe-seconds", type=float, default=None,
+                   help="score every system's EMA model on the test sources every this many seconds of its "
+                        "training (default: --seconds / 6; 0: only at the end)")
     p.add_argument("--slice-seconds", type=float, default=5.0,
                    help="the systems of a task and seed train in turns of this many seconds each")
     p.add_argument("--examples", type=int, default=50, help="test sources generated per system")
@@ -114,7 +126,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    rows, curves = [], {}
+    probe_seconds = args.seconds / 6 if args.probe_seconds is None else args.probe_seconds
+    rows, curves, probes = [], {}, {}
     for task in args.tasks:
         corpus, L = task.split(":")[0], int(task.split(":")[1])
         data = build_corpus(corpus)
@@ -131,12 +144,18 @@ def main() -> None:
             made = {name: make_trainer(SYSTEMS[name](L, len(tok)), tok, train_set, seed,
                                        args.out / "quality_runs" / f"{corpus}{L}-{slug(name)}-{seed}")
                     for name in args.systems}
-            task_curves = train_round_robin({name: made[name][0] for name in args.systems}, args.seconds,
-                                            args.slice_seconds)
+            def probe(trainer):
+                row = evaluate_texts(generate_texts(trainer.ema, tok, sources, target_len)[0], refs)
+                return {k: row[k] for k in ("bleu", "rougeL")}
+
+            task_curves, task_probes = train_round_robin({name: made[name][0] for name in args.systems}, args.seconds,
+                                                         args.slice_seconds, probe if probe_seconds > 0 else None,
+                                                         probe_seconds)
             for name in args.systems:
                 trainer, initial = made[name]
                 curve = task_curves[name]
                 curves[f"{task} {name} s{seed}"] = curve
+                probes[f"{task} {name} s{seed}"] = task_probes[name]
                 if name == args.systems[0]:
                     hyps, gen_s = generate_texts(initial, tok, sources, target_len)
                     m, iv = score(hyps, refs)
@@ -154,30 +173,48 @@ def main() -> None:
                         rows.append(dict(task=task, system=f"{name}, sampler {spec}", seed=seed,
                                          train_s=round(curve[-1][0], 1), steps=len(curve), gen_s=gen_s, **m, iv=iv))
                         print(rows[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps({"rows": rows, "curves": curves}, indent=1) + "\n")
+    write_outputs(args.out, rows, curves, probes)
+
+
+
+def write_outputs(out: Path, rows, curves, probes) -> None:
+    """quality.json (everything), quality.md (the final scores with intervals, then the quality
+    probes during training) and quality_curves.png (train loss, BLEU and ROUGE-L against time)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"rows": rows, "curves": curves, "probes": probes}, indent=1) + "\n")
     lines = ["| task | system | seed | train s | steps | generate s | BLEU [95% CI] | ROUGE-2 [95% CI] | ROUGE-L [95% CI] |",
              "|" + " --- |" * 9]
     for r in rows:
         cell = lambda k: f"{r[k]:.4f} [{r['iv'][k][0]:.4f}, {r['iv'][k][1]:.4f}]"  # noqa: E731
         lines.append(f"| {r['task']} | {r['system']} | {r['seed']} | {r['train_s']} | {r['steps']} | "
                      f"{r['gen_s']:.1f} | {cell('bleu')} | {cell('rouge2')} | {cell('rougeL')} |")
-    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
+    if any(probes.values()):
+        lines += ["", "Quality during training (EMA model, the same test sources; BLEU / ROUGE-L at training seconds):",
+                  "", "| run | probes |", "| --- | --- |"]
+        for label, points in probes.items():
+            lines.append(f"| {label} | " + ", ".join(f"{t:.0f} s: {m['bleu']:.4f} / {m['rougeL']:.3f}"
+                                                    for t, m in points) + " |")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for label, curve in curves.items():
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=label, linewidth=0.8)
-        ax.set(xlabel="training wall time (s)", ylabel="train loss", yscale="log")
-        ax.legend(fontsize=6)
-        fig.savefig(args.out / "quality_curves.png", dpi=120)
-        print(f"plot: {args.out / 'quality_curves.png'}")
     except ImportError:
-        pass
+        return
+    fig, (loss_ax, bleu_ax, rouge_ax) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for label, curve in curves.items():
+        line, = loss_ax.plot([c[0] for c in curve], [c[1] for c in curve], label=label, linewidth=0.8)
+        points = probes.get(label, [])
+        for ax, key in ((bleu_ax, "bleu"), (rouge_ax, "rougeL")):
+            ax.plot([t for t, _ in points], [m[key] for _, m in points], marker="o", color=line.get_color())
+    loss_ax.set(xlabel="training wall time (s)", ylabel="train loss", yscale="log")
+    bleu_ax.set(xlabel="training wall time (s)", ylabel="test sentence BLEU")
+    rouge_ax.set(xlabel="training wall time (s)", ylabel="test ROUGE-L")
+    loss_ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "quality_curves.png", dpi=100)
+    print(f"plot: {out / 'quality_curves.png'}")
 
 
 if __name__ == "__main__":
