@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from bench.common import DEFAULT_OUT_DIR
-from bench.sampler_quality import parse_sampler
+from bench.sampler_quality import parse_sampler, score
 
 from moediffuseq.data import Seq2SeqDataset, TextTokenizer, build_corpus, read_jsonl, split_path
 from moediffuseq.diffusion.samplers import SamplerConfig
-from moediffuseq.evaluate import bootstrap_intervals, decoded, evaluate_texts
+from moediffuseq.evaluate import decoded, evaluate_texts
 from moediffuseq.generate import GenerationConfig, generate
 from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 from moediffuseq.train import TrainConfig, Trainer
@@ -60,11 +60,6 @@ SAMPLER_ROWS = ["dpm++:10", "dpm++:10+clamp", "ddpm:2000"]
 def slug(name: str) -> str:
     """A system's name as a directory name: "moe-diffuseq +self-cond" -> "moe-diffuseq-self-cond"."""
     return "-".join("".join(c if c.isalnum() else " " for c in name).split())
-
-
-def score(hyps, refs):
-    row = evaluate_texts(hyps, refs)
-    return {k: row[k] for k in ("bleu", "rouge2", "rougeL", "avg_len")}, bootstrap_intervals(hyps, refs)
 
 
 def make_trainer(cfg, tok, train_set, seed, out_dir):
@@ -144,6 +139,7 @@ def main() -> None:
             made = {name: make_trainer(SYSTEMS[name](L, len(tok)), tok, train_set, seed,
                                        args.out / "quality_runs" / f"{corpus}{L}-{slug(name)}-{seed}")
                     for name in args.systems}
+
             def probe(trainer):
                 row = evaluate_texts(generate_texts(trainer.ema, tok, sources, target_len)[0], refs)
                 return {k: row[k] for k in ("bleu", "rougeL")}
@@ -174,7 +170,6 @@ def main() -> None:
                                          train_s=round(curve[-1][0], 1), steps=len(curve), gen_s=gen_s, **m, iv=iv))
                         print(rows[-1], flush=True)
     write_outputs(args.out, rows, curves, probes)
-
 
 
 def write_outputs(out: Path, rows, curves, probes) -> None:

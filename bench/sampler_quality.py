@@ -4,7 +4,7 @@ same test sources, same seed. Answers whether a few-step sampler keeps the quali
 
     moediffuseq demo --out runs/demo
     python -m bench.sampler_quality runs/demo/model
-    python -m bench.sampler_quality runs/demo/model --samplers dpm++:10 dpm++-sde:10 ddpm:2000 --examples 200
+    python -m bench.sampler_quality runs/demo/model --samplers dpm++:10 ddpm:10 ddpm:2000 --examples 200 --mbr 10
 
 A sampler is ``method:steps`` (``+clamp`` rounds x0 to the nearest word embedding). By default
 one sample per source, so the table compares the samplers and nothing else; ``--mbr S`` scores
@@ -43,6 +43,13 @@ def parse_sampler(spec: str) -> SamplerConfig:
     return SamplerConfig(method, int(steps), clamp=clamp)
 
 
+def score(hyps, refs):
+    """The example-averaged metrics of METRICS (and the average length) and their bootstrap 95%
+    intervals."""
+    row = evaluate_texts(hyps, refs)
+    return {k: row[k] for k in (*METRICS, "avg_len")}, bootstrap_intervals(hyps, refs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", type=Path, help="a trained model directory (save_pretrained / train's model/)")
@@ -69,10 +76,8 @@ def main() -> None:
         start = time.perf_counter()
         outputs = pipe.generate(sources, GenerationConfig(sampler, mbr=args.mbr, batch_size=50, seed=args.seed))
         seconds = time.perf_counter() - start
-        hyps = [o.hypothesis for o in outputs]
-        metrics = evaluate_texts(hyps, refs)
-        rows.append(dict(sampler=spec, seconds=seconds, **{k: metrics[k] for k in METRICS},
-                         avg_len=metrics["avg_len"], iv=bootstrap_intervals(hyps, refs)))
+        metrics, iv = score([o.hypothesis for o in outputs], refs)
+        rows.append(dict(sampler=spec, seconds=seconds, **metrics, iv=iv))
         print(f"{spec}: {seconds:.1f} s, " + ", ".join(f"{k} {metrics[k]:.4f}" for k in METRICS), flush=True)
     base = next((r for r in rows if r["sampler"] == "ddpm:2000"), rows[-1])
     decoding = "one sample each" if args.mbr == 1 else f"the MBR choice of {args.mbr} samples each"
@@ -104,6 +109,7 @@ def test_split_of(model_dir: Path) -> Path:
         raise SystemExit(f"{model_dir}: cannot read the corpus from {config} ({type(e).__name__}: {e}); "
                          "pass --data TEST.jsonl") from None
     return split_path(Path(corpus) if Path(corpus).is_dir() else build_corpus(corpus), "test")
+
 
 if __name__ == "__main__":
     main()
