@@ -60,6 +60,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype of the model (default: bf16 on CUDA, "
                    "whose attention kernels need bf16 or fp16; fp32 on CPU)")
     p.add_argument("--skip-bad-lines", action="store_true")
+    p.add_argument("--no-source-cache", action="store_true",
+                   help="run the whole sequence at every step, also for a model with source isolation and a "
+                        "bounded target span (by default those encode the source once per batch; same text)")
 
 
 def _input_path(spec: str) -> Path:
@@ -97,7 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> Optional[Path]:
     if output is not None:
         check_output(output, [input_path] if input_path else [])
     cfg = GenerationConfig(SamplerConfig(args.sampler, args.steps, args.clamp, args.early_stop), args.mbr,
-                           args.batch_size, args.target_len, args.seed, args.dtype)
+                           args.batch_size, args.target_len, args.seed, args.dtype,
+                           False if args.no_source_cache else None)
     n = generate_file(model_dir, input_path or args.input, output, cfg, device, args.limit, args.skip_bad_lines,
                       texts=args.text or None, show_steps=args.show_steps)
     if output is not None:

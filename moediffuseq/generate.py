@@ -1,15 +1,21 @@
 """Generation: sources in, text out, with any sampler of ``moediffuseq.diffusion.samplers``
-(default DPM-Solver++ with 10 steps) and optional minimum-Bayes-risk selection over S samples.
+(default DDPM respaced to 10 steps) and optional minimum-Bayes-risk selection over S samples.
 ``moediffuseq.pipeline.MoEDiffuSeqPipeline`` wraps ``generate`` with a model directory's
 defaults; ``moediffuseq.generate_files`` is the CLI's files in, files out.
 
-The source is packed as in training, every position after its [SEP] is generated, and the
+The source is packed as in training (``moediffuseq.data.packing``: DiffuSeq's layout generates
+every position after the source's [SEP], a bounded target span its last T positions), and the
 output is the argmax of lm_head(x0_hat) up to the first [SEP], padding removed (METHOD §6).
+
+A model with source isolation and a bounded span samples with a source cache by default: the
+source goes through the model once per batch (shared by the MBR samples) and every step runs
+only the span's rows (``GenerationConfig.source_cache``).
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from moediffuseq.data import TextTokenizer, pack_source
+from moediffuseq.data.packing import source_budget
 from moediffuseq.diffusion import NoiseSchedule
 from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
 from moediffuseq.evaluate import sentence_bleu
@@ -49,6 +56,7 @@ class GenerationConfig:
     target_len: Optional[int] = None   # target budget for source truncation (default: saved by training)
     seed: int = 0
     dtype: Optional[str] = None        # "fp32", "bf16" or "fp16" autocast; default bf16 on CUDA, fp32 on CPU
+    source_cache: Optional[bool] = None  # encode the source once per batch; None: on for the models that allow it
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -57,6 +65,21 @@ class GenerationConfig:
             raise ValueError(f"mbr must be >= 1, got {self.mbr}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.source_cache not in (None, True, False):
+            raise ValueError(f"source_cache must be True, False or None, got {self.source_cache!r}")
+
+
+def uses_source_cache(model: MoEDiffuSeq, requested: Optional[bool]) -> bool:
+    """Whether generation runs with a source cache: ``requested``, or by default whenever the model
+    allows one (source isolation and a bounded target span); asking for one that it does not
+    allow is an error saying why."""
+    cfg = model.config
+    allowed = cfg.source_isolation and cfg.target_span is not None
+    if requested and not allowed:
+        raise ValueError("source_cache needs a model trained with source_isolation and a target_span (its source "
+                         f"states must not depend on the target); this one has source_isolation="
+                         f"{cfg.source_isolation}, target_span={cfg.target_span}")
+    return allowed if requested is None else requested
 
 
 @dataclass
@@ -66,8 +89,16 @@ class Generation:
     steps: list[str] = field(default_factory=list)  # the first sample's text after every model call
 
 
-def default_target_len(model_dir: str | os.PathLike | None, seq_len: int) -> int:
-    """The target budget saved by training in ``generation.json``, else a quarter of L."""
+def generation_defaults(config, target_len: int) -> dict:
+    """What ``generation.json`` records beside a model: the target budget, the span layout and
+    whether the model samples with a source cache by default."""
+    return {"target_len": target_len, "target_span": config.target_span,
+            "source_cache": bool(config.source_isolation and config.target_span is not None)}
+
+
+def default_target_len(model_dir: str | os.PathLike | None, seq_len: int, span: Optional[int] = None) -> int:
+    """The target budget saved by training in ``generation.json``, else a quarter of L (at most
+    ``span - 1`` with a bounded target span)."""
     if model_dir is not None:
         path = Path(model_dir) / GENERATION_FILE
         if path.is_file():
@@ -79,7 +110,7 @@ def default_target_len(model_dir: str | os.PathLike | None, seq_len: int) -> int
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{path}: target_len must be an integer >= 1, got {value!r}")
             return value
-    return max(1, seq_len // 4)
+    return max(1, seq_len // 4 if span is None else min(seq_len // 4, span - 1))
 
 
 def _decode(ids: Sequence[int], tokenizer: TextTokenizer) -> str:
@@ -99,15 +130,24 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
 
     ``callback(call, t, texts)`` is called after every model call of each batch's first sample
     with the texts read from the current x0 prediction (one per source of the batch);
-    ``record_steps`` keeps them in ``Generation.steps``. Neither changes the outputs."""
+    ``record_steps`` keeps them in ``Generation.steps``. Neither changes the outputs.
+
+    A source longer than a bounded target span leaves room for is truncated, with one warning
+    per call. ``cfg.source_cache`` (default: whenever the model allows it) gives the same text
+    as sampling the whole sequence, at a cost that follows the span."""
     model.eval()
     device = next(model.parameters()).device
     dtype = generation_dtype(device, cfg.dtype)
-    L = model.config.max_len
+    L, span = model.config.max_len, model.config.target_span
+    cached = uses_source_cache(model, cfg.source_cache)
     schedule = NoiseSchedule.create(model.config.schedule, model.config.diffusion_steps)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    rows = [pack_source(s, L, target_len, tokenizer.special)
-            for s in tokenizer.encode_batch(list(sources), max_tokens=L - 2)]  # more never fits
+    encoded = tokenizer.encode_batch(list(sources), max_tokens=L - 2)  # more never fits
+    rows = [pack_source(s, L, target_len, tokenizer.special, span) for s in encoded]
+    if span is not None and (cut := sum(len(s) > source_budget(L, span) for s in encoded)):
+        warnings.warn(f"{cut} of {len(encoded)} source(s) longer than max_len - target_span - 2 = "
+                      f"{source_budget(L, span)} tokens were truncated (the model's max_len {L}, target_span "
+                      f"{span})", stacklevel=2)
     out: list[Generation] = []
     bar = progress_bar(len(rows), "generate", "seq", enabled=progress)
     for begin in range(0, len(rows), cfg.batch_size):
@@ -116,11 +156,12 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
         starts = torch.tensor([r[1] for r in chunk], device=device)
         target_mask = torch.arange(L, device=device)[None] >= starts[:, None]  # (B, L)
         budget = torch.full((len(chunk),), target_len, device=device)  # |y| of the global target positions
-        cond = model.condition(ids, target_mask, dtype, budget)
+        cond = model.condition(ids, target_mask, dtype, budget, source_cache=cached)
 
         def texts_of(x0: torch.Tensor) -> list[str]:
-            tokens = model.logits(x0).argmax(-1).tolist()  # (B, L)
-            return [_decode(tok[start:], tokenizer) for tok, start in zip(tokens, starts.tolist())]
+            tokens = model.logits(x0).argmax(-1).tolist()  # (B, L), or (B, T) for the span alone
+            first = L - x0.shape[1]  # the position of x0's first row
+            return [_decode(tok[start - first:], tokenizer) for tok, start in zip(tokens, starts.tolist())]
 
         steps: list[list[str]] = []  # per model call, B texts
 

@@ -32,7 +32,8 @@ def model_card(directory: str | os.PathLike, repo_id: str) -> str:
              f"mixture-of-experts feed-forward), saved by moediffuseq {__version__}.", "",
              "| field | value |", "| --- | --- |"]
     for name in ("max_len", "d_model", "n_layers", "n_heads", "attention", "window", "ffn", "num_experts", "top_k",
-                 "d_expert", "soft_absorbing", "schedule", "diffusion_steps", "vocab_size"):
+                 "d_expert", "soft_absorbing", "target_span", "source_isolation", "schedule", "diffusion_steps",
+                 "vocab_size"):
         lines.append(f"| {name} | {getattr(config, name)} |")
     run = directory.parent / "run_config.json"  # OUT/model written by training sits beside it
     if run.is_file():

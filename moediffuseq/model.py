@@ -2,6 +2,11 @@
 mixture-of-experts layers, and the soft absorbing vector m. The diffusion process, the loss and
 the samplers live in moediffuseq/diffusion/: the loss calls the model (``forward``, the
 denoiser), a sampler takes ``model.condition(input_ids, target_mask)``.
+
+With ``source_isolation`` the source rows attend only to source keys and take no timestep
+signal, so every layer's source states depend on the source alone; with a bounded target span
+as well, ``condition(..., source_cache=True)`` runs the source through the layers once and
+every denoising call only the span's rows, against the cached source keys and values.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from moediffuseq import fields
 from moediffuseq.diffusion.samplers import Conditioning
 from moediffuseq.diffusion.schedule import SCHEDULES
 from moediffuseq.hub_download import resolve_model_dir
-from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, MoEFeedForward
+from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, KVCache, MoEFeedForward
 from moediffuseq.ops.moe_ffn import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
@@ -39,6 +44,9 @@ class MoEDiffuSeqConfig:
 
     vocab_size: int = 8192
     max_len: int = 512            # sequence length L, [CLS] src [SEP] trg [SEP] [PAD]...
+    target_span: Optional[int] = None  # None: DiffuSeq's layout (every position after the source's [SEP]
+    # is target); T: the last T positions are the target span, the source and its padding the rest
+    source_isolation: bool = False  # source rows attend to source keys only, take no timestep, are never noised
     d_emb: int = 128              # word embedding width (the diffusion space)
     d_model: int = 768
     n_layers: int = 12
@@ -82,8 +90,13 @@ class MoEDiffuSeqConfig:
         fields.choice("ffn", self.ffn, ("moe", "dense"))
         fields.choice("activation", self.activation, ACTIVATIONS)
         fields.choice("schedule", self.schedule, SCHEDULES)
+        if self.target_span is not None:
+            fields.integer("target_span", self.target_span, 2)
+            if self.target_span > self.max_len - 3:
+                raise fields.ConfigError("target_span", f"({self.target_span}) must be <= max_len - 3 = "
+                                                        f"{self.max_len - 3}: [CLS], one source token and [SEP]")
         for name in ("pre_ln", "soft_absorbing", "mse_target_only", "nll_target_only",
-                     "self_conditioning"):
+                     "self_conditioning", "source_isolation"):
             fields.boolean(name, getattr(self, name))
         if self.capacity_factor is not None:
             fields.number("capacity_factor", self.capacity_factor, 0.0, above=True)
@@ -94,6 +107,9 @@ class MoEDiffuSeqConfig:
         fields.number("z_loss_weight", self.z_loss_weight, 0.0)
         if self.d_model % self.n_heads:
             raise fields.ConfigError("d_model", f"({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.source_isolation and self.ffn == "moe" and self.capacity_factor is not None:
+            raise fields.ConfigError("source_isolation", "needs dropless experts (capacity_factor None): with a "
+                                     "capacity the target's tokens would push source tokens out of an expert")
         if self.ffn == "moe" and self.top_k > self.num_experts:
             raise fields.ConfigError("top_k", f"({self.top_k}) must be <= num_experts ({self.num_experts})")
         fields.integer("pad_id", self.pad_id, 0)
@@ -157,6 +173,31 @@ class FormatError(ValueError):
     """A model directory in a format this version of moediffuseq does not read."""
 
 
+@dataclass
+class Positions:
+    """What the layers need to know of a packed batch's positions (``MoEDiffuSeq.positions``)."""
+
+    target_mask: Tensor                 # (B, L) bool, the span to generate
+    global_mask: Optional[Tensor]       # (B, L) bool, the global tokens (None for dense attention)
+    key_padding_mask: Optional[Tensor]  # (B, L) bool, the source's own padding (bounded span), else None
+    source_lengths: Optional[Tensor]    # (B,) int64, the isolated source prefix (source_isolation), else None
+
+    def prefix(self, length: int) -> "Positions":
+        """The same positions cut to the first ``length`` (the source side of a bounded span)."""
+        cut = (lambda m: None if m is None else m[:, :length])
+        return Positions(self.target_mask[:, :length], cut(self.global_mask), cut(self.key_padding_mask),
+                         None if self.source_lengths is None else self.source_lengths.clamp(max=length))
+
+
+@dataclass
+class SourceCache:
+    """The source side of a bounded span, run through every layer once: each layer's keys and
+    values of the positions [0, start), the span's rows written after them at every call."""
+
+    layers: list[KVCache]
+    start: int  # the first position of the target span
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding (B, dim) of integer or real steps t (B,)."""
     half = dim // 2
@@ -182,18 +223,25 @@ class DenoiserLayer(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: Tensor, global_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, positions: Positions, kv_cache: Optional[KVCache] = None,
+                offset: int = 0) -> tuple[Tensor, Tensor]:
+        """h (B, L, d_model) at the positions [offset, offset + L) of ``positions`` (the cached
+        keys and values of the earlier ones in ``kv_cache``)."""
+        def attend(x: Tensor) -> Tensor:
+            return self.attn(x, positions.global_mask, positions.key_padding_mask,
+                             source_lengths=positions.source_lengths, kv_cache=kv_cache, offset=offset)
+
         if self.pre_ln:
-            h = h + self.attn(self.ln1(h), global_mask)
+            h = h + attend(self.ln1(h))
             y, aux = self.ffn(self.ln2(h))
             return h + self.dropout(y), aux.loss
-        h = self.ln1(h + self.attn(h, global_mask))
+        h = self.ln1(h + attend(h))
         y, aux = self.ffn(h)
         return self.ln2(h + self.dropout(y)), aux.loss
 
 
 class MoEDiffuSeq(nn.Module):
-    """The denoiser: ``model(x_t, t, global_mask) -> (x0_hat, aux_loss)`` (METHOD §2)."""
+    """The denoiser: ``model(x_t, t, positions) -> (x0_hat, aux_loss)`` (METHOD §2)."""
 
     def __init__(self, config: MoEDiffuSeqConfig) -> None:
         super().__init__()
@@ -243,47 +291,121 @@ class MoEDiffuSeq(nn.Module):
         rank = target_mask.long().cumsum(-1)  # (B, L) 1-based position within the target span
         return special | (target_mask & (rank <= budget[:, None]))
 
-    def forward(self, x_t: Tensor, t: Tensor, global_mask: Optional[Tensor] = None,
+    def positions(self, input_ids: Tensor, target_mask: Tensor, target_len: Optional[Tensor] = None) -> Positions:
+        """The ``Positions`` of a packed batch ``input_ids`` (B, L) with its target span
+        ``target_mask`` (B, L); ``target_len`` (B,) as in ``global_mask``."""
+        cfg = self.config
+        source = ~target_mask
+        return Positions(
+            target_mask,
+            self.global_mask(input_ids, target_mask, target_len) if cfg.attention == "sparse" else None,
+            source & (input_ids == cfg.pad_id) if cfg.target_span is not None else None,
+            source.sum(-1) if cfg.source_isolation else None,
+        )
+
+    def forward(self, x_t: Tensor, t: Tensor, positions: Optional[Positions] = None,
                 x0_self: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """x0_hat (B, L, d_emb) from x_t (B, L, d_emb) at steps t (B,); and the summed MoE aux loss.
-        With ``config.self_conditioning``, ``x0_self`` (B, L, d_emb) is the previous x0 estimate
-        (None: zeros, the first call); without, it must be None."""
+        ``positions``: ``self.positions(input_ids, target_mask)`` (None: no global tokens, no
+        padding; refused with source isolation, which needs the target span). With
+        ``config.self_conditioning``, ``x0_self`` (B, L, d_emb) is the previous x0 estimate (None:
+        zeros, the first call); without, it must be None."""
         B, L, _ = x_t.shape
         if L > self.config.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len {self.config.max_len}")
+        if positions is None:
+            if self.config.source_isolation:
+                raise ValueError("a source-isolated model needs the positions of the batch (model.positions)")
+            positions = Positions(torch.ones(B, L, dtype=torch.bool, device=x_t.device), None, None, None)
+        target = positions.target_mask[..., None] if self.config.source_isolation else None  # (B, L, 1)
+        h = self._hidden_in(x_t, t, x0_self, 0, target)
+        return self._layers(h, positions, None, 0)
+
+    def _hidden_in(self, x_t: Tensor, t: Optional[Tensor], x0_self: Optional[Tensor], start: int,
+                   target: Optional[Tensor]) -> Tensor:
+        """The first hidden states (B, L, H) of x_t (B, L, d_emb) at the positions [start, start + L):
+        up-projection, self-conditioning and timestep (on the rows of ``target`` (B, L, 1) only,
+        when given; none without ``t``: a source pass) and the position embedding."""
+        L = x_t.shape[1]
         h = self.input_up(x_t)  # (B, L, H)
-        if self.config.self_conditioning:
-            h = h + self.self_cond_up(torch.zeros_like(x_t) if x0_self is None else x0_self.to(x_t.dtype))
+        if self.config.self_conditioning and t is not None:
+            cond = self.self_cond_up(torch.zeros_like(x_t) if x0_self is None else x0_self.to(x_t.dtype))
+            h = h + (cond if target is None else cond * target)
         elif x0_self is not None:
             raise ValueError("x0_self given to a model without self_conditioning")
-        h = h + self.position_embedding.weight[:L][None]
-        h = h + self.time_embed(timestep_embedding(t, self.config.d_emb))[:, None]  # (B, 1, H)
-        h = self.dropout(self.ln_in(h))
+        h = h + self.position_embedding.weight[start:start + L][None]
+        if t is not None:
+            time = self.time_embed(timestep_embedding(t, self.config.d_emb))[:, None]  # (B, 1, H)
+            h = h + (time if target is None else time * target)
+        return self.dropout(self.ln_in(h))
+
+    def _layers(self, h: Tensor, positions: Positions, cache: Optional[SourceCache], offset: int
+                ) -> tuple[Tensor, Tensor]:
+        """Every layer over h (B, L, H) at the positions [offset, offset + L); x0_hat and the aux loss."""
         aux = h.new_zeros((), dtype=torch.float32)
-        attn_global = global_mask if self.config.attention == "sparse" else None
-        for layer in self.layers:
-            h, layer_aux = layer(h, attn_global)
+        for i, layer in enumerate(self.layers):
+            h, layer_aux = layer(h, positions, None if cache is None else cache.layers[i], offset)
             aux = aux + layer_aux
         return self.output_down(self.ln_out(h)), aux
 
+    def encode_source(self, input_ids: Tensor, positions: Positions) -> SourceCache:
+        """Runs the source side [0, L - target_span) of a batch through every layer once and keeps
+        each layer's keys and values (a source-isolated model with a bounded span only: its source
+        states do not depend on the target or the step). ``denoise_span`` then runs the span."""
+        cfg = self.config
+        if not cfg.source_isolation or cfg.target_span is None:
+            raise ValueError("a source cache needs a model with source_isolation and a target_span; this one has "
+                             f"source_isolation={cfg.source_isolation}, target_span={cfg.target_span}")
+        L = input_ids.shape[1]
+        start = L - cfg.target_span
+        cache = SourceCache([KVCache(L) for _ in self.layers], start)
+        h = self._hidden_in(self.embed(input_ids[:, :start]), None, None, 0, None)
+        source = positions.prefix(start)
+        for layer, kv in zip(self.layers, cache.layers):
+            h, _ = layer(h, source, kv, 0)
+        return cache
+
+    def denoise_span(self, x_t: Tensor, t: Tensor, positions: Positions, cache: SourceCache,
+                     x0_self: Optional[Tensor] = None) -> Tensor:
+        """x0_hat (B, T, d_emb) of the target span from its x_t (B, T, d_emb) at steps t (B,), the
+        source read from ``cache`` (``encode_source``): the span's rows of ``forward``."""
+        h = self._hidden_in(x_t, t, x0_self, cache.start, None)
+        return self._layers(h, positions, cache, cache.start)[0]
+
     def condition(self, input_ids: Tensor, target_mask: Tensor, dtype: Optional[torch.dtype] = None,
-                  target_len: Optional[Tensor] = None) -> Conditioning:
+                  target_len: Optional[Tensor] = None, source_cache: bool = False) -> Conditioning:
         """The batch ``input_ids`` (B, L) with its target span ``target_mask`` (B, L) bound to this
         model, ready for ``moediffuseq.diffusion.samplers.sample``: the embedded source as anchor,
         m, the word embedding, the logits head and ``denoise(x_t, t) -> x0_hat``, which calls the
-        model with the batch's global mask, under autocast in ``dtype`` when one other than fp32
+        model with the batch's positions, under autocast in ``dtype`` when one other than fp32
         is given (the sampler's own state stays in the anchor's dtype). ``target_len`` (B,): the
-        target budget that decides the global target positions (``global_mask``)."""
-        global_mask = self.global_mask(input_ids, target_mask, target_len)
+        target budget that decides the global target positions (``global_mask``).
+
+        ``source_cache`` (a source-isolated model with a bounded span): the source goes through
+        the model once, here, and the sampler works on the span alone: the anchor, the target
+        mask and x0 are (B, T, ...), the last T positions of the batch."""
+        positions = self.positions(input_ids, target_mask, target_len)
         enabled = dtype is not None and dtype != torch.float32
         device_type = input_ids.device.type
+        if source_cache:
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                cache = self.encode_source(input_ids, positions)
+            span = input_ids[:, cache.start:]  # (B, T)
+
+            def denoise_span(x_t: Tensor, t: Tensor, x0_self: Optional[Tensor] = None) -> Tensor:
+                with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    return self.denoise_span(x_t, t, positions, cache, x0_self)
+
+            return Conditioning(denoise_span, self.embed(span), target_mask[:, cache.start:], self.m,
+                                self.word_embedding.weight, self.logits, self.config.self_conditioning,
+                                self.config.target_span)
 
         def denoise(x_t: Tensor, t: Tensor, x0_self: Optional[Tensor] = None) -> Tensor:
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                return self(x_t, t, global_mask, x0_self)[0]
+                return self(x_t, t, positions, x0_self)[0]
 
         return Conditioning(denoise, self.embed(input_ids), target_mask, self.m, self.word_embedding.weight,
-                            self.logits, self.config.self_conditioning)
+                            self.logits, self.config.self_conditioning, self.config.target_span)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json (with the format and library versions) + model.safetensors (no pickle)."""

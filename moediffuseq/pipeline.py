@@ -20,7 +20,7 @@ import torch
 from moediffuseq.data import TextTokenizer
 from moediffuseq.diffusion.samplers import SamplerConfig
 from moediffuseq.generate import (GENERATION_FILE, Generation, GenerationConfig, StepCallback, default_target_len,
-                                  generate)
+                                  generate, generation_defaults)
 from moediffuseq.hub import push_to_hub
 from moediffuseq.hub_download import resolve_model_dir
 from moediffuseq.model import MoEDiffuSeq
@@ -40,7 +40,7 @@ class MoEDiffuSeqPipeline:
         if len(tokenizer) != model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model {model.config.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
-        self.target_len = target_len or default_target_len(None, model.config.max_len)
+        self.target_len = target_len or default_target_len(None, model.config.max_len, model.config.target_span)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: Optional[str | torch.device] = "auto",
@@ -51,7 +51,8 @@ class MoEDiffuSeqPipeline:
         path = resolve_model_dir(path, revision)
         device = resolve_device(device)
         model = MoEDiffuSeq.from_pretrained(path, map_location=str(device)).to(device)
-        return cls(model, TextTokenizer.load(path), default_target_len(path, model.config.max_len))
+        return cls(model, TextTokenizer.load(path),
+                   default_target_len(path, model.config.max_len, model.config.target_span))
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """The model, the tokenizer and ``generation.json``: a directory ``from_pretrained`` reads."""
@@ -60,7 +61,8 @@ class MoEDiffuSeqPipeline:
         path = Path(path)
         self.model.save_pretrained(path)
         self.tokenizer.save(path)
-        (path / GENERATION_FILE).write_text(json.dumps({"target_len": self.target_len}) + "\n")
+        (path / GENERATION_FILE).write_text(json.dumps(generation_defaults(self.model.config, self.target_len))
+                                            + "\n")
         return path
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: Optional[str] = None) -> str:
@@ -91,7 +93,7 @@ class MoEDiffuSeqPipeline:
                  batch_size: int = 16, clamp: bool = SamplerConfig.clamp,
                  early_stop: int = 0, dtype: Optional[str] = None, progress: bool = False,
                  callback: Optional[StepCallback] = None, return_candidates: bool = False,
-                 return_steps: bool = False) -> Union[str, list[str], Generation, list[Generation]]:
+                 return_steps: bool = False, source_cache: Optional[bool] = None) -> Union[str, list[str], Generation, list[Generation]]:
         """Generates for one source text or a list of them.
 
         Args:
@@ -107,12 +109,15 @@ class MoEDiffuSeqPipeline:
                 sample: the texts read from the current prediction, one per source of the batch.
             return_candidates, return_steps: return ``Generation`` objects (hypothesis, the MBR
                 candidates, the first sample's text after every step) instead of texts.
+            source_cache: run the source through the model once per batch and only the target
+                span at every step (default: on for models with source isolation and a bounded
+                span, the only ones it applies to; the text is the same either way).
         Returns:
             the generated text(s), one per source; a single text for a single string.
         """
         single = isinstance(sources, str)
         cfg = GenerationConfig(SamplerConfig(sampler, steps, clamp, early_stop), mbr, batch_size, target_len, seed,
-                               dtype)
+                               dtype, source_cache)
         outputs = self.generate([sources] if single else list(sources), cfg, progress, callback, return_steps)
         results = outputs if return_candidates or return_steps else [o.hypothesis for o in outputs]
         return results[0] if single else results

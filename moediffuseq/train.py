@@ -260,8 +260,11 @@ class Trainer:
 
     def target_len(self) -> int:
         """The generation-time target budget: the median training target length, so that sources
-        are truncated at generation as they typically were in training."""
-        return self.train_set.target_length_quantile(0.5)
+        are truncated at generation as they typically were in training (with a bounded target
+        span it decides only the global target positions, and at most fills the span)."""
+        median = self.train_set.target_length_quantile(0.5)
+        span = self.model.config.target_span
+        return max(1, median if span is None else min(median, span - 1))
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self, resume: bool = False, allow_change: bool = False) -> Path:
@@ -373,7 +376,8 @@ class Trainer:
             def write(tmp: Path) -> None:
                 weights.save_pretrained(tmp)
                 self.tokenizer.save(tmp)
-                (tmp / GENERATION_FILE).write_text(json.dumps({"target_len": self.target_len()}) + "\n")
+                (tmp / GENERATION_FILE).write_text(json.dumps(generation_defaults(weights.config, self.target_len()))
+                                                   + "\n")
 
             with self._interrupts.held():
                 write_directory(directory, write)

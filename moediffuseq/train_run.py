@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moediffuseq.data.corpora import CORPORA
+from moediffuseq.data.packing import source_budget
 from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 from moediffuseq.distributed import DistributedContext
 from moediffuseq.train import Trainer
@@ -146,8 +148,9 @@ def run(config: TrainingRun) -> Path:
                              "repeat the run's options, or pass --allow-change to continue with the new values")
         if changes and ctx.is_main:
             print(f"--allow-change: continuing with {', '.join(changes)}")
-    train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len)
-    valid_set = Seq2SeqDataset(valid_examples, tokenizer, model_cfg.max_len) if valid_examples else None
+    span = model_cfg.target_span
+    train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len, span)
+    valid_set = Seq2SeqDataset(valid_examples, tokenizer, model_cfg.max_len, span) if valid_examples else None
     torch.manual_seed(train_cfg.seed)
     model = MoEDiffuSeq(model_cfg)
     if config.init_from is not None and checkpoint is None:
@@ -164,6 +167,12 @@ def run(config: TrainingRun) -> Path:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"data: {directory} ({len(train_set)} train, {len(valid_set) if valid_set else 0} valid; "
               f"{train_set.truncated} truncated to L={model_cfg.max_len})")
+        cut = train_set.truncated_sources + (valid_set.truncated_sources if valid_set else 0)
+        if span is not None and cut:  # one warning per run: a bounded span cuts long sources
+            warnings.warn(f"{cut} source(s) longer than max_len - target_span - 2 = "
+                          f"{source_budget(model_cfg.max_len, span)} tokens were truncated (max_len "
+                          f"{model_cfg.max_len}, target_span {span}); raise max_len to keep them whole",
+                          stacklevel=2)
         print(f"model: {n_params / 1e6:.2f} M parameters, {model_cfg.n_layers} layers x {model_cfg.d_model}, "
               f"attention={model_cfg.attention}, ffn={model_cfg.ffn}; device {device}, {ctx.world_size} process(es), "
               f"{'bf16 autocast' if train_cfg.bf16 else 'fp32'}"

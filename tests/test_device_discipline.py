@@ -86,7 +86,7 @@ def test_fused_ops_get_the_autocast_dtype_and_the_router_stays_fp32():
     ids, target = batch(cfg, 2)
     x = torch.randn(2, cfg.max_len, cfg.d_emb)
     with OpDtypes() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
-        x0_hat, aux = model(x, torch.tensor([3, 9]), model.global_mask(ids, target))
+        x0_hat, aux = model(x, torch.tensor([3, 9]), model.positions(ids, target))
     (x0_hat.float().square().mean() + aux).backward()
     q, k, v = rec.seen["block_sparse_attention"][0][:3]
     assert (q, k, v) == (torch.bfloat16,) * 3

@@ -72,7 +72,7 @@ def test_the_model_is_sampled_whole_through_forward(model_dir):
     assert len(calls) == result.steps_taken == 3
     assert torch.equal(result.x0[~target], cond.anchor[~target])
     x, t = torch.randn(1, 8, 16), torch.tensor([5])
-    torch.testing.assert_close(cond.denoise(x, t), model(x, t, model.global_mask(ids, target))[0])
+    torch.testing.assert_close(cond.denoise(x, t), model(x, t, model.positions(ids, target))[0])
 
 
 def test_from_pretrained_reads_the_target_length_and_checks_the_tokenizer(model_dir, tmp_path):

@@ -2,38 +2,48 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from moediffuseq.data.jsonl import Example
-from moediffuseq.data.packing import PackedBatch, pack
+from moediffuseq.data.packing import PackedBatch, check_span, pack, source_budget
 from moediffuseq.data.tokenizer import TextTokenizer
 
 
 class Seq2SeqDataset:
-    """Every example tokenised and packed once: ``input_ids`` (N, L), ``target_start`` (N,).
-    ``src_lengths`` / ``trg_lengths`` are token counts capped at L - 2 (one more than fits)."""
+    """Every example tokenised and packed once: ``input_ids`` (N, L), ``target_start`` (N,), in
+    DiffuSeq's layout or with a bounded target span of ``span`` positions (moediffuseq.data.packing).
+    ``src_lengths`` / ``trg_lengths`` are token counts capped at L - 2 (one more than fits);
+    ``truncated`` counts the examples cut to fit, ``truncated_sources`` those whose source was."""
 
-    def __init__(self, examples: Sequence[Example], tokenizer: TextTokenizer, seq_len: int) -> None:
+    def __init__(self, examples: Sequence[Example], tokenizer: TextTokenizer, seq_len: int,
+                 span: Optional[int] = None) -> None:
         if not examples:
             raise ValueError("Seq2SeqDataset: no examples")
         if seq_len < 5:
             raise ValueError(f"seq_len must be >= 5, got {seq_len}")
         self.examples = list(examples)
-        self.seq_len = seq_len
+        self.seq_len, self.span = seq_len, span
+        check_span(seq_len, span)
         # a side longer than the budget is cut the same at any length beyond it (truncate_pair),
         # so only budget + 1 tokens of each text are needed: a huge line costs no more than that
         cap = seq_len - 3 + 1
         src = tokenizer.encode_batch([e.src for e in self.examples], max_tokens=cap)
         trg = tokenizer.encode_batch([e.trg for e in self.examples], max_tokens=cap)
-        rows = [pack(s, t, seq_len, tokenizer.special) for s, t in zip(src, trg)]
+        rows = [pack(s, t, seq_len, tokenizer.special, span) for s, t in zip(src, trg)]
         self.input_ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # (N, L)
         self.target_start = torch.tensor([r[1] for r in rows], dtype=torch.long)  # (N,)
         self.src_lengths = torch.tensor([len(s) for s in src])
         self.trg_lengths = torch.tensor([len(t) for t in trg])
-        self.truncated = int(((self.src_lengths + self.trg_lengths + 3) > seq_len).sum())
+        if span is None:
+            self.truncated = int(((self.src_lengths + self.trg_lengths + 3) > seq_len).sum())
+            self.truncated_sources = int((self.src_lengths > self.target_start - 2).sum())
+        else:
+            long_src = self.src_lengths > source_budget(seq_len, span)
+            self.truncated = int((long_src | (self.trg_lengths > span - 1)).sum())
+            self.truncated_sources = int(long_src.sum())
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

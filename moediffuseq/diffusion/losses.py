@@ -6,7 +6,8 @@ with x0 = Emb(w) + sqrt(1 - abar_0) eps, x_t from the soft absorbing forward pro
 mse target Emb(w) at t = 0. The mse and the nll are averaged over all positions (METHOD and the
 reference code: the nll on source tokens keeps the embeddings of words seen only in sources
 apart) or over the target positions only (``config.mse_target_only``, ``config.nll_target_only``).
-With ``config.self_conditioning`` each example sees, with probability 1/2 (a coin from the
+With ``config.source_isolation`` the source is never noised (x0 = Emb(w) there, as the sampler
+anchors it). With ``config.self_conditioning`` each example sees, with probability 1/2 (a coin from the
 loss's generator, drawn after the forward noise), the model's own no-grad x0 estimate of the
 same x_t as an extra input (Chen et al. 2022); the others see zeros, as the first sampling step.
 """
@@ -60,17 +61,19 @@ def diffusion_loss(model, schedule: NoiseSchedule, input_ids: Tensor, target_mas
     sqrt_1mab_0, sqrt_ab_end = math.sqrt(1.0 - float(ab[0])), math.sqrt(float(ab[-1]))
     emb = model.embed(input_ids)  # (B, L, d)
     noise0 = torch.randn(emb.shape, generator=generator, device=emb.device).to(emb.dtype)
+    if cfg.source_isolation:  # an isolated source is never noised: it is read as it will be sampled
+        noise0 = noise0 * target_mask[..., None].to(noise0.dtype)
     x0 = emb + sqrt_1mab_0 * noise0
     gamma = cfg.gamma if cfg.soft_absorbing else 0.0
     x_t = soft_absorb_q_sample(x0, model.m.to(x0.dtype), target_mask, ab_t.sqrt(), (1 - ab_t).sqrt(), gamma=gamma,
                                generator=generator)
-    global_mask = model.global_mask(input_ids, target_mask)
+    positions = model.positions(input_ids, target_mask)
     x0_self = None
     if cfg.self_conditioning:  # half of the examples see the model's own (no-grad) estimate first
         use = torch.rand(t.shape, generator=generator, device=emb.device) < 0.5  # (B,), drawn every step
         with torch.no_grad():
-            x0_self = model(x_t, steps, global_mask)[0] * use[:, None, None].to(x_t.dtype)
-    x0_hat, aux = model(x_t, steps, global_mask, x0_self)
+            x0_self = model(x_t, steps, positions)[0] * use[:, None, None].to(x_t.dtype)
+    x0_hat, aux = model(x_t, steps, positions, x0_self)
     mse_mask = target_mask if cfg.mse_target_only else None
     mse = _mean_over((x0_hat - x0).square().mean(-1), mse_mask)
     mse_t0 = _mean_over((x0_hat - emb).square().mean(-1), mse_mask)

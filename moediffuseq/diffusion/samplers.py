@@ -51,6 +51,8 @@ class Conditioning:
     embedding: Optional[Tensor] = None  # (V, d) word embeddings, for clamping
     logits: Optional[Callable[[Tensor], Tensor]] = None  # (..., d) -> (..., V), for early stopping
     self_conditioning: bool = False  # denoise(x_t, t, x0_prev) also takes the run's previous x0 prediction
+    span: Optional[int] = None  # the target is the last ``span`` rows of every sequence (a bounded target span):
+    # noise is drawn for those rows only, so sampling the span alone (a source cache) draws the same numbers
 
 
 @dataclass
@@ -93,6 +95,15 @@ class _Reverse:
         self.cfg, self.callback = cfg, callback
         self.calls, self.unchanged, self.tokens = 0, 0, None
         self.previous: Optional[Tensor] = None  # the last x0 prediction, for self-conditioning
+
+    def noise(self, generator: Optional[torch.Generator]) -> Tensor:
+        """Standard normal noise of the anchor's shape: on every position, or with a bounded span
+        drawn for its last rows alone (zeros before them, where the target mask is false)."""
+        anchor, span = self.anchor, self.cond.span
+        B, L, d = anchor.shape
+        rows = L if span is None else span
+        z = torch.randn((B, rows, d), generator=generator, device=anchor.device).to(anchor.dtype)
+        return z if rows == L else torch.cat([z.new_zeros(B, L - rows, d), z], dim=1)  # (B, L, d)
 
     def predict(self, x: Tensor, t: int) -> Tensor:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
@@ -149,8 +160,7 @@ def sample(cond: Conditioning, schedule: NoiseSchedule, cfg: SamplerConfig, *,
     """
     rev = _Reverse(cond, cfg, callback)
     anchor, target_mask = cond.anchor, cond.target_mask
-    start = torch.randn(anchor.shape, generator=generator, device=anchor.device).to(anchor.dtype)
-    x = torch.where(target_mask[..., None], start + rev.m, anchor).contiguous()  # target ~ N(m, I)
+    x = torch.where(target_mask[..., None], rev.noise(generator) + rev.m, anchor).contiguous()  # target ~ N(m, I)
     if cfg.method == "dpm++":
         return _dpm_solver_pp(rev, schedule, x)
     return _ancestral(rev, schedule.respace(cfg.steps), x, cfg.method, generator)
@@ -167,8 +177,7 @@ def _ancestral(rev: _Reverse, sched: NoiseSchedule, x: Tensor, method: str,
         if rev.converged(x0) or i == 0:
             return SampleResult(x0, rev.calls, i > 0)
         if method == "ddpm":
-            noise = torch.randn(x.shape, generator=generator, device=x.device).to(x.dtype)
-            x = rev.step(x, x0, float(coef_xt[i]), float(coef_x0[i]), noise=noise, s=float(sigma[i]))
+            x = rev.step(x, x0, float(coef_xt[i]), float(coef_x0[i]), noise=rev.noise(generator), s=float(sigma[i]))
         else:  # ddim (eta = 0): y_prev = sqrt(ab_prev) y0 + sqrt(1 - ab_prev) eps(y_t, y0)
             ratio = math.sqrt((1 - ab_prev[i]) / (1 - ab[i]))
             x = rev.step(x, x0, ratio, math.sqrt(ab_prev[i]) - ratio * math.sqrt(ab[i]))
