@@ -1,8 +1,13 @@
 """Quality against CPU time: MoE-DiffuSeq vs the dense ``diffuseq`` preset at equal wall time,
-with and without self-conditioning, the mse over the target or over every position, DPM-Solver++
-10 (with and without clamping) vs DDPM 2000 on the same trained model, and
-the copy-the-source and before-training baselines; all in one run, on the same data and seeds,
-scored on text decoded from token ids with bootstrap 95% intervals (moediffuseq.evaluate).
+with and without self-conditioning, the mse over the target or over every position, DiffuSeq's
+layout against a bounded target span (with and without source isolation), DPM-Solver++ 10 (with
+and without clamping) vs DDPM 2000 on the same trained model, and the copy-the-source, lead
+(the source's first words, as many as the median reference) and before-training baselines; all
+in one run, on the same data and seeds, scored on text decoded from token ids with bootstrap 95%
+intervals (moediffuseq.evaluate).
+
+A task is ``corpus:L`` or ``corpus:L:T``: T is the target span of the span systems (default
+L // 8).
 
 Every system trains for the same wall-clock budget (--seconds) with the tiny shape (2 layers,
 d_model 128; the MoE's active feed-forward width equals the dense preset's d_ff), the systems of
@@ -14,6 +19,8 @@ respaced to 10 steps, no MBR).
     python -m bench.quality --seconds 60 --examples 50 --seeds 0 --tasks pycode:64 pycode-body:512
     python -m bench.quality --tasks pycode-body:512 --seconds 600 --ddpm-task none \
         --systems moe-diffuseq "moe-diffuseq mse-all" "diffuseq (dense)"
+    python -m bench.quality --tasks pycode:512:48 aclsum:2048:192 --seconds 300 --ddpm-task none \
+        --systems moe-diffuseq "moe-diffuseq span" "moe-diffuseq span+isolation"
 
 Every system's EMA model is also scored on the same test sources every --probe-seconds of its
 training. Writes bench/out/quality.md, quality.json and quality_curves.png (train loss, BLEU and
@@ -40,17 +47,24 @@ from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 from moediffuseq.train import TrainConfig, Trainer
 
 DENSE_TINY = dict(max_len=128, d_emb=64, d_model=128, n_layers=2, n_heads=4, d_ff=256, dropout=0.0)
+
+
+def _moe(L: int, V: int, **fields) -> MoEDiffuSeqConfig:
+    return MoEDiffuSeqConfig.preset("tiny", max_len=L, vocab_size=V, dropout=0.0, window=min(32, L),
+                                    **{"mse_target_only": True, **fields})
+
+
+# name -> (L, V, T) -> config; T is the task's target span, used by the span systems only
 SYSTEMS = {
-    "moe-diffuseq": lambda L, V: MoEDiffuSeqConfig.preset("tiny", max_len=L, vocab_size=V, dropout=0.0,
-                                                          window=min(32, L), mse_target_only=True),
-    "moe-diffuseq +self-cond": lambda L, V: MoEDiffuSeqConfig.preset("tiny", max_len=L, vocab_size=V, dropout=0.0,
-                                                                     window=min(32, L), mse_target_only=True,
-                                                                     self_conditioning=True),
-    "diffuseq (dense)": lambda L, V: MoEDiffuSeqConfig.preset("diffuseq", **{**DENSE_TINY, "max_len": L},
-                                                              vocab_size=V, mse_target_only=True),
+    "moe-diffuseq": lambda L, V, T: _moe(L, V),
+    "moe-diffuseq +self-cond": lambda L, V, T: _moe(L, V, self_conditioning=True),
+    "diffuseq (dense)": lambda L, V, T: MoEDiffuSeqConfig.preset("diffuseq", **{**DENSE_TINY, "max_len": L},
+                                                                 vocab_size=V, mse_target_only=True),
     # METHOD's and the reference code's mse over every position, against the target-only mse above
-    "moe-diffuseq mse-all": lambda L, V: MoEDiffuSeqConfig.preset("tiny", max_len=L, vocab_size=V, dropout=0.0,
-                                                                  window=min(32, L), mse_target_only=False),
+    "moe-diffuseq mse-all": lambda L, V, T: _moe(L, V, mse_target_only=False),
+    # the bounded target span (the last T positions), without and with source isolation
+    "moe-diffuseq span": lambda L, V, T: _moe(L, V, target_span=T),
+    "moe-diffuseq span+isolation": lambda L, V, T: _moe(L, V, target_span=T, source_isolation=True),
 }
 DEFAULT_SYSTEMS = ["moe-diffuseq", "moe-diffuseq +self-cond", "diffuseq (dense)"]
 # the first seed's MoE model of --ddpm-task is also sampled with these (the others: the default sampler)
@@ -97,6 +111,20 @@ def train_round_robin(trainers, seconds, slice_seconds, probe=None, probe_second
     return curves, quality
 
 
+def parse_task(task: str) -> tuple[str, int, int]:
+    """"corpus:L" or "corpus:L:T" -> (corpus, L, T), T defaulting to L // 8."""
+    parts = task.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--tasks: {task!r} is not corpus:L or corpus:L:T")
+    L = int(parts[1])
+    return parts[0], L, int(parts[2]) if len(parts) == 3 else L // 8
+
+
+def lead(sources: list[str], words: int) -> list[str]:
+    """The lead baseline: the first ``words`` words of each source."""
+    return [" ".join(s.split()[:words]) for s in sources]
+
+
 def generate_texts(model, tok, sources, target_len, sampler=None):
     cfg = GenerationConfig(sampler or SamplerConfig(), batch_size=50, seed=0)
     start = time.perf_counter()
@@ -124,25 +152,37 @@ def main() -> None:
     probe_seconds = args.seconds / 6 if args.probe_seconds is None else args.probe_seconds
     rows, curves, probes = [], {}, {}
     for task in args.tasks:
-        corpus, L = task.split(":")[0], int(task.split(":")[1])
+        corpus, L, span = parse_task(task)
         data = build_corpus(corpus)
         train_ex = read_jsonl(split_path(data, "train")).examples
         test_ex = read_jsonl(split_path(data, "test")).examples[:args.examples]
         tok = TextTokenizer.train((t for e in train_ex for t in (e.src, e.trg)), 2048, kind="wordpiece")
-        train_set = Seq2SeqDataset(train_ex, tok, L)
+        train_sets = {}  # one packing per layout: DiffuSeq's (None) or the span's
+
+        def train_set_of(cfg):
+            if cfg.target_span not in train_sets:
+                train_sets[cfg.target_span] = Seq2SeqDataset(train_ex, tok, L, cfg.target_span)
+            return train_sets[cfg.target_span]
+
         sources = [e.src for e in test_ex]
         refs = decoded([e.trg for e in test_ex], tok)
-        target_len = train_set.target_length_quantile(0.5)
+        target_len = train_set_of(SYSTEMS["moe-diffuseq"](L, len(tok), span)).target_length_quantile(0.5)
         m, iv = score(decoded(sources, tok), refs)
         rows.append(dict(task=task, system="copy the source", seed="-", train_s=0, steps=0, gen_s=0, **m, iv=iv))
+        words = sorted(len(r.split()) for r in refs)[len(refs) // 2]
+        m, iv = score(decoded(lead(sources, words), tok), refs)
+        rows.append(dict(task=task, system=f"lead ({words} words)", seed="-", train_s=0, steps=0, gen_s=0, **m,
+                         iv=iv))
         for seed in args.seeds:
-            made = {name: make_trainer(SYSTEMS[name](L, len(tok)), tok, train_set, seed,
-                                       args.out / "quality_runs" / f"{corpus}{L}-{slug(name)}-{seed}")
-                    for name in args.systems}
+            made = {}
+            for name in args.systems:
+                cfg = SYSTEMS[name](L, len(tok), span)
+                made[name] = make_trainer(cfg, tok, train_set_of(cfg), seed,
+                                          args.out / "quality_runs" / f"{corpus}{L}-{slug(name)}-{seed}")
 
             def probe(trainer):
                 row = evaluate_texts(generate_texts(trainer.ema, tok, sources, target_len)[0], refs)
-                return {k: row[k] for k in ("bleu", "rougeL")}
+                return {k: row[k] for k in ("bleu", "rougeL", "avg_len")}
 
             task_curves, task_probes = train_round_robin({name: made[name][0] for name in args.systems}, args.seconds,
                                                          args.slice_seconds, probe if probe_seconds > 0 else None,
@@ -177,17 +217,19 @@ def write_outputs(out: Path, rows, curves, probes) -> None:
     probes during training) and quality_curves.png (train loss, BLEU and ROUGE-L against time)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"rows": rows, "curves": curves, "probes": probes}, indent=1) + "\n")
-    lines = ["| task | system | seed | train s | steps | generate s | BLEU [95% CI] | ROUGE-2 [95% CI] | ROUGE-L [95% CI] |",
-             "|" + " --- |" * 9]
+    lines = ["| task | system | seed | train s | steps | generate s | BLEU [95% CI] | ROUGE-2 [95% CI] | "
+             "ROUGE-L [95% CI] | length |", "|" + " --- |" * 10]
     for r in rows:
         cell = lambda k: f"{r[k]:.4f} [{r['iv'][k][0]:.4f}, {r['iv'][k][1]:.4f}]"  # noqa: E731
         lines.append(f"| {r['task']} | {r['system']} | {r['seed']} | {r['train_s']} | {r['steps']} | "
-                     f"{r['gen_s']:.1f} | {cell('bleu')} | {cell('rouge2')} | {cell('rougeL')} |")
+                     f"{r['gen_s']:.1f} | {cell('bleu')} | {cell('rouge2')} | {cell('rougeL')} | "
+                     f"{r['avg_len']:.1f} |")
     if any(probes.values()):
-        lines += ["", "Quality during training (EMA model, the same test sources; BLEU / ROUGE-L at training seconds):",
+        lines += ["", "Quality during training (EMA model, the same test sources; BLEU / ROUGE-L / output words at "
+                  "training seconds):",
                   "", "| run | probes |", "| --- | --- |"]
         for label, points in probes.items():
-            lines.append(f"| {label} | " + ", ".join(f"{t:.0f} s: {m['bleu']:.4f} / {m['rougeL']:.3f}"
+            lines.append(f"| {label} | " + ", ".join(f"{t:.0f} s: {m['bleu']:.4f} / {m['rougeL']:.3f} / {m.get('avg_len', 0):.0f} w"
                                                     for t, m in points) + " |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

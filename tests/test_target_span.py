@@ -244,3 +244,32 @@ def test_pipeline_cli_and_records_follow_the_span(span_model_dir, capsys):
             main(["generate", "--model", str(span_model_dir), "--steps", "3", "--seed", "1", "--device", "cpu",
                   *[a for s in SOURCES for a in ("--text", s)], *flags])
             assert capsys.readouterr().out.splitlines() == cached
+
+
+def test_readme_long_document_block_runs(tmp_path, monkeypatch):
+    """The README's long-document commands, shrunk as tests/test_readme_cli.py shrinks its block."""
+    import re
+    import shlex
+
+    from test_readme_cli import SMALL_GENERATE, SMALL_MODEL, SMALL_TRAIN
+    from utils import README
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOEDIFFUSEQ_CACHE", str(tmp_path / "cache"))
+    section = README.read_text().split("### Long documents", 1)[1]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert [c[1] for c in commands] == ["train", "generate", "generate"]
+    outputs = []
+    for argv in commands:
+        args = argv[1:]
+        if args[0] == "train":
+            args += SMALL_TRAIN + SMALL_MODEL + ["--set", "target_span=8"]
+        else:
+            args += SMALL_GENERATE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the sources are truncated to the small model's length
+            assert main(args) == 0, argv
+    model = MoEDiffuSeq.from_pretrained(tmp_path / "runs/aclsum/model")
+    assert model.config.target_span == 8 and model.config.source_isolation
+    assert (tmp_path / "runs/aclsum/test.jsonl").is_file()
