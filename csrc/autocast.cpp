@@ -29,20 +29,23 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 using AttentionSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
                                                       const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                                      double, bool, c10::string_view);
+                                                      double, bool, c10::string_view,
+                                                      const std::optional<Tensor>&, int64_t);
 
 template <c10::DeviceType device>
 std::tuple<Tensor, Tensor> block_sparse_attention_autocast(const Tensor& q, const Tensor& k, const Tensor& v,
                                                            int64_t window, int64_t dilation,
                                                            const std::optional<Tensor>& global_mask,
                                                            const std::optional<Tensor>& key_padding_mask,
-                                                           double scale, bool causal, c10::string_view layout) {
+                                                           double scale, bool causal, c10::string_view layout,
+                                                           const std::optional<Tensor>& source_lengths,
+                                                           int64_t query_offset) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<device>());
   static const auto op = find_op<AttentionSignature>("moediffuseq::block_sparse_attention");
   const auto dtype = at::autocast::get_autocast_dtype(device);
   return op.call(at::autocast::cached_cast(dtype, q, device), at::autocast::cached_cast(dtype, k, device),
                  at::autocast::cached_cast(dtype, v, device), window, dilation, global_mask, key_padding_mask,
-                 scale, causal, layout);
+                 scale, causal, layout, source_lengths, query_offset);
 }
 
 using TopkSignature = std::tuple<Tensor, Tensor>(const Tensor&, int64_t);

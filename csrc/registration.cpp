@@ -5,23 +5,30 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(moediffuseq, m) {
-  // Block-sparse attention (METHOD §3). q: (B, H, L, D), k, v: (B, H_kv, L, D) with H a multiple
-  // of H_kv (grouped-query attention: query head h reads key/value head h / (H / H_kv));
+  // Block-sparse attention (METHOD §3). q: (B, H, L_q, D), k, v: (B, H_kv, L, D) with H a
+  // multiple of H_kv (grouped-query attention: query head h reads key/value head h / (H / H_kv));
   // layout "blhd" takes all three as (B, L, heads, D) instead (any strides with a contiguous D).
+  // Query row r is key position i = query_offset + r (0 <= query_offset, query_offset + L_q <= L;
+  // L_q = L and offset 0 by default), and every mask is on positions: global_mask and
+  // key_padding_mask are (B, L), a query row is global when its position is.
   // allowed(i, j) = j not padded and (i global or j global or (|i - j| <= window * dilation and
-  // (i - j) mod dilation == 0)) and, when causal, j <= i: a global token then attends to the past
-  // only and is attended by the queries at or after it. Returns the output in the layout and
-  // shape of q (contiguous) and the per-row log-sum-exp of the scaled scores (B, H, L) in float32,
-  // +inf for a row with no allowed key (its output is zero), which the backward uses to rebuild
-  // the probabilities. The gradients come back in the shapes (and layout) of q, k, v.
+  // (i - j) mod dilation == 0)) and, when causal, j <= i (a global token then attends to the past
+  // only and is attended by the queries at or after it), and i >= S_b or j < S_b: with
+  // source_lengths (int64 (B), 0 <= S_b <= L) positions [0, S_b) of batch b are its source, whose
+  // queries see source keys only; the target (i >= S_b) attends as without it. Returns the output
+  // in the layout and shape of q (contiguous) and the per-row log-sum-exp of the scaled scores
+  // (B, H, L_q) in float32, +inf for a row with no allowed key (its output is zero), which the
+  // backward uses to rebuild the probabilities. The gradients come back in the shapes (and
+  // layout) of q, k, v.
   m.def(
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, int window, int dilation, "
       "Tensor? global_mask, Tensor? key_padding_mask, float scale, bool causal=False, "
-      "str layout=\"bhld\") -> (Tensor out, Tensor lse)");
+      "str layout=\"bhld\", Tensor? source_lengths=None, int query_offset=0) -> (Tensor out, Tensor lse)");
   m.def(
       "block_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int window, int dilation, Tensor? global_mask, Tensor? key_padding_mask, "
-      "float scale, bool causal=False, str layout=\"bhld\") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "float scale, bool causal=False, str layout=\"bhld\", Tensor? source_lengths=None, int query_offset=0) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
   // Mixture-of-experts routing (METHOD §4): softmax over experts in float32, top-k by logit
   // (ties: the lowest expert index), weights renormalised over the k chosen (float32, (T, k)),

@@ -2,7 +2,7 @@
 // host entry point.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
@@ -70,11 +70,13 @@ inline void check_bsa_mask(const std::optional<at::Tensor>& mask, const char* na
               q.device(), "), got ", m.device());
 }
 
-// Checks q, k, v in `layout`, the masks and the integer arguments. q is (B, H, L, D) or
-// (B, L, H, D); k and v have H_kv heads, H a multiple of H_kv (grouped-query attention).
+// Checks q, k, v in `layout`, the masks, the source lengths and the integer arguments. q is
+// (B, H, L_q, D) or (B, L_q, H, D); k and v have H_kv heads (H a multiple of H_kv: grouped-query
+// attention) and L_k >= L_q rows; q's rows are the key positions [query_offset, query_offset + L_q).
 inline void check_bsa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
                              int64_t dilation, const std::optional<at::Tensor>& global_mask,
-                             const std::optional<at::Tensor>& key_padding_mask, double scale, BsaLayout layout) {
+                             const std::optional<at::Tensor>& key_padding_mask, double scale, BsaLayout layout,
+                             const std::optional<at::Tensor>& source_lengths, int64_t query_offset) {
   const std::string q_shape = bsa_shape_name(layout, "H"), kv_shape = bsa_shape_name(layout, "H_kv");
   const char* layout_name = bsa_layout_name(layout);
   TORCH_CHECK(q.dim() == 4, "block_sparse_attention: q must be ", q_shape, " (layout \"", layout_name,
@@ -93,14 +95,18 @@ inline void check_bsa_inputs(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(q.size(3) > 0, "block_sparse_attention: head dimension D must be positive, got q shape ",
               q.sizes());
   const at::Tensor ql = bsa_logical(q, layout);
-  const int64_t B = ql.size(0), H = ql.size(1), L = ql.size(2), D = ql.size(3);
+  const int64_t B = ql.size(0), H = ql.size(1), Lq = ql.size(2), D = ql.size(3);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}}) {
     TORCH_CHECK(t->dim() == 4, "block_sparse_attention: ", name, " must be ", kv_shape, " (layout \"", layout_name,
                 "\"), got shape ", t->sizes());
     const at::Tensor tl = bsa_logical(*t, layout);
-    TORCH_CHECK(tl.size(0) == B && tl.size(2) == L && tl.size(3) == D, "block_sparse_attention: ", name,
-                " must be ", kv_shape, " with the B, L and D of q ", q.sizes(), " (layout \"", layout_name,
+    TORCH_CHECK(tl.size(0) == B && tl.size(3) == D, "block_sparse_attention: ", name, " must be ", kv_shape,
+                " with the B and D of q ", q.sizes(), " (layout \"", layout_name,
                 "\"; both tensors in the same layout), got ", t->sizes());
+    TORCH_CHECK(tl.size(2) >= Lq, "block_sparse_attention: ", name, " must be ", kv_shape, " with L >= L_q = ", Lq,
+                ", the query rows of q ", q.sizes(), " (layout \"", layout_name,
+                "\"; both tensors in the same layout; q's rows are key positions "
+                "[query_offset, query_offset + L_q)), got ", t->sizes());
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "block_sparse_attention: ", name,
                 " must have the dtype of q (", q.scalar_type(), "), got ", t->scalar_type());
     TORCH_CHECK(t->device() == q.device(), "block_sparse_attention: ", name, " must be on the device of q (",
@@ -116,16 +122,36 @@ inline void check_bsa_inputs(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(window >= 0, "block_sparse_attention: window must be >= 0, got ", window);
   TORCH_CHECK(dilation >= 1, "block_sparse_attention: dilation must be >= 1, got ", dilation);
   TORCH_CHECK(std::isfinite(scale), "block_sparse_attention: scale must be finite, got ", scale);
+  const int64_t L = bsa_logical(k, layout).size(2);
+  TORCH_CHECK(query_offset >= 0, "block_sparse_attention: query_offset must be >= 0, got ", query_offset);
+  TORCH_CHECK(query_offset <= L - Lq, "block_sparse_attention: query_offset + L_q must be <= L (the key length): "
+              "q's rows are key positions [query_offset, query_offset + L_q), got query_offset = ", query_offset,
+              ", L_q = ", Lq, ", L = ", L);
   check_bsa_mask(global_mask, "global_mask", B, L, q);
   check_bsa_mask(key_padding_mask, "key_padding_mask", B, L, q);
+  if (source_lengths.has_value()) {
+    const at::Tensor& s = *source_lengths;
+    TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 1 && s.size(0) == B,
+                "block_sparse_attention: source_lengths must be an int64 tensor of shape (B,) = (", B,
+                ",), got dtype ", s.scalar_type(), " and shape ", s.sizes());
+    TORCH_CHECK(s.device() == q.device(), "block_sparse_attention: source_lengths must be on the device of q (",
+                q.device(), "), got ", s.device());
+    if (B > 0) {
+      // one reduction and one copy to the host (a synchronisation on CUDA)
+      const at::Tensor range = at::stack({s.min(), s.max()}).cpu();
+      const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi <= L, "block_sparse_attention: source_lengths must lie in [0, L] = [0, ", L,
+                  "] (positions [0, S_b) of batch b are its source), got values in [", lo, ", ", hi, "]");
+    }
+  }
 }
 
-// The saved log-sum-exp of the forward, an input of the backward: float32 (B, H, L) beside q.
+// The saved log-sum-exp of the forward, an input of the backward: float32 (B, H, L_q) beside q.
 // q is the logical (B, H, L, D) view.
 inline void check_bsa_lse(const at::Tensor& lse, const at::Tensor& q) {
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
                   lse.size(1) == q.size(1) && lse.size(2) == q.size(2) && lse.device() == q.device(),
-              "block_sparse_attention_backward: lse must be float32 (B, H, L) = (", q.size(0), ", ", q.size(1),
+              "block_sparse_attention_backward: lse must be float32 (B, H, L_q) = (", q.size(0), ", ", q.size(1),
               ", ", q.size(2), ") on ", q.device(), ", got ", lse.scalar_type(), " ", lse.sizes(), " on ",
               lse.device());
 }
@@ -134,19 +160,23 @@ inline std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>
   return mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
 }
 
-// Sizes, window, scale and the (contiguous) masks of a call; the tensor pointers are the caller's.
+// Sizes, window, scale, the (contiguous) masks and source lengths of a call; the tensor pointers
+// are the caller's.
 // Window and dilation are saturated at L (clamp_window_and_dilation): any int64 value is exact.
 // q and k are the logical (B, H, L, D) views; the strides are the caller's.
 inline BlockSparseAttentionParams make_bsa_params(const at::Tensor& q, const at::Tensor& k, int64_t window,
                                                   int64_t dilation, const std::optional<at::Tensor>& global_mask,
                                                   const std::optional<at::Tensor>& key_padding_mask, double scale,
-                                                  bool causal) {
+                                                  bool causal, const std::optional<at::Tensor>& source_lengths,
+                                                  int64_t query_offset) {
   BlockSparseAttentionParams p;
   p.batch = q.size(0);
   p.heads = q.size(1);
   p.kv_heads = k.size(1);
   p.causal = causal;
-  p.seqlen = q.size(2);
+  p.seqlen = k.size(2);
+  p.q_len = q.size(2);
+  p.query_offset = query_offset;
   p.head_dim = q.size(3);
   p.window = window;
   p.dilation = dilation;
@@ -154,10 +184,11 @@ inline BlockSparseAttentionParams make_bsa_params(const at::Tensor& q, const at:
   p.scale = static_cast<float>(scale);
   p.global_mask = global_mask ? global_mask->data_ptr<bool>() : nullptr;
   p.key_padding_mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
+  p.source_lengths = source_lengths ? source_lengths->data_ptr<int64_t>() : nullptr;
   return p;
 }
 
-// The forward's tensors (logical (B, H, L, D) views; lse (B, H, L) contiguous): pointers and strides.
+// The forward's tensors (logical (B, H, L, D) views; lse (B, H, L_q) contiguous): pointers and strides.
 inline void set_bsa_forward_tensors(BlockSparseAttentionParams& p, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
   p.q = q.data_ptr();

@@ -20,6 +20,8 @@ struct ResidueSubsequences {
 
   // Number of positions i < L with i mod d == r.
   MOEDIFFUSEQ_HOST_DEVICE int64_t length(int64_t r) const { return r < L ? (L - r + d - 1) / d : 0; }
+  // Number of slots of residue r at positions below pos: the first slot at or after pos.
+  MOEDIFFUSEQ_HOST_DEVICE int64_t slots_below(int64_t pos, int64_t r) const { return pos > r ? (pos - r + d - 1) / d : 0; }
   // Index of the first slot of residue r when the subsequences are laid out one after another.
   MOEDIFFUSEQ_HOST_DEVICE int64_t offset(int64_t r) const {
     const int64_t m = L % d;

@@ -50,7 +50,7 @@ struct BackwardScratch {
         dout_b(packed_rows<T>(kBlockQ) * packed_ld<T>(D)), rows_copy(2 * kBlockQ * D), lse(kBlockQ),
         delta_rows(kBlockQ), keep(std::max<int64_t>({plan.max_global_keys, std::min(kMaxChunk, plan.order.L), 1})),
         is_global_query(plan.order.L), dkg(std::max<int64_t>(plan.max_global_keys, 1) * D),
-        dvg(std::max<int64_t>(plan.max_global_keys, 1) * D), delta(plan.order.L),
+        dvg(std::max<int64_t>(plan.max_global_keys, 1) * D), delta(plan.q_end - plan.q_begin),
         dk(own_dkv ? plan.order.L * D : 0), dv(own_dkv ? plan.order.L * D : 0) {}
   HeadOperands<T> head;
   int64_t ldq;
@@ -132,20 +132,20 @@ void store_rows(const float* src, int64_t M, int64_t D, T* dst, int64_t ld, cons
 template <typename T>
 void backward_query_head(const BlockSparseAttentionParams& p, const BlockSparsePlan& plan, int64_t b, int64_t h,
                          BackwardScratch<T>& w) {
-  const int64_t L = p.seqlen, D = p.head_dim;
+  const int64_t L = p.seqlen, Lq = p.q_len, D = p.head_dim;
   const ResidueSubsequences& order = plan.order;
-  const int64_t d = order.d, Gk = plan.num_global_keys[b], Gq = plan.num_global_queries[b];
+  const int64_t d = order.d, Gq = plan.num_global_queries[b];
   const int64_t ldq = p.q_strides.row, ldo = p.grad_out_strides.row, ldout = p.out_strides.row;
   const int64_t lddq = p.grad_q_strides.row;
   const T* q = static_cast<const T*>(p.q) + p.q_strides.at(b, h, 0);
   const T* o = static_cast<const T*>(p.out) + p.out_strides.at(b, h, 0);
   const T* dout = static_cast<const T*>(p.grad_out) + p.grad_out_strides.at(b, h, 0);
-  const float* lse = p.lse + (b * p.heads + h) * L;
+  const float* lse = p.lse + (b * p.heads + h) * Lq;  // query rows
   T* dq_out = static_cast<T*>(p.grad_q) + p.grad_q_strides.at(b, h, 0);
   float* dk = w.dk.data();
   float* dv = w.dv.data();
   const HeadOperands<T>& ops = w.head;
-  for (int64_t i = 0; i < L; ++i) {
+  for (int64_t i = 0; i < Lq; ++i) {  // query rows
     float acc = 0.f;
     for (int64_t c = 0; c < D; ++c) {
       acc += static_cast<float>(dout[i * ldo + c]) * static_cast<float>(o[i * ldout + c]);
@@ -159,17 +159,20 @@ void backward_query_head(const BlockSparseAttentionParams& p, const BlockSparseP
   // rows are removed here (lse = +inf) and handled densely in pass 2.
   for (const auto& [r, t0] : plan.blocks) {
     const int64_t off = order.offset(r);
-    const int64_t t1 = std::min(order.length(r), t0 + kBlockQ), M = t1 - t0;
+    const int64_t t1 = std::min(plan.query_slots(r).second, t0 + kBlockQ), M = t1 - t0;
     if (plan.all_global_queries(b, r, t0, t1)) continue;  // pass 2 writes every dq row of it
     for (int64_t m = 0; m < M; ++m) {
-      const int64_t i = r + d * (t0 + m);
-      w.lse[m] = w.is_global_query[i] ? kInf : lse[i];
-      w.delta_rows[m] = w.delta[i];
+      const int64_t i = plan.position(r, t0 + m);
+      w.lse[m] = w.is_global_query[i] ? kInf : lse[i - plan.q_begin];
+      w.delta_rows[m] = w.delta[i - plan.q_begin];
     }
-    const int64_t first_row = r + d * t0;
+    const int64_t first_query = plan.position(r, t0), last_query = plan.position(r, t1 - 1);
+    const int64_t first_row = first_query - plan.q_begin;  // query rows step by d
+    const auto limit = [&](int64_t m) { return plan.key_limit(b, plan.position(r, t0 + m)); };
+    const bool straddles = plan.straddles_source(b, first_query, last_query);
     const QueryTile<T> qt = query_tile(w, q + first_row * ldq, d * ldq, dout + first_row * ldo, d * ldo, M, D);
     std::fill_n(w.dq.data(), M * D, 0.f);
-    const auto [lo, hi] = plan.local_range(r, t0, t1);
+    const auto [lo, hi] = plan.local_range(b, r, t0, t1);
     for (int64_t c0 = lo; c0 < hi; c0 += kMaxChunk) {
       const int64_t N = std::min(kMaxChunk, hi - c0);
       const int64_t first = r + d * c0;
@@ -178,45 +181,48 @@ void backward_query_head(const BlockSparseAttentionParams& p, const BlockSparseP
       const uint8_t* cls = plan.classes(b) + off + c0;
       tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
         mask_local(s, lds, M, N, t0, c0, plan.window, plan.causal, cls);
+        if (straddles) mask_future_keys(s, lds, M, N, [&](int64_t c) { return plan.position(r, c0 + c); }, limit);
       });
     }
-    const int64_t last_query = r + d * (t1 - 1);
-    if (Gk > 0) global_keep_flags(plan, b, r, lo, hi, w.keep.data());
-    for (int64_t g0 = 0; g0 < Gk; g0 += kMaxChunk) {
-      if (plan.causal && gkeys[g0] > last_query) break;  // these keys and all later ones are in the future
-      const int64_t N = std::min(kMaxChunk, Gk - g0);
+    // global keys up to the last row's key limit (the later ones are in its future or target)
+    const int64_t G = plan.global_keys_upto(b, plan.key_limit(b, last_query));
+    if (G > 0) global_keep_flags(plan, b, r, lo, hi, w.keep.data());
+    for (int64_t g0 = 0; g0 < G; g0 += kMaxChunk) {
+      const int64_t N = std::min(kMaxChunk, G - g0);
       const KeyChunk<T> kc{ops.global_kt().col(g0), ops.global_vt().col(g0), ops.global_rows().row(g0),
                            w.dkg.data() + g0 * D, w.dvg.data() + g0 * D, D};
       const uint8_t* keep = w.keep.data() + g0;
       tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
         mask_columns(s, lds, M, N, keep);
-        if (plan.causal) {
-          mask_future_keys(s, lds, M, N, [&](int64_t c) { return gkeys[g0 + c]; },
-                           [&](int64_t m) { return r + d * (t0 + m); });
-        }
+        if (plan.causal || straddles) mask_future_keys(s, lds, M, N, [&](int64_t c) { return gkeys[g0 + c]; }, limit);
       });
     }
     store_rows(w.dq.data(), M, D, dq_out + first_row * lddq, d * lddq, nullptr);
   }
 
-  // Pass 2: global query rows against every non-padded key (at or before them when causal).
+  // Pass 2: global query rows against every non-padded key (at or before them when causal,
+  // source keys only from a source row).
   for (int64_t g0 = 0; g0 < Gq; g0 += kBlockQ) {
     const int64_t M = std::min(kBlockQ, Gq - g0);
-    const int64_t* rows = gq + g0;
+    const int64_t* rows = gq + g0;  // positions, ascending
+    int64_t query_rows[kBlockQ];
     for (int64_t m = 0; m < M; ++m) {
-      w.lse[m] = lse[rows[m]];
-      w.delta_rows[m] = w.delta[rows[m]];
+      query_rows[m] = rows[m] - plan.q_begin;
+      w.lse[m] = lse[query_rows[m]];
+      w.delta_rows[m] = w.delta[query_rows[m]];
     }
     // gathered q rows, then gathered dO rows after them in the same buffer
     std::vector<T>& buf = w.rows_copy;
-    gather_rows(q, ldq, rows, M, D, buf.data(), D);
-    gather_rows(dout, ldo, rows, M, D, buf.data() + kBlockQ * D, D);
+    gather_rows(q, ldq, query_rows, M, D, buf.data(), D);
+    gather_rows(dout, ldo, query_rows, M, D, buf.data() + kBlockQ * D, D);
     const QueryTile<T> qt = query_tile(w, buf.data(), D, buf.data() + kBlockQ * D, D, M, D);
     std::fill_n(w.dq.data(), M * D, 0.f);
+    const auto limit = [&](int64_t m) { return plan.key_limit(b, rows[m]); };
+    const bool per_row = plan.causal || plan.straddles_source(b, rows[0], rows[M - 1]);
     for (int64_t r = 0; r < std::min(d, L); ++r) {
-      const int64_t Lr = order.length(r), off = order.offset(r);
+      // the keys up to the last row's limit (rows ascend: the later ones are masked for all)
+      const int64_t Lr = plan.key_slots_upto(r, limit(M - 1)), off = order.offset(r);
       for (int64_t c0 = 0; c0 < Lr; c0 += kMaxChunk) {
-        if (plan.causal && r + d * c0 > rows[M - 1]) break;  // rows ascend: all in the future
         const int64_t N = std::min(kMaxChunk, Lr - c0);
         const int64_t first = r + d * c0;
         const KeyChunk<T> kc{ops.kt().col(off + c0), ops.vt().col(off + c0), ops.rows(r).row(c0),
@@ -225,14 +231,11 @@ void backward_query_head(const BlockSparseAttentionParams& p, const BlockSparseP
         for (int64_t c = 0; c < N; ++c) w.keep[c] = cls[c] != kPaddedKey;
         tile_step(w, qt, kc, M, N, D, p.scale, [&](float* s, int64_t lds) {
           mask_columns(s, lds, M, N, w.keep.data());
-          if (plan.causal) {
-            mask_future_keys(s, lds, M, N, [&](int64_t c) { return r + d * (c0 + c); },
-                             [&](int64_t m) { return rows[m]; });
-          }
+          if (per_row) mask_future_keys(s, lds, M, N, [&](int64_t c) { return plan.position(r, c0 + c); }, limit);
         });
       }
     }
-    store_rows(w.dq.data(), M, D, dq_out, lddq, rows);
+    store_rows(w.dq.data(), M, D, dq_out, lddq, query_rows);
   }
 }
 

@@ -102,7 +102,8 @@ const T* query_operand(ForwardScratch<T>& w, const T* q, int64_t ld, int64_t M, 
 
 template <typename T>
 void forward_impl(const BlockSparseAttentionParams& p) {
-  const int64_t H = p.heads, group = p.heads / p.kv_heads, L = p.seqlen, D = p.head_dim, BH = p.batch * H;
+  const int64_t H = p.heads, group = p.heads / p.kv_heads, L = p.seqlen, Lq = p.q_len, D = p.head_dim;
+  const int64_t BH = p.batch * H;
   const BlockSparsePlan plan = make_plan(p);
   const ResidueSubsequences& order = plan.order;
   const int64_t d = order.d, Gq = plan.max_global_queries;
@@ -127,42 +128,47 @@ void forward_impl(const BlockSparseAttentionParams& p) {
       const int64_t bh = item / nblocks, b = bh / H, h = bh % H;
       const auto [r, t0] = plan.blocks[item % nblocks];
       const int64_t off = order.offset(r);
-      const int64_t t1 = std::min(order.length(r), t0 + kBlockQ), M = t1 - t0;
+      const int64_t t1 = std::min(plan.query_slots(r).second, t0 + kBlockQ), M = t1 - t0;
       if (plan.all_global_queries(b, r, t0, t1)) continue;  // pass 2 writes every row of it
       use_head(w, b, h);
+      const int64_t first_query = plan.position(r, t0), last_query = plan.position(r, t1 - 1);
+      const int64_t first_row = first_query - plan.q_begin;  // query rows step by d
+      const auto limit = [&](int64_t m) { return plan.key_limit(b, plan.position(r, t0 + m)); };
+      const bool straddles = plan.straddles_source(b, first_query, last_query);
       int64_t ldq = 0;
-      const T* qb = query_operand(w, q + qs.at(b, h, r + d * t0), d * qs.row, M, D, ldq);
+      const T* qb = query_operand(w, q + qs.at(b, h, first_row), d * qs.row, M, D, ldq);
       w.reset(M, D);
-      const auto [lo, hi] = plan.local_range(r, t0, t1);
+      const auto [lo, hi] = plan.local_range(b, r, t0, t1);
       for (int64_t c0 = lo; c0 < hi; c0 += kMaxChunk) {
         const int64_t N = std::min(kMaxChunk, hi - c0);
         scores(w, qb, ldq, M, w.head.kt().col(off + c0), N, D, p.scale);
         mask_local(w.s.data(), kLdS, M, N, t0, c0, plan.window, plan.causal, plan.classes(b) + off + c0);
+        if (straddles) {
+          mask_future_keys(w.s.data(), kLdS, M, N, [&](int64_t c) { return plan.position(r, c0 + c); }, limit);
+        }
         const T* prob = softmax_update(w, M, N, D, softmax_scale(p.scale));
         tile_gemm<T>(M, D, N, prob, kLdS, w.head.rows(r).row(c0), w.acc.data(), D, true);
       }
-      const int64_t G = plan.num_global_keys[b];
+      // global keys up to the last row's key limit (the later ones are in its future or target)
+      const int64_t G = plan.global_keys_upto(b, plan.key_limit(b, last_query));
       const int64_t* gkeys = plan.global_keys.data() + b * plan.max_global_keys;
-      const int64_t last_query = r + d * (t1 - 1);
       if (G > 0) global_keep_flags(plan, b, r, lo, hi, w.keep.data());
       for (int64_t g0 = 0; g0 < G; g0 += kMaxChunk) {
-        if (plan.causal && gkeys[g0] > last_query) break;  // these keys and all later ones are in the future
         const int64_t N = std::min(kMaxChunk, G - g0);
         scores(w, qb, ldq, M, w.head.global_kt().col(g0), N, D, p.scale);
         mask_columns(w.s.data(), kLdS, M, N, w.keep.data() + g0);
-        if (plan.causal) {
-          mask_future_keys(w.s.data(), kLdS, M, N, [&](int64_t c) { return gkeys[g0 + c]; },
-                           [&](int64_t m) { return r + d * (t0 + m); });
+        if (plan.causal || straddles) {
+          mask_future_keys(w.s.data(), kLdS, M, N, [&](int64_t c) { return gkeys[g0 + c]; }, limit);
         }
         const T* prob = softmax_update(w, M, N, D, softmax_scale(p.scale));
         tile_gemm<T>(M, D, N, prob, kLdS, w.head.global_rows().row(g0), w.acc.data(), D, true);
       }
-      finish_rows(w, M, D, out + os.at(b, h, r + d * t0), d * os.row, p.lse + bh * L + r + d * t0, d);
+      finish_rows(w, M, D, out + os.at(b, h, first_row), d * os.row, p.lse + bh * Lq + first_row, d);
     }
   });
 
   // Pass 2: global query rows attend to every non-padded key (to every non-padded key at or
-  // before them when causal; overwrites their pass-1 rows).
+  // before them when causal, to source keys only from a source row; overwrites their pass-1 rows).
   if (Gq == 0) return;
   const int64_t gblocks = (Gq + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, BH * gblocks, 1, [&](int64_t begin, int64_t end) {
@@ -174,29 +180,32 @@ void forward_impl(const BlockSparseAttentionParams& p) {
       const int64_t M = std::min(kBlockQ, plan.num_global_queries[b] - g0);
       if (M <= 0) continue;
       use_head(w, b, h);
-      const int64_t* rows = plan.global_queries.data() + b * Gq + g0;
-      gather_rows(q + qs.at(b, h, 0), qs.row, rows, M, D, rows_copy.data(), D);
+      const int64_t* rows = plan.global_queries.data() + b * Gq + g0;  // positions, ascending
+      int64_t query_rows[kBlockQ];
+      for (int64_t m = 0; m < M; ++m) query_rows[m] = rows[m] - plan.q_begin;
+      gather_rows(q + qs.at(b, h, 0), qs.row, query_rows, M, D, rows_copy.data(), D);
       int64_t ldq = 0;
       const T* qb = query_operand(w, rows_copy.data(), D, M, D, ldq);
       w.reset(M, D);
+      const auto limit = [&](int64_t m) { return plan.key_limit(b, rows[m]); };
+      const bool per_row = plan.causal || plan.straddles_source(b, rows[0], rows[M - 1]);
       for (int64_t r = 0; r < std::min(d, L); ++r) {
-        const int64_t Lr = order.length(r), off = order.offset(r);
+        // the keys up to the last row's limit (rows ascend: the later ones are masked for all)
+        const int64_t Lr = plan.key_slots_upto(r, limit(M - 1)), off = order.offset(r);
         for (int64_t c0 = 0; c0 < Lr; c0 += kMaxChunk) {
-          if (plan.causal && r + d * c0 > rows[M - 1]) break;  // rows ascend: all in the future
           const int64_t N = std::min(kMaxChunk, Lr - c0);
           const uint8_t* cls = plan.classes(b) + off + c0;
           for (int64_t c = 0; c < N; ++c) w.keep[c] = cls[c] != kPaddedKey;
           scores(w, qb, ldq, M, w.head.kt().col(off + c0), N, D, p.scale);
           mask_columns(w.s.data(), kLdS, M, N, w.keep.data());
-          if (plan.causal) {
-            mask_future_keys(w.s.data(), kLdS, M, N, [&](int64_t c) { return r + d * (c0 + c); },
-                             [&](int64_t m) { return rows[m]; });
+          if (per_row) {
+            mask_future_keys(w.s.data(), kLdS, M, N, [&](int64_t c) { return plan.position(r, c0 + c); }, limit);
           }
           const T* prob = softmax_update(w, M, N, D, softmax_scale(p.scale));
           tile_gemm<T>(M, D, N, prob, kLdS, w.head.rows(r).row(c0), w.acc.data(), D, true);
         }
       }
-      finish_rows(w, M, D, out + os.at(b, h, 0), os.row, p.lse + bh * L, 1, rows);
+      finish_rows(w, M, D, out + os.at(b, h, 0), os.row, p.lse + bh * Lq, 1, query_rows);
     }
   });
 }

@@ -8,6 +8,11 @@
 // Causal: key j <= query i. Within a residue subsequence slot order is position order, so a
 // block's window ends at its own last slot, and key chunks (window, global keys, dense rows)
 // that start after the block's last query position are skipped, not masked.
+// Query rows at an offset: the blocks tile the query positions [q_begin, q_end) of each residue
+// subsequence; keys, masks and residues stay on positions of the whole key sequence.
+// Source isolation: a block whose rows are all in the source (i < S_b) clips its window, its
+// global keys and its dense key range to j < S_b (key_limit), so no source-query x target-key
+// work is done; only a block that straddles S_b masks its source rows one by one.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -42,23 +47,47 @@ struct BlockSparsePlan {
   ResidueSubsequences order;  // slot of position i in residue order: offset(i % d) + i / d
   int64_t window = 0;
   bool causal = false;
+  int64_t q_begin = 0, q_end = 0;  // positions of the query rows: row i - q_begin is position i
+  std::vector<int64_t> source_length;  // (B) S_b; 0 without isolation (every query is a target)
   std::vector<uint8_t> key_class;            // (B, L), residue order
   std::vector<int64_t> global_keys;          // (B, max_global_keys) natural positions
   std::vector<int64_t> num_global_keys;      // (B)
-  std::vector<int64_t> global_queries;       // (B, max_global_queries) natural positions
+  std::vector<int64_t> global_queries;       // (B, max_global_queries) positions of global query rows
   std::vector<int64_t> num_global_queries;   // (B)
   std::vector<uint8_t> query_is_global;      // (B, L) natural positions
-  std::vector<std::pair<int64_t, int64_t>> blocks;  // (residue, first t) of each query block
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (residue, first query slot t) of each query block
   std::vector<int64_t> pair_offset;  // (d + 1) prefix sums of ceil(length(r) / 2): packed row pairs
   int64_t max_global_keys = 0;
   int64_t max_global_queries = 0;
 
-  // The contiguous range [lo, hi) of residue-r key slots visited by queries [t0, t1); lo is
-  // even so that chunks start on a row pair of pair-packed operands.
-  std::pair<int64_t, int64_t> local_range(int64_t r, int64_t t0, int64_t t1) const {
+  // Position of query slot t of residue r.
+  int64_t position(int64_t r, int64_t t) const { return r + order.d * t; }
+  // Query slots [lo, hi) of residue r: the slots of the positions [q_begin, q_end).
+  std::pair<int64_t, int64_t> query_slots(int64_t r) const {
+    return {order.slots_below(q_begin, r), order.slots_below(q_end, r)};
+  }
+  // The last key position query position i of batch b may see (causality, source isolation).
+  int64_t key_limit(int64_t b, int64_t i) const { return bsa_key_limit(i, source_length[b], order.L, causal); }
+  // Whether the queries from position first to position last (ascending) of batch b straddle its
+  // source end: source rows there must be masked row by row (the tile is not clipped for them).
+  bool straddles_source(int64_t b, int64_t first, int64_t last) const {
+    return first < source_length[b] && last >= source_length[b];
+  }
+  // Key slots [0, n) of residue r at positions <= limit.
+  int64_t key_slots_upto(int64_t r, int64_t limit) const { return order.slots_below(limit + 1, r); }
+  // Global keys of batch b at positions <= limit: a prefix of the ascending list.
+  int64_t global_keys_upto(int64_t b, int64_t limit) const {
+    const int64_t* keys = global_keys.data() + b * max_global_keys;
+    return std::upper_bound(keys, keys + num_global_keys[b], limit) - keys;
+  }
+  // The contiguous range [lo, hi) of residue-r key slots visited by queries [t0, t1) of batch b
+  // (up to the key limit of the last query); lo is even so that chunks start on a row pair of
+  // pair-packed operands.
+  std::pair<int64_t, int64_t> local_range(int64_t b, int64_t r, int64_t t0, int64_t t1) const {
     int64_t lo, hi;
     band_keys(order.length(r), t0, t1, window, causal, lo, hi);
-    return {lo / 2 * 2, hi};
+    hi = std::min(hi, key_slots_upto(r, key_limit(b, position(r, t1 - 1))));
+    return {lo / 2 * 2, std::max(hi, lo / 2 * 2)};
   }
   const uint8_t* classes(int64_t b) const { return key_class.data() + b * order.L; }
   // True when every query of block [t0, t1) of residue r is global: the dense pass over global
@@ -88,6 +117,10 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   plan.order = ResidueSubsequences{L, d};
   plan.window = p.window;
   plan.causal = p.causal;
+  plan.q_begin = p.query_offset;
+  plan.q_end = p.query_offset + p.q_len;
+  plan.source_length.assign(B, 0);
+  if (p.source_lengths) std::copy(p.source_lengths, p.source_lengths + B, plan.source_length.begin());
   plan.key_class.assign(B * L, kNormalKey);
   plan.num_global_keys.assign(B, 0);
   plan.num_global_queries.assign(B, 0);
@@ -100,7 +133,7 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
       const int64_t slot = plan.order.offset(i % d) + i / d;
       plan.key_class[b * L + slot] = padded ? kPaddedKey : (global ? kGlobalKey : kNormalKey);
       gk += (global && !padded);
-      gq += global;
+      gq += global && i >= plan.q_begin && i < plan.q_end;
       plan.query_is_global[b * L + i] = global;
     }
     plan.num_global_keys[b] = gk;
@@ -116,11 +149,12 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
       const bool global = p.global_mask && p.global_mask[b * L + i];
       const bool padded = p.key_padding_mask && p.key_padding_mask[b * L + i];
       if (global && !padded) plan.global_keys[b * plan.max_global_keys + gk++] = i;
-      if (global) plan.global_queries[b * plan.max_global_queries + gq++] = i;
+      if (global && i >= plan.q_begin && i < plan.q_end) plan.global_queries[b * plan.max_global_queries + gq++] = i;
     }
   }
   for (int64_t r = 0; r < std::min(d, L); ++r) {
-    for (int64_t t0 = 0; t0 < plan.order.length(r); t0 += kBlockQ) plan.blocks.emplace_back(r, t0);
+    const auto [first, end] = plan.query_slots(r);
+    for (int64_t t0 = first; t0 < end; t0 += kBlockQ) plan.blocks.emplace_back(r, t0);
   }
   plan.pair_offset.assign(d + 1, 0);
   for (int64_t r = 0; r < d; ++r) plan.pair_offset[r + 1] = plan.pair_offset[r] + (plan.order.length(r) + 1) / 2;
@@ -168,8 +202,8 @@ inline void mask_columns(float* S, int64_t lds, int64_t M, int64_t N, const uint
   }
 }
 
-// Causal mask of a tile whose key positions key_pos(c) ascend with c: row m keeps the keys at
-// positions <= query_pos(m).
+// Causal (and source) mask of a tile whose key positions key_pos(c) ascend with c: row m keeps
+// the keys at positions <= query_pos(m) (its query position, or its key limit).
 template <typename KeyPos, typename QueryPos>
 inline void mask_future_keys(float* S, int64_t lds, int64_t M, int64_t N, const KeyPos& key_pos,
                              const QueryPos& query_pos) {

@@ -81,7 +81,16 @@ at::Tensor readable(const at::Tensor& t) {
   return rows_aligned(c) ? c : c.clone(at::MemoryFormat::Contiguous);
 }
 
+// Source isolation and query rows at an offset: not in the CUDA kernels yet (the CPU kernels
+// have them).
+void check_whole_rows(const BlockSparseAttentionParams& p) {
+  TORCH_CHECK(p.q_len == p.seqlen && p.query_offset == 0 && p.source_lengths == nullptr,
+              "block_sparse_attention: source_lengths and query rows at an offset (L_q < L) are not supported by "
+              "the CUDA kernels yet; run this call on the CPU");
+}
+
 void forward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
+  check_whole_rows(p);
   BsaWorkspace ws;
   GlobalBuffers buffers;
   buffers.fill(ws, p, q, /*backward=*/false);
@@ -90,6 +99,7 @@ void forward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
 
 void backward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
   // dQ (and the split dK, dV) are sums of float atomics: not bitwise reproducible run to run
+  check_whole_rows(p);
   at::globalContext().alertNotDeterministic("block_sparse_attention_backward (CUDA)");
   at::Tensor grad_q_accum = at::zeros({p.batch, p.heads, p.seqlen, p.head_dim}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(at::kFloat));
