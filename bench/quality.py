@@ -71,6 +71,9 @@ DEFAULT_SYSTEMS = ["moe-diffuseq", "moe-diffuseq +self-cond", "diffuseq (dense)"
 SAMPLER_ROWS = ["dpm++:10", "dpm++:10+clamp", "ddpm:2000"]
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def slug(name: str) -> str:
     """A system's name as a directory name: "moe-diffuseq +self-cond" -> "moe-diffuseq-self-cond"."""
     return "-".join("".join(c if c.isalnum() else " " for c in name).split())
@@ -87,12 +90,13 @@ def make_trainer(cfg, tok, train_set, seed, out_dir):
     return Trainer(model, tok, train_set, None, tcfg, out_dir), initial
 
 
-def train_round_robin(trainers, seconds, slice_seconds, probe=None, probe_seconds=0.0):
-    """Trains every trainer for `seconds` of its own wall time, in turns of `slice_seconds`, so
-    that a load that comes and goes on a shared machine falls on all systems alike. Returns
-    each trainer's curve of (its training seconds, loss) and, with `probe(trainer) -> metrics`,
-    its quality curve of (its training seconds, metrics) every `probe_seconds` of training (the
-    probes' own time is not training time)."""
+def train_round_robin(trainers, seconds, slice_seconds, probe=None, probe_seconds=0.0, clock=time.perf_counter):
+    """Trains every trainer for `seconds` of its own time on `clock` (wall time by default; the
+    process's CPU time with `time.process_time`), in turns of `slice_seconds`, so that a load
+    that comes and goes on a shared machine falls on all systems alike. Returns each trainer's
+    curve of (its training seconds, loss) and, with `probe(trainer) -> metrics`, its quality
+    curve of (its training seconds, metrics) every `probe_seconds` of training (the probes' own
+    time is not training time)."""
     curves = {name: [] for name in trainers}
     quality = {name: [] for name in trainers}
     spent = dict.fromkeys(trainers, 0.0)
@@ -101,9 +105,9 @@ def train_round_robin(trainers, seconds, slice_seconds, probe=None, probe_second
         for name, trainer in trainers.items():
             turn_end = min(seconds, spent[name] + slice_seconds)
             while spent[name] < turn_end:
-                start = time.perf_counter()
+                start = clock()
                 loss = trainer.train_step()["loss"]
-                spent[name] += time.perf_counter() - start
+                spent[name] += clock() - start
                 curves[name].append((spent[name], loss))
                 if spent[name] >= next_probe[name]:
                     quality[name].append((spent[name], probe(trainer)))
@@ -139,6 +143,9 @@ def main() -> None:
     p.add_argument("--probe-seconds", type=float, default=None,
                    help="score every system's EMA model on the test sources every this many seconds of its "
                         "training (default: --seconds / 6; 0: only at the end)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="what --seconds, --probe-seconds and --slice-seconds count: wall time, or the process's "
+                        "CPU time (all its threads), which a machine shared with other work does not shrink")
     p.add_argument("--slice-seconds", type=float, default=5.0,
                    help="the systems of a task and seed train in turns of this many seconds each")
     p.add_argument("--examples", type=int, default=50, help="test sources generated per system")
@@ -186,7 +193,7 @@ def main() -> None:
 
             task_curves, task_probes = train_round_robin({name: made[name][0] for name in args.systems}, args.seconds,
                                                          args.slice_seconds, probe if probe_seconds > 0 else None,
-                                                         probe_seconds)
+                                                         probe_seconds, CLOCKS[args.clock])
             for name in args.systems:
                 trainer, initial = made[name]
                 curve = task_curves[name]
@@ -209,14 +216,16 @@ def main() -> None:
                         rows.append(dict(task=task, system=f"{name}, sampler {spec}", seed=seed,
                                          train_s=round(curve[-1][0], 1), steps=len(curve), gen_s=gen_s, **m, iv=iv))
                         print(rows[-1], flush=True)
-    write_outputs(args.out, rows, curves, probes)
+    write_outputs(args.out, rows, curves, probes, args.clock)
 
 
-def write_outputs(out: Path, rows, curves, probes) -> None:
+def write_outputs(out: Path, rows, curves, probes, clock: str = "wall") -> None:
     """quality.json (everything), quality.md (the final scores with intervals, then the quality
     probes during training) and quality_curves.png (train loss, BLEU and ROUGE-L against time)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps({"rows": rows, "curves": curves, "probes": probes}, indent=1) + "\n")
+    (out / "quality.json").write_text(json.dumps({"rows": rows, "curves": curves, "probes": probes, "clock": clock},
+                                                 indent=1) + "\n")
+    unit = "training wall time (s)" if clock == "wall" else "training CPU time (s, all threads)"
     lines = ["| task | system | seed | train s | steps | generate s | BLEU [95% CI] | ROUGE-2 [95% CI] | "
              "ROUGE-L [95% CI] | length |", "|" + " --- |" * 10]
     for r in rows:
@@ -245,9 +254,9 @@ def write_outputs(out: Path, rows, curves, probes) -> None:
         points = probes.get(label, [])
         for ax, key in ((bleu_ax, "bleu"), (rouge_ax, "rougeL")):
             ax.plot([t for t, _ in points], [m[key] for _, m in points], marker="o", color=line.get_color())
-    loss_ax.set(xlabel="training wall time (s)", ylabel="train loss", yscale="log")
-    bleu_ax.set(xlabel="training wall time (s)", ylabel="test sentence BLEU")
-    rouge_ax.set(xlabel="training wall time (s)", ylabel="test ROUGE-L")
+    loss_ax.set(xlabel=unit, ylabel="train loss", yscale="log")
+    bleu_ax.set(xlabel=unit, ylabel="test sentence BLEU")
+    rouge_ax.set(xlabel=unit, ylabel="test ROUGE-L")
     loss_ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "quality_curves.png", dpi=100)

@@ -44,3 +44,19 @@ def test_run_directories_are_distinct_per_system():
 
     assert len({slug(name) for name in SYSTEMS}) == len(SYSTEMS)
     assert slug("moe-diffuseq +self-cond") == "moe-diffuseq-self-cond"
+
+
+def test_tasks_name_the_span_and_the_lead_baseline_cuts_words():
+    from bench.quality import lead, parse_task
+
+    assert parse_task("pycode:512:48") == ("pycode", 512, 48)
+    assert parse_task("aclsum:2048") == ("aclsum", 2048, 256)
+    assert lead(["a b c d", "e"], 2) == ["a b", "e"]
+
+
+def test_the_cpu_clock_counts_only_what_the_process_computes():
+    from bench.quality import CLOCKS
+
+    trainers = {"sleeper": FakeTrainer(0.05)}  # sleeps: wall time passes, CPU time hardly
+    curves, _ = train_round_robin(trainers, seconds=0.0005, slice_seconds=0.0002, clock=CLOCKS["cpu"])
+    assert trainers["sleeper"].steps > 2 and curves["sleeper"][-1][0] < 0.05 * trainers["sleeper"].steps
