@@ -147,7 +147,7 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
     if span is not None and (cut := sum(len(s) > source_budget(L, span) for s in encoded)):
         warnings.warn(f"{cut} of {len(encoded)} source(s) longer than max_len - target_span - 2 = "
                       f"{source_budget(L, span)} tokens were truncated (the model's max_len {L}, target_span "
-                      f"{span})", stacklevel=2)
+                      f"{span})", stacklevel=3)  # the caller of generate, past inference_mode's wrapper
     out: list[Generation] = []
     bar = progress_bar(len(rows), "generate", "seq", enabled=progress)
     for begin in range(0, len(rows), cfg.batch_size):

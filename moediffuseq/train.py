@@ -33,7 +33,7 @@ from moediffuseq.data import Seq2SeqDataset, TextTokenizer
 from moediffuseq.data.dataset import BatchStream
 from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make_timestep_draw
 from moediffuseq.distributed import DistributedContext
-from moediffuseq.generate import GENERATION_FILE
+from moediffuseq.generate import GENERATION_FILE, generation_defaults
 from moediffuseq.health import Diverged, check_healthy, is_non_finite_error, weights_finite
 from moediffuseq.interrupts import HeldInterrupts
 from moediffuseq.model import MoEDiffuSeq
