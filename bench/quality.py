@@ -79,13 +79,13 @@ def slug(name: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in name).split())
 
 
-def make_trainer(cfg, tok, train_set, seed, out_dir):
+def make_trainer(cfg, tok, train_set, seed, out_dir, batch_size=32):
     """A trainer of a fresh model (seeded) and a copy of its initial weights."""
     torch.manual_seed(seed)
     model = MoEDiffuSeq(cfg)
     initial = MoEDiffuSeq(cfg)
     initial.load_state_dict(model.state_dict())
-    tcfg = TrainConfig(steps=10 ** 6, batch_size=32, lr=3e-3, warmup_steps=100, lr_decay="constant", ema_decay=0.999,
+    tcfg = TrainConfig(steps=10 ** 6, batch_size=batch_size, lr=3e-3, warmup_steps=100, lr_decay="constant", ema_decay=0.999,
                        seed=seed, progress=False, eval_batches=0, bleu_examples=0)
     return Trainer(model, tok, train_set, None, tcfg, out_dir), initial
 
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--slice-seconds", type=float, default=5.0,
                    help="the systems of a task and seed train in turns of this many seconds each")
     p.add_argument("--examples", type=int, default=50, help="test sources generated per system")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size of every system")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--ddpm-task", default="pycode:64",
                    help=f"task whose MoE model (of the first seed) is also sampled with {', '.join(SAMPLER_ROWS)}")
@@ -185,7 +186,8 @@ def main() -> None:
             for name in args.systems:
                 cfg = SYSTEMS[name](L, len(tok), span)
                 made[name] = make_trainer(cfg, tok, train_set_of(cfg), seed,
-                                          args.out / "quality_runs" / f"{corpus}{L}-{slug(name)}-{seed}")
+                                          args.out / "quality_runs" / f"{corpus}{L}-{slug(name)}-{seed}",
+                                          args.batch_size)
 
             def probe(trainer):
                 row = evaluate_texts(generate_texts(trainer.ema, tok, sources, target_len)[0], refs)

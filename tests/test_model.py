@@ -43,7 +43,7 @@ def test_denoise_shapes_and_global_mask():
     ids, target = batch(B=2)
     g = model.global_mask(ids, target)
     assert g[:, 0].all() and g[:, 20].all() and g[:, 21:].all() and not g[:, 5].any()
-    x0, aux = model(torch.randn(2, 48, 64), torch.tensor([3, 7]), g)
+    x0, aux = model(torch.randn(2, 48, 64), torch.tensor([3, 7]), model.positions(ids, target))
     assert x0.shape == (2, 48, 64) and aux.dim() == 0
     with pytest.raises(ValueError, match="exceeds max_len"):
         model(torch.randn(1, 49, 64), torch.tensor([0]))
