@@ -76,7 +76,8 @@ def test_the_model_is_sampled_whole_through_forward(model_dir):
 
 
 def test_from_pretrained_reads_the_target_length_and_checks_the_tokenizer(model_dir, tmp_path):
-    assert json.loads((model_dir / GENERATION_FILE).read_text()) == {"target_len": 6}
+    assert json.loads((model_dir / GENERATION_FILE).read_text()) == {"target_len": 6, "target_span": None,
+                                                                      "source_cache": False}
     pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
     assert pipe.target_len == 6 and pipe.device == torch.device("cpu")
     bigger = MoEDiffuSeq(dataclasses.replace(pipe.model.config, vocab_size=len(pipe.tokenizer) + 1))
