@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moediffuseq.checkpoint import find_checkpoint, read_state
+from moediffuseq.checkpoint import checkpoint_step, find_checkpoint, read_state
 from moediffuseq.cli import main
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.train import TrainConfig, Trainer, lr_factor
@@ -387,3 +387,22 @@ def test_keep_best_exports_the_weights_of_the_best_validation(corpus, tmp_path):
     a = MoEDiffuSeq.from_pretrained(out / "model").state_dict()
     b = MoEDiffuSeq.from_pretrained(out / "best_model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_holds_the_ema_weights_of_the_best_step(corpus, tmp_path, monkeypatch):
+    """best_model/ (and the exported model/) hold the EMA weights of the step whose validation was
+    best, compared with that step's kept checkpoint, when the best is not the last step."""
+    bleu_at = {3: 0.9, 6: 0.1}  # the best validation at step 3 of 6
+    monkeypatch.setattr(Trainer, "validation_bleu", lambda self: bleu_at[self.step])
+    out = tmp_path / "best"
+    assert main(train_argv(corpus, out, 6, "--keep-best", "--keep-checkpoints", "2")) == 0
+    assert json.loads((out / "best_model" / "best.json").read_text())["step"] == 3
+    at_3 = out / "checkpoint-00000003"
+    assert checkpoint_step(at_3) == 3 and checkpoint_step(out / "checkpoint") == 6
+    ema_3 = MoEDiffuSeq.from_pretrained(at_3 / "ema").state_dict()
+    ema_6 = MoEDiffuSeq.from_pretrained(out / "checkpoint" / "ema").state_dict()
+    assert any(not torch.equal(ema_3[k], ema_6[k]) for k in ema_3)  # the two steps are told apart
+    for name in ("best_model", "model"):
+        kept = MoEDiffuSeq.from_pretrained(out / name).state_dict()
+        assert kept.keys() == ema_3.keys()
+        assert all(torch.equal(kept[k], ema_3[k]) for k in kept), name
