@@ -45,12 +45,20 @@ settings.register_profile(
 settings.load_profile(os.environ.get("MOEDIFFUSEQ_HYPOTHESIS_PROFILE", "ci"))
 
 DEEP_MIN_EXAMPLES = 1000
-_examples_run: dict = {}  # property -> examples run to completion (the deep profile only)
+_examples_run: dict = {}  # "test id: property" -> examples run to completion (the deep profile only)
+_running = [""]  # the id of the running test (properties are often inner functions of one name)
 
 
 def _count_example(observation) -> None:
     if observation.type == "test_case" and observation.status == "passed":
-        _examples_run[observation.property] = _examples_run.get(observation.property, 0) + 1
+        key = f"{_running[0]}: {observation.property}"
+        _examples_run[key] = _examples_run.get(key, 0) + 1
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    _running[0] = item.nodeid
+    yield
 
 
 if settings.get_current_profile_name() == "deep":
