@@ -61,9 +61,11 @@ def test_cli_train_generate_evaluate(corpus, tmp_path, capsys):
     assert "| gens |" in capsys.readouterr().out
 
 
-def test_resume_after_interrupt_continues_exactly(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [[], ["--bf16"], ["--grad-accum", "2"]], ids=["fp32", "bf16", "grad-accum"])
+def test_resume_after_interrupt_continues_exactly(corpus, tmp_path, monkeypatch, options):
+    """On the CPU, in one process: fp32, bf16 autocast, and gradient accumulation over 2 batches."""
     straight = tmp_path / "straight"
-    assert main(train_argv(corpus, straight, 6)) == 0
+    assert main(train_argv(corpus, straight, 6, *options)) == 0
 
     interrupted = tmp_path / "interrupted"
     real_step = Trainer.train_step
@@ -74,10 +76,10 @@ def test_resume_after_interrupt_continues_exactly(corpus, tmp_path, monkeypatch)
         return real_step(self)
 
     monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
-    assert main(train_argv(corpus, interrupted, 6)) == 130  # Ctrl-C: checkpoint of step 4
+    assert main(train_argv(corpus, interrupted, 6, *options)) == 130  # Ctrl-C: checkpoint of step 4
     assert read_state(find_checkpoint(interrupted / "checkpoint"))["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert main(train_argv(corpus, interrupted, 6, "--resume")) == 0
+    assert main(train_argv(corpus, interrupted, 6, *options, "--resume")) == 0
     assert train_losses(interrupted) == train_losses(straight)  # bit-identical losses after the resume
     a = MoEDiffuSeq.from_pretrained(straight / "model").state_dict()
     b = MoEDiffuSeq.from_pretrained(interrupted / "model").state_dict()
