@@ -2,12 +2,15 @@
 #   make install   virtual environment in .venv, torch (CPU build), the extension (editable)
 #   make test      install, then the whole test suite
 #   make demo      install, then the end-to-end demo (corpus, tokenizer, training, generation, scores)
-#   make bench     install, then the benchmarks (tables into bench/out/)
+#   make bench     install, then the speed benchmarks (tables into bench/out/; the quality ones
+#                  train models and are run by hand: bench/RESULTS.md names each command)
 #   make cuda-build CUDA_TORCH_PYTHON=/path/to/python   the extension against a CUDA torch, no GPU needed
 #   make install-check   sdist -> wheel -> a fresh environment with only torch: import, smoke, opcheck
 # torch: without an NVIDIA GPU (no working nvidia-smi) the CPU build, from a local wheel when pip
 # finds one offline, else from PyTorch's CPU index (TORCH_INDEX); with a GPU, the package index's
-# default (CUDA) build. Your own torch instead, e.g. on a machine that has one installed:
+# default (CUDA) build. Your own torch instead, e.g. on a machine that has one installed (an empty
+# TORCH_SPEC installs no torch, here nor in install-check's fresh environment, which then sees
+# the system's packages):
 #   make test VENV_FLAGS=--system-site-packages TORCH_SPEC=
 PYTHON ?= python3
 VENV ?= .venv
@@ -66,7 +69,7 @@ cuda-build:
 
 .PHONY: install-check
 install-check: install
-	MAX_JOBS=$(MAX_JOBS) bash cmake/install_check.sh $(BIN)/python build/install-check
+	MAX_JOBS=$(MAX_JOBS) TORCH_SPEC="$(TORCH_SPEC)" bash cmake/install_check.sh $(BIN)/python build/install-check
 
 test: install cuda-check cuda-build install-check
 	$(BIN)/python -m pytest tests
@@ -76,6 +79,7 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench.attention
+	$(BIN)/python -m bench.attention_layout
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.diffusion
 	$(BIN)/python -m bench.sampling
