@@ -176,3 +176,17 @@ def test_self_conditioning_feeds_each_run_its_own_previous_estimate(method):
         for i in range(first + 1, len(seen)):
             torch.testing.assert_close(seen[i], returned[i - 1])
         torch.testing.assert_close(result.x0, returned[-1])
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 50, 2000])
+def test_dpm_solver_steps_are_distinct_from_the_last_to_zero(T):
+    from moediffuseq.diffusion.samplers import dpm_solver_timesteps
+
+    ab = NoiseSchedule.create("sqrt", T).alphas_cumprod
+    for steps in (1, 2, 5, 10, T - 1, T + 3):
+        if steps < 1:
+            continue
+        times = dpm_solver_timesteps(ab, steps)
+        assert times[0] == T - 1 and times[-1] == 0, (steps, times)
+        assert all(a > b for a, b in zip(times, times[1:])), (steps, times)
+        assert len(times) == (1 if T == 1 else min(steps, T - 1) + 1), (steps, times)

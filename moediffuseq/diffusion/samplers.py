@@ -155,7 +155,7 @@ def dpm_solver_timesteps(alphas_cumprod: Tensor, steps: int) -> list[int]:
     lam = 0.5 * (ab.log() - (1 - ab).log())  # decreasing in t
     n = min(steps, T - 1)
     first = max(T - 1 - math.ceil((T - 1) / 100), n - 1)  # where the uniform grid starts
-    wanted = torch.linspace(float(lam[first]), float(lam[0]), n, dtype=torch.float64)
+    wanted = torch.linspace(float(lam[first]), float(lam[0]), n, dtype=torch.float64) if n > 1 else lam[:1]
     right = torch.searchsorted(-lam, -wanted).clamp(1, T - 1)  # first t with lam[t] <= wanted
     left = right - 1
     nearest = torch.where((lam[left] - wanted).abs() <= (wanted - lam[right]).abs(), left, right).tolist()
