@@ -15,9 +15,9 @@ update, and applies each update with the fused ``denoise_step`` op:
 The default is ``ddpm`` respaced to 10 steps: the posterior step between kept steps, which is
 also the first-order SDE-DPM-Solver++ step. At 10 steps (10 model calls; DPM-Solver++ 10
 makes 11) it gave better text than DPM-Solver++ on the trained demo models (bench/RESULTS.md,
-"Samplers on a trained model"): the deterministic samplers (DPM-Solver++, DDIM) follow the same probability-flow ODE, whose end points
-scored below the stochastic samplers' (measured when DPM-Solver++ still stepped uniformly in t);
-``clamp`` narrows the gap.
+"Samplers on a trained model"): the deterministic samplers (DPM-Solver++, DDIM) follow the same
+probability-flow ODE, whose end points scored below the stochastic samplers' (measured when
+DPM-Solver++ still stepped uniformly in t); ``clamp`` narrows the gap.
 
 A sampler takes one ``Conditioning``: the batch to complete (anchor, target mask), the
 absorbing vector m and ``denoise(x_t, t) -> x0_hat`` (``MoEDiffuSeq.condition`` builds it, the
