@@ -233,3 +233,32 @@ def test_attention_refuses_what_it_cannot_express(case, kwargs, message):
     mask = kwargs.pop("attention_mask", None)
     with pytest.raises(ValueError, match=message):
         attention_forward(_Module(), q, kv, kv, mask, **kwargs)
+
+
+def tiny_llama(attn_implementation="moediffuseq", seed=13):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padding-mask"])
+def test_attention_drop_in_compiles_without_graph_breaks(padded):
+    """No data-dependent Python branch on the padding mask: zero graph breaks in dynamo's
+    explain, and fullgraph=True compiles and gives the eager logits, with and without padding."""
+    register()
+    model = tiny_llama()
+    ids, mask = padded_batch(97, 2, 24, seed=14)
+    mask = mask if padded else None
+
+    def logits(input_ids, attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    explained = torch._dynamo.explain(logits)(ids, mask)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(logits, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids, mask), logits(ids, mask), atol=1e-6, rtol=1e-6)

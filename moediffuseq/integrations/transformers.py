@@ -46,8 +46,10 @@ def _key_padding_mask_from(attention_mask: Optional[Tensor], batch: int, length:
     if attention_mask.shape != (batch, length):
         raise ValueError(f"moediffuseq attention: the padding mask must be (B, L) = ({batch}, {length}), got "
                          f"{tuple(attention_mask.shape)}")
-    pad = ~attention_mask.to(torch.bool)  # True = padded key
-    return pad if bool(pad.any()) else None
+    # True = padded key. Passed on even when nothing is padded: a branch on the mask's values
+    # would break torch.compile's graph (a data-dependent Python branch), and an all-False mask
+    # gives the kernel's result without one.
+    return ~attention_mask.to(torch.bool)
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
