@@ -344,3 +344,21 @@ def test_float16_moe_block_on_the_cpu_runs_like_transformers(family):
     expect = expect[0] if isinstance(expect, tuple) else expect
     assert got.dtype == torch.float16
     torch.testing.assert_close(got, expect, atol=2e-3, rtol=2e-3)
+
+
+def test_without_transformers_register_names_the_extra(monkeypatch):
+    """The [hf] extra brings transformers (pyproject.toml's optional dependencies, the one list
+    moediffuseq.extras reads), and register() without it names the pip line."""
+    import sys
+    import tomllib
+
+    from utils import ROOT
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("transformers") for r in extras["hf"])
+    monkeypatch.setattr("moediffuseq.extras.extra_of_module", lambda: {"transformers": "hf"})  # as installed
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")] + ["transformers"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ModuleNotFoundError, match=r"""^this needs the optional package 'transformers': """
+                                                  r"""pip install "moediffuseq\[hf\]"$"""):
+        register()

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from moediffuseq.extras import optional_dependencies
 from moediffuseq.nn.moe import MoEFeedForward
 from moediffuseq.ops import block_sparse_attention
 
@@ -107,8 +108,10 @@ def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int 
 
 
 def register() -> None:
-    """Registers ``attn_implementation="moediffuseq"`` with transformers (idempotent)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
+    """Registers ``attn_implementation="moediffuseq"`` with transformers (idempotent); without
+    transformers, a ModuleNotFoundError naming ``pip install "moediffuseq[hf]"``."""
+    with optional_dependencies():
+        from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, _padding_mask)
