@@ -62,14 +62,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-lines", action="store_true")
 
 
-def dtype_arg(text: str):
-    """``--dtype``: bf16 / fp16 / fp32 or a torch name of one (bfloat16, float16, float32, ...)."""
-    from moediffuseq.generate import parse_dtype
+def dtype_arg(text: str) -> str:
+    """``--dtype``: bf16 / fp16 / fp32 or a torch name of one (bfloat16, float16, float32, ...),
+    as its short name."""
+    from moediffuseq.generate import DTYPES, parse_dtype
 
     try:
-        return parse_dtype(text)
+        dtype = parse_dtype(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("dtype ")) from None
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def _input_path(spec: str) -> Path:

@@ -42,7 +42,7 @@ def parse_dtype(value: str | torch.dtype | None) -> Optional[torch.dtype]:
         return value
     name = value.lower().removeprefix("torch.") if isinstance(value, str) else None
     if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16 (a torch dtype or its name: "
+        raise ValueError(f"dtype must be one of float32, bfloat16 or float16 (a torch dtype or its name: "
                          f"{', '.join(DTYPE_NAMES)}), got {value!r}")
     return DTYPE_NAMES[name]
 

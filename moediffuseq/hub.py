@@ -44,11 +44,11 @@ except ImportError:  # the "hub" extra is not installed
     HubMixin = HubMixinWithoutHub
 
 
-def model_card(source: str | os.PathLike | MoEDiffuSeqConfig, repo_id: str,
+def model_card(source: str | os.PathLike | MoEDiffuSeqConfig, repo_id: Optional[str],
                run_config: Optional[str | os.PathLike] = None) -> str:
     """A model card from a model directory (or a config): the config and, for a model written by
     training, the run's data and steps (from ``run_config``, by default the ``run_config.json``
-    beside the directory)."""
+    beside the directory). Without a ``repo_id`` (a local save) it names no repository."""
     from moediffuseq import __version__
 
     if isinstance(source, MoEDiffuSeqConfig):
@@ -57,7 +57,7 @@ def model_card(source: str | os.PathLike | MoEDiffuSeqConfig, repo_id: str,
         config = MoEDiffuSeqConfig.load(source)
         run_config = Path(source).parent / "run_config.json" if run_config is None else run_config
     lines = ["---", "library_name: moediffuseq", "tags: [diffusion, text-generation, mixture-of-experts, seq2seq]",
-             "---", "", f"# {repo_id}", "",
+             "---", "", f"# {repo_id or 'MoE-DiffuSeq model'}", "",
              "A MoE-DiffuSeq model (sequence-to-sequence text diffusion with block-sparse attention and a "
              f"mixture-of-experts feed-forward), saved by moediffuseq {__version__}.", "",
              "| field | value |", "| --- | --- |"]
@@ -73,7 +73,8 @@ def model_card(source: str | os.PathLike | MoEDiffuSeqConfig, repo_id: str,
         except (ValueError, AttributeError):
             pass
     lines += ["", "```python", "from moediffuseq.pipeline import MoEDiffuSeqPipeline", "",
-              f'pipe = MoEDiffuSeqPipeline.from_pretrained("{repo_id}")', 'print(pipe(["your source text"]))',
+              f'pipe = MoEDiffuSeqPipeline.from_pretrained("{repo_id or "path/to/this/directory"}")',
+              'print(pipe(["your source text"]))',
               "```", ""]
     return "\n".join(lines)
 

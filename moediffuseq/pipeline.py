@@ -112,7 +112,7 @@ class MoEDiffuSeqPipeline(HubMixin, library_name="moediffuseq",
         defaults and, for a model written by training, the run's data and steps."""
         from huggingface_hub import ModelCard
 
-        return ModelCard(model_card(self.model.config, repo_id or "MoE-DiffuSeq model",
+        return ModelCard(model_card(self.model.config, repo_id,
                                     self.model_dir.parent / "run_config.json" if self.model_dir else None))
 
     @optional_dependencies()

@@ -153,7 +153,7 @@ def test_dtype_takes_torch_dtypes_and_their_names(model_dir):
                          ((torch.float16, "float16", "fp16", "half"), torch.float16)):
         assert all(parse_dtype(name) is dtype for name in names), names
     for bad in ("int8", torch.int8, "bf32", 16):
-        with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or float16"):
             parse_dtype(bad)
     pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
     bf16 = pipe(SOURCES, num_inference_steps=2, dtype="bf16", return_candidates=True)
