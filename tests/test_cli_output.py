@@ -82,3 +82,22 @@ def test_all_empty_generations_and_their_evaluation_warn(short_run, tmp_path, ca
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"warning: {gens}: all 4 hypotheses are empty, so every score is 0: the "
                                         "model that wrote them generated nothing (undertrained? generate says why)"]
+
+
+def test_resume_keeps_the_warm_up_the_run_recorded(short_run, tmp_path, capsys):
+    """The shortened warm-up is what run_config.json records, so --resume with the same options
+    sees no change; a run recorded with the long warm-up (before it was shortened) keeps it."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(short_run["out"], out)
+    argv = ["train", "--data", str(short_run["corpus"]), "--out", str(out), "--seq-len", "24", "--vocab-size", "120",
+            *SMALL_MODEL_SET, "--steps", "10", "--batch-size", "8", "--lr", "3e-3", "--log-every", "5",
+            "--eval-every", "0", "--bleu-examples", "0", "--no-progress", "--device", "cpu", "--resume"]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    record = json.loads((out / "run_config.json").read_text())
+    record["train"]["warmup_steps"] = 500
+    (out / "run_config.json").write_text(json.dumps(record))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "note: the warm-up" not in capsys.readouterr().out
