@@ -275,6 +275,17 @@ def tiny_qwen2_moe():
     return Qwen2MoeForCausalLM(config).eval()
 
 
+def test_a_block_without_a_gate_module_round_trips_its_state_dict():
+    ffn = moe_block_from_hf(mixtral_block()).ffn
+    block = MoEBlock(ffn)
+    state = block.state_dict()
+    assert sorted(state) == ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
+    fresh = MoEBlock(MoEFeedForward(32, 48, 5, 2, activation="swiglu"))
+    fresh.load_state_dict(state, strict=True)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(21))
+    torch.testing.assert_close(fresh(x), block(x))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_replaced_blocks_keep_hugging_face_names_save_load_and_restore(family, tmp_path):
     """After replace_moe_blocks: the state dict has transformers' names, layouts and values (the

@@ -174,8 +174,11 @@ def _state_dict_from_hf_names(block: MoEBlock, state: dict, prefix: str, *args) 
         if prefix + hf in state:
             state[prefix + ours] = state.pop(prefix + hf).transpose(1, 2)
     if prefix + "gate.weight" in state and prefix + "ffn.router.weight" not in state:
-        state[prefix + "ffn.router.weight"] = state[prefix + "gate.weight"]  # one parameter, both names
-    if prefix + "ffn.router.weight" in state and prefix + "gate.weight" not in state:
+        # one parameter under both names, or only the router's for a block without a gate module
+        state[prefix + "ffn.router.weight"] = state[prefix + "gate.weight"]
+        if block.gate is None:
+            del state[prefix + "gate.weight"]
+    if block.gate is not None and prefix + "ffn.router.weight" in state and prefix + "gate.weight" not in state:
         state[prefix + "gate.weight"] = state[prefix + "ffn.router.weight"]
 
 
