@@ -31,6 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 # this library does not know (written by a newer moediffuseq) is refused with that said.
 FORMAT_VERSION = 1
 FORMAT_KEYS = ("format_version", "library_version")
+MODEL_TYPE = "moediffuseq"  # config.json's "model_type", as Hugging Face model directories name theirs
 
 
 @dataclass
@@ -115,6 +116,10 @@ class MoEDiffuSeqConfig:
             values = json.loads((directory / CONFIG_FILE).read_text())
             if not isinstance(values, dict):
                 raise TypeError(f"expected a JSON object, got {type(values).__name__}")
+            model_type = values.pop("model_type", MODEL_TYPE)  # directories written before it was recorded
+            if model_type != MODEL_TYPE:
+                raise FormatError(f"{directory / CONFIG_FILE} is the config of a {model_type!r} model, not of a "
+                                  f"MoE-DiffuSeq model (model_type {MODEL_TYPE!r})")
             written = {key: values.pop(key) for key in FORMAT_KEYS if key in values}
             if int(written.get("format_version", 1)) > FORMAT_VERSION:
                 from moediffuseq import __version__
@@ -151,6 +156,23 @@ PRESETS = {
     "base": dict(),
     "diffuseq": dict(attention="dense", ffn="dense", d_ff=3072, soft_absorbing=False, gamma=0.0),
 }
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refused with one line when it is a CUDA device this machine
+    does not have (a CPU-only torch, no GPU, or fewer GPUs than its index)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here ({build}, torch "
+                             f"{torch.__version__}): use device='cpu' (or 'auto')")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 class FormatError(ValueError):
@@ -286,12 +308,14 @@ class MoEDiffuSeq(nn.Module):
                             self.logits, self.config.self_conditioning)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """config.json (with the format and library versions) + model.safetensors (no pickle)."""
+        """config.json (with ``model_type``, the format and library versions) + model.safetensors (no
+        pickle)."""
         from moediffuseq import __version__
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        record = {**dataclasses.asdict(self.config), "format_version": FORMAT_VERSION, "library_version": __version__}
+        record = {"model_type": MODEL_TYPE, **dataclasses.asdict(self.config), "format_version": FORMAT_VERSION,
+                  "library_version": __version__}
         (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE))
@@ -303,6 +327,7 @@ class MoEDiffuSeq(nn.Module):
         Hub id ("user/name", at ``revision``; moediffuseq.hub_download). The config is checked against
         the tensor shapes in the weights file's header before anything is allocated, and weights
         holding NaN or inf are refused."""
+        check_device(map_location)
         directory = resolve_model_dir(directory, revision)
         config = MoEDiffuSeqConfig.load(directory)
         path = directory / WEIGHTS_FILE

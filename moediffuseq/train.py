@@ -37,7 +37,7 @@ from moediffuseq.generate import GENERATION_FILE
 from moediffuseq.health import Diverged, check_healthy, is_non_finite_error, weights_finite
 from moediffuseq.interrupts import HeldInterrupts
 from moediffuseq.model import MoEDiffuSeq
-from moediffuseq.run_log import RunLog, progress_bar
+from moediffuseq.run_log import PlainProgress, RunLog, progress_bar
 from moediffuseq.train_config import TrainConfig, lr_factor
 from moediffuseq.validation import validation_bleu, validation_loss
 
@@ -279,6 +279,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log = RunLog(self.out_dir, resume_step=start_step if resume else None)
         bar = progress_bar(cfg.steps, "train", "step", enabled=cfg.progress and self.dist.is_main, initial=start_step)
+        plain = PlainProgress(cfg.steps, start_step, enabled=not cfg.progress and self.dist.is_main)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.model.config.max_len
         begin = last = time.perf_counter()
         last_step = self.step
@@ -296,6 +297,7 @@ class Trainer:
                             if self.log:
                                 self.log.log(self.step, "train", tokens_per_s=rate, elapsed_s=now - begin, **metrics)
                             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                            plain.update(self.step, metrics["loss"], rate)
                         bar.update(1)
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                         self.save()

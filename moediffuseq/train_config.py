@@ -3,8 +3,10 @@ the names of its fields in earlier releases (still read from configuration files
 directories and checkpoints)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from moediffuseq import fields
 from moediffuseq.diffusion.timestep_draw import TIMESTEP_DRAWS
@@ -67,6 +69,19 @@ def upgrade_fields(values: dict) -> dict:
                                  f"give {new!r} only")
             values[new] = values.pop(old)
     return values
+
+
+def fit_warmup(cfg: TrainConfig) -> tuple[TrainConfig, Optional[str]]:
+    """A warm-up longer than the run (the learning rate would never reach ``lr``: the default 500
+    steps in a short run) is shortened to a tenth of the run; returns the configuration and a
+    note saying so, or ``cfg`` and None."""
+    if cfg.warmup_steps <= cfg.steps:
+        return cfg, None
+    warmup = cfg.steps // 10
+    return dataclasses.replace(cfg, warmup_steps=warmup), (
+        f"note: the warm-up ({cfg.warmup_steps} steps) is longer than the run ({cfg.steps} steps), so the learning "
+        f"rate would never reach {cfg.lr}: warm-up shortened to {warmup} steps, a tenth of the run "
+        "(--warmup-steps sets it)")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -28,7 +28,7 @@ from moediffuseq.data.corpora import CORPORA
 from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 from moediffuseq.distributed import DistributedContext
 from moediffuseq.train import Trainer
-from moediffuseq.train_config import TrainConfig
+from moediffuseq.train_config import TrainConfig, fit_warmup
 
 
 @dataclass
@@ -136,11 +136,15 @@ def run(config: TrainingRun) -> Path:
         base = MoEDiffuSeqConfig.load(config.init_from) if config.init_from else MoEDiffuSeqConfig.preset("tiny")
     model_cfg = dataclasses.replace(base, vocab_size=len(tokenizer), pad_id=special.pad,
                                     special_ids=(special.cls, special.sep))
-    train_cfg = config.train
+    train_cfg, warmup_note = fit_warmup(config.train)
     resolved = {"data": _data_record(config, directory), "model": dataclasses.asdict(model_cfg),
                 "train": dataclasses.asdict(train_cfg)}
     if config.resume:
-        changes = config_changes(previous_config(out), resolved)
+        before = previous_config(out)
+        if warmup_note and (before.get("train") or {}).get("warmup_steps") == config.train.warmup_steps:
+            train_cfg, warmup_note = config.train, None  # a run recorded with the long warm-up keeps its schedule
+            resolved["train"] = dataclasses.asdict(train_cfg)
+        changes = config_changes(before, resolved)
         if changes and not config.allow_change:
             raise ValueError(f"--resume: this command changes the run's configuration: {', '.join(changes)}; "
                              "repeat the run's options, or pass --allow-change to continue with the new values")
@@ -170,6 +174,8 @@ def run(config: TrainingRun) -> Path:
               + (f"; initialised from {config.init_from}" if config.init_from is not None else ""))
         if config.resume and checkpoint is None:
             print(f"--resume: no checkpoint in {out} yet: the run starts again from step 0")
+        if warmup_note:
+            print(warmup_note)
     trainer = Trainer(model, tokenizer, train_set, valid_set, train_cfg, out, device)
     model_dir = trainer.fit(resume=checkpoint is not None, allow_change=config.allow_change)
     if ctx.is_main:
