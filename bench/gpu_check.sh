@@ -5,15 +5,15 @@
 #
 # Stages, in order (python3 -m bench.gpu_check --list shows the commands; the limits are
 # bench/gpu_check_stages.py's LIMITS_S, which add up to the deadline less a 30 s margin):
-#   environment 20 s    GPU, driver, toolchain, torch; checks .whl/ against the pins and installs it
-#   build      190 s    MOEDIFFUSEQ_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0a, all cores, ninja's progress
+#   environment 15 s    GPU, driver, toolchain, torch; checks .whl/ against the pins and installs it
+#   build      220 s    MOEDIFFUSEQ_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0a, all cores, ninja's progress
 #                       in the log; not rebuilt when the sources and settings match the last build
-#   archs       10 s    cmake/check_cuda_archs.py --so moediffuseq/_C*.so --archs 90a
-#   smoke       35 s    bench.gpu_smoke: every op forward and backward once against its
+#   archs        5 s    cmake/check_cuda_archs.py --so moediffuseq/_C*.so --archs 90a
+#   smoke       30 s    bench.gpu_smoke: every op forward and backward once against its
 #                       reference, each op in its own process
-#   tests       70 s    the correctness sweep: CUDA kernels against the CPU kernels and the float64
+#   tests       60 s    the correctness sweep: CUDA kernels against the CPU kernels and the float64
 #                       references, hypothesis profile "gpu", one pytest process per file
-#   bench_attention 75 s  L = 8192 and 32768, forward and forward+backward, FlexAttention and SDPA
+#   bench_attention 70 s  L = 8192 and 32768, forward and forward+backward, FlexAttention and SDPA
 #   bench_moe   30 s    against grouped_mm and the loop, asserting the CUTLASS grouped GEMM ran
 #   bench_diffusion 15 s  denoise_step at 1e8 elements against the copy bandwidth
 #   end_to_end  35 s    one training and one sampling row (no quality run)

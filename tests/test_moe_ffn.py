@@ -70,9 +70,9 @@ def cutlass_eligible(p) -> bool:
 @st.composite
 def moe_problems(draw, device="cpu"):
     # up to the 1024 experts the op takes (E > 32: several logits per lane on CUDA); many experts
-    # with few tokens leave most of them empty
+    # with few tokens (at most 64 x 4 slots: the reference loops over every expert) leave most empty
     E = draw(st.one_of(st.integers(1, 16), st.integers(17, 1024)))
-    T = draw(st.one_of(st.integers(1, 64), st.integers(65, 700)))
+    T = draw(st.one_of(st.integers(1, 64), st.integers(65, 700))) if E <= 16 else draw(st.integers(1, 64))
     if device == "cuda" and draw(st.sampled_from([True, True, True, True, False])):
         D, F = draw(st.sampled_from(CUTLASS_WIDTHS["D"])), draw(st.sampled_from(CUTLASS_WIDTHS["F"]))
         dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
@@ -80,7 +80,7 @@ def moe_problems(draw, device="cpu"):
         D, F = draw(st.sampled_from([1, 8, 17, 40, 64, 72])), draw(st.sampled_from([1, 5, 24, 33, 96]))
         dtype = draw(st.sampled_from(DEVICE_DTYPES[device]))
     return dict(T=T, D=D, F=F,
-                E=E, k=draw(st.integers(1, min(E, 16))), activation=draw(st.sampled_from(ACTIVATIONS)),
+                E=E, k=draw(st.integers(1, min(E, 16 if E <= 16 else 4))), activation=draw(st.sampled_from(ACTIVATIONS)),
                 dtype=dtype,
                 routing=draw(st.sampled_from(["normal", "one_expert", "skewed", "ties"])),
                 drop=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2**31 - 1)))
