@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(1, 2, L, D, generator=g).to(torch.bfloat16) for _ in range(4))
     global_mask = torch.zeros(1, L, dtype=torch.bool)
-    global_mask[0, [3, L // 2 + 5, L // 2 + 700, L - 9]] = True  # keys past L / 2: empty causal query ranges
+    # every global key past L / 2: the first split of their key tile (query tiles below L / 2 at
+    # L = 8192, two splits) has an empty causal query range
+    global_mask[0, [L // 2 + 5, L // 2 + 700, L - 9]] = True
 
     def run(device):
         leaves = [t.to(device).requires_grad_(True) for t in (q, k, v)]
