@@ -195,6 +195,10 @@ class Runner:
             "- a stage that ended ok is skipped by the next call on this machine (STAGES=name reruns it)",
             "",
         ]
+        cut = [s.name for s in self.stages
+               if self.records.get(s.name, Record("not reached")).status in ("TIMEOUT", "killed", "skipped", "not reached")]
+        if cut:
+            head.insert(-1, f"- cut short or not run: {', '.join(cut)} (see their rows below)")
         rows = ["| stage | status | seconds | budget s | note |", "| --- | --- | --- | --- | --- |"]
         for stage in self.stages:
             record = self.records.get(stage.name, Record("not reached"))

@@ -92,6 +92,8 @@ def test_a_hanging_stage_is_killed_when_time_before_the_margin_runs_out(tmp_path
     for name in STAGES[STAGES.index("smoke") + 1:]:
         assert rows[name][0] == "skipped" and "no time" in rows[name][3]
     assert elapsed < 15
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "- cut short or not run: smoke, tests, bench_attention" in summary
     check_results_dir(tmp_path)
 
 
