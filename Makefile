@@ -67,6 +67,17 @@ cuda-build:
 	elif [ -z "$(NVCC)" ]; then echo "cuda-build: skipped (nvcc not found)"; \
 	else NVCC="$(NVCC)" MAX_JOBS=$(MAX_JOBS) bash cmake/cuda_torch_build.sh "$(CUDA_TORCH_PYTHON)" build/cuda-torch; fi
 
+# The wheels the GPU check carries to a GPU machine without network (bench/gpu_check_wheels.py pins
+# them): downloaded into .whl/ (git-ignored) for CPython 3.12 on manylinux x86_64; then, on the GPU
+# machine, `bash bench/gpu_check.sh` installs them from there.
+WHEEL_DIR ?= .whl
+.PHONY: gpu-wheels
+gpu-wheels:
+	mkdir -p $(WHEEL_DIR)
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: $$($(PYTHON) -m bench.gpu_check_wheels platform-args) \
+		-d $(WHEEL_DIR) $$($(PYTHON) -m bench.gpu_check_wheels list)
+	$(PYTHON) -m bench.gpu_check_wheels verify $(WHEEL_DIR)
+
 .PHONY: install-check
 install-check: install
 	MAX_JOBS=$(MAX_JOBS) TORCH_SPEC="$(TORCH_SPEC)" bash cmake/install_check.sh $(BIN)/python build/install-check
