@@ -15,9 +15,12 @@ from moediffuseq.checkpoint import find_checkpoint
 
 RUN_FILE = "run_config.json"  # the resolved configuration of a run, written when it starts
 
+# every name a run writes (the directories the trainer swaps in: checkpoint, model, best_model,
+# with their .old twins and .<name>.tmp-<pid> temporaries)
 _RUN_NAMES = {RUN_FILE, RUN_FILE + ".tmp", "tokenizer.json", "tokenizer.json.tmp", "metrics.csv", "metrics.csv.tmp",
-              "loss.png", "loss.png.tmp", "tensorboard", "checkpoint", "checkpoint.old", "model", "model.old"}
-_RUN_PATTERN = re.compile(r"^(checkpoint-\d+|\.checkpoint\.tmp-\d+|\.model\.tmp-\d+)$")
+              "loss.png", "loss.png.tmp", "tensorboard", "checkpoint", "checkpoint.old", "model", "model.old",
+              "best_model", "best_model.old"}
+_RUN_PATTERN = re.compile(r"^(checkpoint-\d+|\.(checkpoint|model|best_model)\.tmp-\d+)$")
 
 
 def run_files(out: Path, keep: Optional[Path] = None) -> list[Path]:
