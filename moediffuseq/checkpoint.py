@@ -185,7 +185,9 @@ def resume_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
 def checkpoint_step(directory: Path) -> Optional[int]:
     """The step recorded in a checkpoint's ``step.json`` (None when absent or unreadable)."""
     try:
-        return int(json.loads((directory / STEP_FILE).read_text())["step"])
+        from moediffuseq.limits import read_text
+
+        return int(json.loads(read_text(directory / STEP_FILE, "step record"))["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

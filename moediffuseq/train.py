@@ -36,6 +36,7 @@ from moediffuseq.distributed import DistributedContext
 from moediffuseq.generate import GENERATION_FILE
 from moediffuseq.health import Diverged, check_healthy, is_non_finite_error, weights_finite
 from moediffuseq.interrupts import HeldInterrupts, Terminated
+from moediffuseq.limits import read_text
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import RunLog, progress_bar
 from moediffuseq.train_config import TrainConfig, lr_factor
@@ -354,7 +355,7 @@ class Trainer:
         OUT/best_model/best.json, so a resumed run compares with it)."""
         directory = self.out_dir / BEST_DIR
         record = directory / "best.json"
-        if record.is_file() and json.loads(record.read_text())["value"] >= value:
+        if record.is_file() and json.loads(read_text(record, "best-model record"))["value"] >= value:
             return
 
         def write(tmp: Path) -> None:
