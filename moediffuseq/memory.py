@@ -3,13 +3,16 @@ anything: a model, batch or sequence length that cannot fit is refused with one 
 estimate and what is available, instead of failing in an allocation (or drawing the OOM killer)
 after the run directory was written.
 
-The estimate is a lower bound of the peak, from the shapes alone: the weights, their EMA copy,
+The estimate is meant to stay below the real peak (so a refused run could not have fit), from
+the shapes alone: the weights, their EMA copy,
 the gradients and AdamW's two moments (5 x 4 bytes a parameter); the activations a batch keeps
 for the backward pass (per token and layer: ~16 d_model-wide values, the feed-forward's hidden
 units, and with dense attention the L x L scores of every head); the logits over the vocabulary;
 the packed dataset (int64 ids). Available: on the CPU the smaller of the kernel's MemAvailable
 and the address-space limit (``ulimit -v``) less what the process already maps; on a GPU its
-free memory (the dataset stays on the host).
+free memory (the dataset stays on the host). On the CPU, for the tiny preset at L = 512 to 2048
+with sparse and dense attention, it came to 65-90% of the measured growth of the peak resident
+set over two training steps.
 """
 from __future__ import annotations
 
