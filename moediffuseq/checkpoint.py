@@ -168,7 +168,7 @@ def verify_checksums(directory: Path) -> None:
             raise ValueError(f"{file} is missing from the checkpoint (recorded in {CHECKSUM_FILE})")
         if _sha256(file) != expected:
             raise ValueError(f"{file} does not match the checksum recorded when the checkpoint was written: the "
-                             "file was changed or replaced since; restore it, or start the run again")
+                             "file is corrupt, or was changed or replaced since; restore it, or start the run again")
 
 
 def resume_checkpoint(directory: str | os.PathLike) -> Optional[Path]:

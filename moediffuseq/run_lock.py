@@ -46,7 +46,12 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as e:
+                if not isinstance(e, BlockingIOError):  # a file system without locks (some network mounts)
+                    os.close(fd)
+                    self._cleanup_dir()
+                    raise OSError(f"--out {self.out}: cannot lock {self.path} ({e.strerror}); train into a "
+                                  "directory on a local file system") from None
                 holder = _read_record(fd)
                 os.close(fd)
                 self._cleanup_dir()

@@ -8,6 +8,8 @@ Output directory layout:
     model/            the EMA weights, config.json, tokenizer.json, generation.json (final)
     checkpoint/       the latest training checkpoint (see moediffuseq.checkpoint);
                       checkpoint-<step>/ the earlier ones kept by keep_checkpoints
+    best_model/       keep_best: the EMA weights of the best validation so far
+    .lock             held while a run writes the directory (moediffuseq.run_lock)
     metrics.csv       train and validation rows; tensorboard/ when tensorboard is installed
     loss.png          the loss curve (when matplotlib is installed)
 """

@@ -99,33 +99,41 @@ def test_a_lock_of_a_killed_process_is_taken_over(tmp_path):
 
 def test_two_writers_and_a_resume_on_a_live_run(tmp_path, capsys):
     """Two runs started together into one directory: one trains, the other is refused naming it;
-    then a resume and an --overwrite while the run is still going are refused, and the run ends
-    with one consecutive metrics row per step."""
+    then a resume and an --overwrite while the run is still going are refused; the run, stopped
+    by SIGTERM, has one consecutive metrics row per step up to its checkpoint."""
     data = corpus(tmp_path / "data")
     out = tmp_path / "run"
-    argv = train_argv(data, out, "--steps", "40", "--log-every", "1", "--eval-every", "0")
-    first, second = spawn(argv), spawn(argv)
-    procs = {first.pid: first, second.pid: second}
-    end = time.monotonic() + 120
-    while not (out / LOCK_FILE).is_file() or "pid" not in (out / LOCK_FILE).read_text():
-        assert time.monotonic() < end and all(p.poll() is None or p.returncode == 2 for p in procs.values())
-        time.sleep(0.02)
-    holder_pid = json.loads((out / LOCK_FILE).read_text())["pid"]
-    live, other = procs[holder_pid], next(p for pid, p in procs.items() if pid != holder_pid)
-    _, err = other.communicate(timeout=120)
-    assert other.returncode == 2, err
-    assert err.strip().splitlines()[-1].startswith(f"error: --out {out} is in use by another training run "
-                                                   f"(pid {holder_pid}")
-    wait_for_rows(out, 3, live)
-    for extra in (["--resume"], ["--overwrite"]):
-        capsys.readouterr()
-        assert main(argv + extra) == 2
-        assert f"in use by another training run (pid {holder_pid}" in capsys.readouterr().err
-    assert live.poll() is None  # refused while the run was live
-    _, err = live.communicate(timeout=300)
-    assert live.returncode == 0, err
-    assert train_rows(out) == list(range(1, 41))
-    assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 40
+    argv = train_argv(data, out, "--steps", "100000", "--log-every", "1", "--eval-every", "0")
+    procs = {p.pid: p for p in (spawn(argv), spawn(argv))}
+    try:
+        end = time.monotonic() + 180
+        while not (out / LOCK_FILE).is_file() or "pid" not in (out / LOCK_FILE).read_text():
+            assert time.monotonic() < end, "no run took the lock"
+            assert all(p.poll() is None or p.returncode == 2 for p in procs.values()), "a run ended"
+            time.sleep(0.02)
+        holder_pid = json.loads((out / LOCK_FILE).read_text())["pid"]
+        live, other = procs[holder_pid], next(p for pid, p in procs.items() if pid != holder_pid)
+        _, err = other.communicate(timeout=180)
+        assert other.returncode == 2, err
+        assert err.strip().splitlines()[-1].startswith(f"error: --out {out} is in use by another training run "
+                                                       f"(pid {holder_pid}")
+        wait_for_rows(out, 3, live)
+        for extra in (["--resume"], ["--overwrite"]):
+            capsys.readouterr()
+            assert main(argv + extra) == 2
+            assert f"in use by another training run (pid {holder_pid}" in capsys.readouterr().err
+        assert live.poll() is None  # refused while the run was live
+        live.send_signal(signal.SIGTERM)
+        _, err = live.communicate(timeout=180)
+        assert live.returncode == 143, err
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    step = json.loads((out / "checkpoint" / "step.json").read_text())["step"]
+    assert train_rows(out) == list(range(1, step + 1))
+    assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 100000
     assert not (out / LOCK_FILE).exists()
 
 
@@ -136,9 +144,14 @@ def test_sigterm_checkpoints_the_last_step_and_exits_143_then_resume_continues(t
     out = tmp_path / "run"
     argv = train_argv(data, out, "--steps", "100000", "--log-every", "1", "--eval-every", "0")
     proc = spawn(argv)  # --save-every: the default 1000, never reached
-    wait_for_rows(out, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        wait_for_rows(out, 5, proc)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 143, stderr
     step = json.loads((out / "checkpoint" / "step.json").read_text())["step"]
     assert step >= 5 and train_rows(out)[-1] == step
