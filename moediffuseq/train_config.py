@@ -44,8 +44,9 @@ class TrainConfig:
             fields.integer(name, getattr(self, name), 1, TRAIN_MAXIMA[name])
         for name in ("warmup_steps", "seed", "eval_every", "eval_batches", "bleu_examples", "save_every"):
             fields.integer(name, getattr(self, name), 0, TRAIN_MAXIMA[name])
-        # AdamW moves every weight by about lr a step: past 1 it only overflows
-        fields.number("lr", self.lr, 0.0, 1.0, above=True)
+        # AdamW's first step is lr / (1 - beta1) = 10 lr: far past 1e6 it overflows float32 (a
+        # traceback); below, a rate too high shows as a diverged run, named with its step
+        fields.number("lr", self.lr, 0.0, 1e6, above=True)
         fields.number("weight_decay", self.weight_decay, 0.0, 100.0)
         fields.number("clip_grad", self.clip_grad, 0.0)
         fields.number("ema_decay", self.ema_decay, 0.0, 1.0, below=True)

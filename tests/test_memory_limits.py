@@ -117,7 +117,7 @@ def hostile(tmp_path_factory):
         "--steps 1e20": (train(normal, "r7", "--steps", str(10 ** 20)), "steps must be <= 1_000_000_000"),
         "--grad-accum 1e9": (train(normal, "r8", "--grad-accum", str(10 ** 9)), "grad_accum must be <= 65_536"),
         "--lr 1e38": (train(normal, "r9", "--lr", "1e38", "--warmup-steps", "0", "--clip-grad", "0"),
-                      "lr must be > 0.0 and <= 1.0"),
+                      "lr must be > 0.0 and <= 1000000.0"),
     }
     return root, cases
 
