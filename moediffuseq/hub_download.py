@@ -35,17 +35,18 @@ def resolve_model_dir(path_or_id: str | os.PathLike, revision: Optional[str] = N
         raise FileNotFoundError(f"{text}: not a local directory, and the Hugging Face Hub refused it: {e}") from e
 
 
+# fields every MoE-DiffuSeq config.json has (and other models' configs lack together)
+_MODEL_KEYS = {"d_model", "d_emb", "diffusion_steps", "soft_absorbing", "schedule", "attention", "ffn"}
+
+
 def _is_model_config(path: Path) -> bool:
-    """Whether ``path`` is the config.json of a MoE-DiffuSeq model (its fields, nothing else)."""
-    import dataclasses
+    """Whether ``path`` looks like the config.json of a MoE-DiffuSeq model (the full check is the loader's)."""
     import json
 
     from moediffuseq.limits import read_text
-    from moediffuseq.model import FORMAT_KEYS, MoEDiffuSeqConfig
 
     try:
         values = json.loads(read_text(path, "model config"))
     except (OSError, ValueError):
         return False
-    known = {f.name for f in dataclasses.fields(MoEDiffuSeqConfig)} | set(FORMAT_KEYS)
-    return isinstance(values, dict) and {"d_model", "diffusion_steps"} <= set(values) and set(values) <= known
+    return isinstance(values, dict) and _MODEL_KEYS <= set(values)
