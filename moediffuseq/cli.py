@@ -252,14 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command. Bad input (a flag's value, a file, a configuration, a diverged run) ends
-    with one ``error: ...`` line on stderr and exit status 2; Ctrl-C with 130."""
+    with one ``error: ...`` line on stderr and exit status 2; Ctrl-C with 130, SIGTERM with 143."""
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # restored on leaving the block
             args.func(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # 130 for Ctrl-C, 143 for SIGTERM (after the checkpoint)
+        from moediffuseq.interrupts import exit_status
+
+        return exit_status(e)
     except ModuleNotFoundError as e:  # an optional dependency: name the extra that provides it
         message = missing_extra_message(e)
         if message is None:

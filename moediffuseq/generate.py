@@ -20,6 +20,7 @@ from moediffuseq.data import TextTokenizer, pack_source
 from moediffuseq.diffusion import NoiseSchedule
 from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
 from moediffuseq.evaluate import sentence_bleu
+from moediffuseq.limits import read_text
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import progress_bar
 
@@ -90,7 +91,7 @@ def default_target_len(model_dir: str | os.PathLike | None, seq_len: int) -> int
         path = Path(model_dir) / GENERATION_FILE
         if path.is_file():
             try:
-                value = json.loads(path.read_text(encoding="utf-8"))["target_len"]
+                value = json.loads(read_text(path, "generation defaults file"))["target_len"]
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}: expected a JSON object with an integer 'target_len' "
                                  f"({type(e).__name__}: {e})") from None

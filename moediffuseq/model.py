@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from moediffuseq import fields
 from moediffuseq.diffusion.samplers import Conditioning
 from moediffuseq.diffusion.schedule import SCHEDULES
 from moediffuseq.hub_download import resolve_model_dir
+from moediffuseq.limits import MAX_VOCAB_SIZE, read_text
 from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, MoEFeedForward
 from moediffuseq.ops.moe_ffn import ACTIVATIONS
 
@@ -32,6 +34,15 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 FORMAT_KEYS = ("format_version", "library_version")
 MODEL_TYPE = "moediffuseq"  # config.json's "model_type", as Hugging Face model directories name theirs
+
+
+# The largest value of every size field: far beyond any model this library trains, small enough
+# that a hostile config.json or --set cannot make a table, a loop or an allocation explode
+# before the memory check (moediffuseq.memory) sees the whole model.
+CONFIG_MAXIMA = {"vocab_size": MAX_VOCAB_SIZE, "max_len": 1 << 20, "d_emb": 1 << 16, "d_model": 1 << 16,
+                 "n_layers": 1024, "n_heads": 1024, "dilation": 1 << 20, "num_experts": 1024, "top_k": 1024,
+                 "d_expert": 1 << 18, "d_ff": 1 << 18, "diffusion_steps": 100_000, "window": 1 << 20,
+                 "global_target_max": 1 << 20}
 
 
 @dataclass
@@ -75,10 +86,10 @@ class MoEDiffuSeqConfig:
         ``--set`` is refused with its name before anything is built."""
         for name in ("vocab_size", "d_emb", "d_model", "n_layers", "n_heads", "dilation", "num_experts", "top_k",
                      "d_expert", "d_ff", "diffusion_steps"):
-            fields.integer(name, getattr(self, name), 1)
-        fields.integer("max_len", self.max_len, 5)  # [CLS] src [SEP] trg [SEP]
+            fields.integer(name, getattr(self, name), 1, CONFIG_MAXIMA[name])
+        fields.integer("max_len", self.max_len, 5, CONFIG_MAXIMA["max_len"])  # [CLS] src [SEP] trg [SEP]
         for name in ("window", "global_target_max"):
-            fields.integer(name, getattr(self, name), 0)
+            fields.integer(name, getattr(self, name), 0, CONFIG_MAXIMA[name])
         fields.choice("attention", self.attention, ("sparse", "dense"))
         fields.choice("ffn", self.ffn, ("moe", "dense"))
         fields.choice("activation", self.activation, ACTIVATIONS)
@@ -113,7 +124,7 @@ class MoEDiffuSeqConfig:
         """The ``config.json`` of a model directory, checked."""
         directory = Path(directory)
         try:
-            values = json.loads((directory / CONFIG_FILE).read_text())
+            values = json.loads(read_text(directory / CONFIG_FILE, "model config"))
             if not isinstance(values, dict):
                 raise TypeError(f"expected a JSON object, got {type(values).__name__}")
             model_type = values.pop("model_type", MODEL_TYPE)  # directories written before it was recorded
@@ -319,6 +330,10 @@ class MoEDiffuSeq(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE))
+        # safetensors creates the file private (0600); a model directory is shared like any other file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(directory / WEIGHTS_FILE, 0o666 & ~umask)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu", revision: Optional[str] = None

@@ -12,6 +12,12 @@ from moediffuseq import fields
 from moediffuseq.diffusion.timestep_draw import TIMESTEP_DRAWS
 
 
+# The largest value of every count: beyond any run, small enough that no loop or table it sizes explodes.
+TRAIN_MAXIMA = {"steps": 10**9, "batch_size": 1 << 20, "grad_accum": 1 << 16, "log_every": 10**9,
+                "keep_checkpoints": 1000, "warmup_steps": 10**9, "seed": 2**32 - 1, "eval_every": 10**9,
+                "eval_batches": 1 << 20, "bleu_examples": 1 << 20, "save_every": 10**9}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 20000             # optimizer steps
@@ -37,11 +43,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            fields.integer(name, getattr(self, name), 1)
+            fields.integer(name, getattr(self, name), 1, TRAIN_MAXIMA[name])
         for name in ("warmup_steps", "seed", "eval_every", "eval_batches", "bleu_examples", "save_every"):
-            fields.integer(name, getattr(self, name), 0)
-        fields.number("lr", self.lr, 0.0, above=True)
-        fields.number("weight_decay", self.weight_decay, 0.0)
+            fields.integer(name, getattr(self, name), 0, TRAIN_MAXIMA[name])
+        # AdamW's first step is lr / (1 - beta1) = 10 lr: far past 1e6 it overflows float32 (a
+        # traceback); below, a rate too high shows as a diverged run, named with its step
+        fields.number("lr", self.lr, 0.0, 1e6, above=True)
+        fields.number("weight_decay", self.weight_decay, 0.0, 100.0)
         fields.number("clip_grad", self.clip_grad, 0.0)
         fields.number("ema_decay", self.ema_decay, 0.0, 1.0, below=True)
         fields.choice("lr_decay", self.lr_decay, ("linear", "cosine", "constant"))
