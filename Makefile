@@ -2,12 +2,15 @@
 #   make install   virtual environment in .venv, torch (CPU build), the extension (editable)
 #   make test      install, then the whole test suite
 #   make demo      install, then the end-to-end demo (corpus, tokenizer, training, generation, scores)
-#   make bench     install, then the benchmarks (tables into bench/out/)
+#   make bench     install, then the speed benchmarks (tables into bench/out/; the quality ones
+#                  train models and are run by hand: bench/RESULTS.md names each command)
 #   make cuda-build CUDA_TORCH_PYTHON=/path/to/python   the extension against a CUDA torch, no GPU needed
 #   make install-check   sdist -> wheel -> a fresh environment with only torch: import, smoke, opcheck
 # torch: without an NVIDIA GPU (no working nvidia-smi) the CPU build, from a local wheel when pip
 # finds one offline, else from PyTorch's CPU index (TORCH_INDEX); with a GPU, the package index's
-# default (CUDA) build. Your own torch instead, e.g. on a machine that has one installed:
+# default (CUDA) build. Your own torch instead, e.g. on a machine that has one installed (an empty
+# TORCH_SPEC installs no torch, here nor in install-check's fresh environment, which then sees
+# the system's packages):
 #   make test VENV_FLAGS=--system-site-packages TORCH_SPEC=
 PYTHON ?= python3
 VENV ?= .venv
@@ -64,9 +67,20 @@ cuda-build:
 	elif [ -z "$(NVCC)" ]; then echo "cuda-build: skipped (nvcc not found)"; \
 	else NVCC="$(NVCC)" MAX_JOBS=$(MAX_JOBS) bash cmake/cuda_torch_build.sh "$(CUDA_TORCH_PYTHON)" build/cuda-torch; fi
 
+# The wheels the GPU check carries to a GPU machine without network (bench/gpu_check_wheels.py pins
+# them): downloaded into .whl/ (git-ignored) for CPython 3.12 on manylinux x86_64; then, on the GPU
+# machine, `bash bench/gpu_check.sh` installs them from there.
+WHEEL_DIR ?= .whl
+.PHONY: gpu-wheels
+gpu-wheels:
+	mkdir -p $(WHEEL_DIR)
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: $$($(PYTHON) -m bench.gpu_check_wheels platform-args) \
+		-d $(WHEEL_DIR) $$($(PYTHON) -m bench.gpu_check_wheels list)
+	$(PYTHON) -m bench.gpu_check_wheels verify $(WHEEL_DIR)
+
 .PHONY: install-check
 install-check: install
-	MAX_JOBS=$(MAX_JOBS) bash cmake/install_check.sh $(BIN)/python build/install-check
+	MAX_JOBS=$(MAX_JOBS) TORCH_SPEC="$(TORCH_SPEC)" bash cmake/install_check.sh $(BIN)/python build/install-check
 
 test: install cuda-check cuda-build install-check
 	$(BIN)/python -m pytest tests
@@ -76,6 +90,7 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench.attention
+	$(BIN)/python -m bench.attention_layout
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.diffusion
 	$(BIN)/python -m bench.sampling

@@ -56,9 +56,9 @@ from typing import Callable, Optional, Sequence
 
 from bench.gpu_check_bodies import FAKE_MODES, cmd_archs, cmd_build, cmd_env, cmd_fake, tree_hash
 from bench.gpu_check_jobs import KILL_GRACE_S, ROOT, Job, Log, job_note, run_jobs
-from bench.gpu_check_stages import MARGIN_S, Stage, stage_budget, stages
+from bench.gpu_check_stages import DEADLINE_S, MARGIN_S, Stage, stage_budget, stages
 
-DEFAULT_DEADLINE_S = 540.0
+DEFAULT_DEADLINE_S = DEADLINE_S
 MIN_STAGE_S = 1.0  # a stage with less time than this is skipped
 LOG_NAME, SUMMARY_NAME, STATE_NAME, ARCHIVE_NAME = "gpu_check.log", "summary.md", "state.json", "tables.tar.gz"
 RESULT_FILES = (LOG_NAME, SUMMARY_NAME, STATE_NAME, ARCHIVE_NAME)
@@ -195,6 +195,10 @@ class Runner:
             "- a stage that ended ok is skipped by the next call on this machine (STAGES=name reruns it)",
             "",
         ]
+        cut = [s.name for s in self.stages
+               if self.records.get(s.name, Record("not reached")).status in ("TIMEOUT", "killed", "skipped", "not reached")]
+        if cut:
+            head.insert(-1, f"- cut short or not run: {', '.join(cut)} (see their rows below)")
         rows = ["| stage | status | seconds | budget s | note |", "| --- | --- | --- | --- | --- |"]
         for stage in self.stages:
             record = self.records.get(stage.name, Record("not reached"))

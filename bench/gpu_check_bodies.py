@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench.gpu_check_jobs import ROOT
+from bench.gpu_check_wheels import WHEELS, check_wheel_dir
 from bench.gpu_check_stages import CUDA_ARCH_LIST, CUDA_ARCHS
 
 # What the compiled extension depends on.
@@ -64,8 +65,7 @@ if torch.cuda.is_available():
           "memory GiB", round(p.total_memory / 2**30))
 else:
     failed.append("torch.cuda")
-for name, need in (("cutlass_library", True), ("pybind11", True), ("expecttest", False), ("hypothesis", False),
-                   ("pytest", False), ("nltk", False), ("sacrebleu", False), ("tokenizers", False)):
+for name, need in [("cutlass_library", True), ("pybind11", True)] + [(m, False) for m in sys.argv[1:]]:
     try:
         module = importlib.import_module(name)
         print(f"{name:16s} {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}")
@@ -89,16 +89,23 @@ def cmd_env(_: argparse.Namespace) -> int:
         print(f"{tool}: {shutil.which(tool) or 'not found'}")
     wheel_dir, site = Path(os.environ.get("WHEEL_DIR", ".whl")), os.environ["SITE_DIR"]
     wheels = sorted(str(p) for p in wheel_dir.glob("*.whl"))
+    for problem in check_wheel_dir(wheel_dir):  # against bench/gpu_check_wheels.py's pins
+        print(f"carried wheels: {problem} in {wheel_dir} (fetch them with `make gpu-wheels` on a machine with network)")
     if wheels:
         print(f"installing {len(wheels)} carried wheel(s) into {site}: {', '.join(Path(w).name for w in wheels)}")
         rc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                              "--no-cache-dir", "--upgrade", "--target", site, *wheels]).returncode
-        if rc != 0:
-            print(f"pip install of the carried wheels failed (rc {rc})")
-            return rc
+        if rc != 0:  # e.g. a binary wheel for another Python: install the others one by one
+            print(f"pip install of the carried wheels failed (rc {rc}); installing them one at a time")
+            for wheel in wheels:
+                one = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                      "--no-compile", "--no-cache-dir", "--upgrade", "--target", site, wheel])
+                if one.returncode != 0:
+                    print(f"  not installed: {Path(wheel).name}")
     else:
         print(f"no wheels in {wheel_dir}: using the packages already installed")
-    return subprocess.run([sys.executable, "-c", ENV_CHECK]).returncode
+    carried = [module for _, _, module in WHEELS if module and module != "cutlass_library"]
+    return subprocess.run([sys.executable, "-c", ENV_CHECK, *carried]).returncode
 
 
 def find_extension() -> Optional[Path]:

@@ -11,9 +11,16 @@ removed by the next write.
 
 With ``keep > 1`` the replaced checkpoints are kept as ``<name>-<step>`` (the newest ``keep - 1``
 of them); ``find_checkpoint`` falls back to the newest of these.
+
+A checkpoint ends with ``checksums.json``, the SHA-256 of every other file in it, written last;
+``resume_checkpoint`` verifies them, so a file changed or swapped in after the checkpoint was
+written is refused by name. A write that fails for want of disk space raises ``OSError``
+(``ENOSPC``) saying so and what was kept.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -25,6 +32,8 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 STEP_FILE = "step.json"
+CHECKSUM_FILE = "checksums.json"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -73,8 +82,13 @@ def write_directory(directory: str | os.PathLike, write_contents: Callable[[Path
     tmp.mkdir(parents=True)
     try:
         write_contents(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if no_space(e):
+            kept = f"{directory} is kept as it was" if directory.exists() else f"nothing was written to {directory}"
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {directory}: the partial copy "
+                                        f"was removed and {kept}; free some space (or move the run) and run again "
+                                        "(training: with --resume)") from e
         raise
     if directory.exists():
         previous_step = checkpoint_step(directory) if keep > 1 else None
@@ -93,15 +107,87 @@ def write_directory(directory: str | os.PathLike, write_contents: Callable[[Path
     return directory
 
 
+def no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a write that found no disk space. torch.save
+    reports it as a RuntimeError whose context is the OSError of the file object; safetensors in
+    its message."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        text = str(error)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def save_checkpoint(directory: str | os.PathLike, write_contents: Callable[[Path], None], keep: int = 1) -> Path:
-    """A training checkpoint, written atomically (see ``write_directory``)."""
-    return write_directory(directory, write_contents, keep)
+    """A training checkpoint, written atomically (see ``write_directory``), its checksums last."""
+    def write(tmp: Path) -> None:
+        write_contents(tmp)
+        write_checksums(tmp)
+
+    return write_directory(directory, write, keep)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """``checksums.json``: the SHA-256 of every file under ``directory`` (relative paths)."""
+    sums = {p.relative_to(directory).as_posix(): _sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != CHECKSUM_FILE}
+    with (directory / CHECKSUM_FILE).open("w") as f:
+        f.write(json.dumps(sums, indent=1) + "\n")
+
+
+def verify_checksums(directory: Path) -> None:
+    """Refuses a checkpoint whose files differ from its ``checksums.json`` (naming the file); a
+    checkpoint written before checksums were recorded has none and is accepted."""
+    from moediffuseq.limits import read_text
+
+    path = directory / CHECKSUM_FILE
+    if not path.is_file():
+        return
+    try:
+        sums = json.loads(read_text(path, "checksum file"))
+        if not isinstance(sums, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{path} is corrupt ({e}): the checkpoint cannot be verified") from None
+    for name, expected in sums.items():
+        file = directory / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing from the checkpoint (recorded in {CHECKSUM_FILE})")
+        if _sha256(file) != expected:
+            raise ValueError(f"{file} does not match the checksum recorded when the checkpoint was written: the "
+                             "file is corrupt, or was changed or replaced since; restore it, or start the run again")
+
+
+def resume_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
+    """``find_checkpoint`` for a resume, which refuses a damaged ``directory`` (one without its
+    trainer state) rather than silently starting over or falling back to an older one."""
+    directory = Path(directory)
+    if directory.is_dir() and not (directory / STATE_FILE).is_file():
+        raise ValueError(f"{directory} has no {STATE_FILE}: the checkpoint is incomplete or damaged; restore "
+                         f"the file, remove {directory} to resume from an older checkpoint, or start again "
+                         "with --overwrite")
+    return find_checkpoint(directory)
 
 
 def checkpoint_step(directory: Path) -> Optional[int]:
     """The step recorded in a checkpoint's ``step.json`` (None when absent or unreadable)."""
     try:
-        return int(json.loads((directory / STEP_FILE).read_text())["step"])
+        from moediffuseq.limits import read_text
+
+        return int(json.loads(read_text(directory / STEP_FILE, "step record"))["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -119,7 +205,8 @@ def find_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
 
 
 def write_state(directory: Path, state: dict[str, Any], train_config: dict) -> None:
-    torch.save(state, directory / STATE_FILE)
+    with (directory / STATE_FILE).open("wb") as f:  # a Python file: a full disk is an OSError in the chain
+        torch.save(state, f)
     (directory / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
     (directory / STEP_FILE).write_text(json.dumps({"step": int(state["step"])}) + "\n")
 

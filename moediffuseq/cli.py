@@ -1,4 +1,4 @@
-"""The ``moediffuseq`` command: train, generate, evaluate, demo, info.
+"""The moediffuseq command: train, generate, evaluate, demo, info.
 
     moediffuseq info
     moediffuseq train --data pycode --preset tiny --out runs/pycode-tiny
@@ -8,16 +8,17 @@
 
 Data: a built-in corpus name (pycode, pycode-body, aclsum; built once and cached) or a
 directory holding DiffuSeq jsonl files (train.jsonl, valid.jsonl, test.jsonl). For generate,
-``--input`` is a jsonl file or ``<corpus>:<split>``.
+--input is a jsonl file, <corpus>:<split>, a text file or - (standard input).
 
-Configuration: ``--preset`` picks the model, ``--config FILE`` (YAML or JSON with optional
-``preset``, ``model`` and ``train`` sections) overrides it, ``--set field=value`` overrides model
-fields, and training flags (``--steps``, ``--lr``, ...) override the ``train`` section.
+Configuration: --preset picks the model, --config FILE (YAML or JSON with optional preset,
+model and train sections) overrides it, --set field=value overrides model fields, and training
+flags (--steps, --lr, ...) override the train section.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,7 +34,6 @@ __all__ = ["CliError", "build_parser", "main", "train_configs"]
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     from moediffuseq.diffusion.samplers import SAMPLERS, SamplerConfig
-    from moediffuseq.generate import DTYPES
 
     p.add_argument("--model", required=True, help="a model directory (e.g. OUT/model from train)")
     p.add_argument("--input", help="a jsonl file ({\"src\": ...} lines; \"trg\" is the reference when present), "
@@ -57,12 +57,24 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int_at_least(1), help="only the first N examples")
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype of the model (default: bf16 on CUDA, "
-                   "whose attention kernels need bf16 or fp16; fp32 on CPU)")
+    p.add_argument("--dtype", type=dtype_arg, help="autocast dtype of the model: bf16, fp16 (CUDA only) or fp32, "
+                   "or their torch names (default: bf16 on CUDA, whose attention kernels need bf16 or fp16; fp32 on CPU)")
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--no-source-cache", action="store_true",
                    help="run the whole sequence at every step, also for a model with source isolation and a "
                         "bounded target span (by default those encode the source once per batch; same text)")
+
+
+def dtype_arg(text: str) -> str:
+    """``--dtype``: bf16 / fp16 / fp32 or a torch name of one (bfloat16, float16, float32, ...),
+    as its short name."""
+    from moediffuseq.generate import DTYPES, parse_dtype
+
+    try:
+        dtype = parse_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("dtype ")) from None
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def _input_path(spec: str) -> Path:
@@ -84,8 +96,10 @@ def _input_path(spec: str) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> Optional[Path]:
+    import torch
+
     from moediffuseq.diffusion.samplers import SamplerConfig
-    from moediffuseq.generate import GenerationConfig
+    from moediffuseq.generate import GenerationConfig, generation_dtype
     from moediffuseq.generate_files import generate_file
 
     if (args.input is None) == (not args.text):
@@ -94,6 +108,10 @@ def cmd_generate(args: argparse.Namespace) -> Optional[Path]:
         if not text.strip():
             raise CliError("--text: an empty source")
     device = device_arg(args.device)
+    try:
+        generation_dtype(torch.device(device), args.dtype)  # fp16 on the CPU: refused before the model loads
+    except ValueError as e:
+        raise CliError(f"--dtype: {e}") from None
     model_dir = Path(args.model)
     output = Path(args.output) if args.output else None
     input_path = None if args.input in (None, "-") else _input_path(args.input)
@@ -149,7 +167,8 @@ def _system_names(paths: Sequence[str]) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from moediffuseq.evaluate import bootstrap_intervals, evaluate_texts, format_intervals, format_table, read_generations
+    from moediffuseq.evaluate import (EmptyHypothesesWarning, bootstrap_intervals, evaluate_texts, format_intervals,
+                                      format_table, read_generations)
 
     names = _system_names(args.generations)
     if args.json:
@@ -160,7 +179,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         if refs is None:
             print(f"note: {path} has no references (generated for unlabeled sources): not scored")
             continue
-        rows[name] = evaluate_texts(hyps, refs, cands)
+        if hyps and not any(h.strip() for h in hyps):
+            print(f"warning: {path}: all {len(hyps)} hypotheses are empty, so every score is 0: the model that "
+                  "wrote them generated nothing (undertrained? generate says why)", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmptyHypothesesWarning)  # said above, with the file's name
+            rows[name] = evaluate_texts(hyps, refs, cands)
         intervals[name] = bootstrap_intervals(hyps, refs)
         rows[name]["intervals_95"] = {k: list(v) for k, v in intervals[name].items()}
     if rows:
@@ -194,8 +218,22 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------------------------------- main
 
+def _version() -> str:
+    import torch
+
+    import moediffuseq
+
+    return f"moediffuseq {moediffuseq.__version__} (torch {torch.__version__})"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the command prints it: one ``warning: ...`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="moediffuseq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="train a model on a corpus (torchrun for data-parallel)")
     add_train_args(p)
@@ -218,12 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one command. Bad input (a flag's value, a file, a configuration, a diverged run) ends
-    with one ``error: ...`` line on stderr and exit status 2; Ctrl-C with 130."""
+    with one ``error: ...`` line on stderr and exit status 2; Ctrl-C with 130, SIGTERM with 143."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except KeyboardInterrupt:
-        return 130
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # restored on leaving the block
+            args.func(args)
+    except KeyboardInterrupt as e:  # 130 for Ctrl-C, 143 for SIGTERM (after the checkpoint)
+        from moediffuseq.interrupts import exit_status
+
+        return exit_status(e)
     except ModuleNotFoundError as e:  # an optional dependency: name the extra that provides it
         message = missing_extra_message(e)
         if message is None:

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from moediffuseq.cli_args import CliError, device_arg, int_at_least
 from moediffuseq.data.corpora import CORPORA
+from moediffuseq.limits import MAX_VOCAB_SIZE, read_text
 
 TRAIN_HELP = {
     "steps": "optimizer steps", "batch_size": "sequences per micro-batch per process",
@@ -32,12 +33,31 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _no_duplicates(pairs: list) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is an error (not the last one kept)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
 def _yaml_loader():
-    """A safe YAML loader that reads 1e-3 as a number (YAML 1.2), not as text (YAML 1.1)."""
+    """A safe YAML loader that reads 1e-3 as a number (YAML 1.2), not as text (YAML 1.1), and
+    refuses a key given twice in a mapping (YAML 1.2 forbids it; PyYAML keeps the last)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -54,17 +74,19 @@ def _load_config_file(path: Optional[str]) -> dict:
     if not path:
         return {}
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise CliError(f"--config: {p} is not a regular file")
     if not p.is_file():
         raise CliError(f"--config: file not found: {p}")
     is_yaml = p.suffix in (".yaml", ".yml")
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        text = read_text(p, "configuration file")
         if is_yaml:
             import yaml
 
             data = yaml.load(text, Loader=_yaml_loader()) or {}
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicates)
     except Exception as e:
         message = " ".join(str(e).split())
         raise CliError(f"--config: {p} is not valid {'YAML' if is_yaml else 'JSON'}: {message}") from None
@@ -81,7 +103,7 @@ def _load_config_file(path: Optional[str]) -> dict:
 # ------------------------------------------------------------------------------------- train
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    from moediffuseq.model import PRESETS
+    from moediffuseq.model import CONFIG_MAXIMA, PRESETS
     from moediffuseq.train_config import TrainConfig
 
     p.add_argument("--data", required=True, help=f"built-in corpus ({', '.join(CORPORA)}) or a jsonl directory")
@@ -89,9 +111,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model preset (default: tiny)")
     p.add_argument("--config", help="YAML or JSON file with preset / model / train sections")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model field")
-    p.add_argument("--seq-len", type=int_at_least(5), help="sequence length L (the model's max_len)")
+    p.add_argument("--seq-len", type=int_at_least(5, CONFIG_MAXIMA["max_len"]),
+                   help="sequence length L (the model's max_len)")
     p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one on the training split)")
-    p.add_argument("--vocab-size", type=int_at_least(5), default=8192, help="vocabulary size of a trained tokenizer")
+    p.add_argument("--vocab-size", type=int_at_least(5, MAX_VOCAB_SIZE), default=8192,
+                   help="vocabulary size of a trained tokenizer")
     p.add_argument("--tokenizer-kind", default="bpe", choices=["bpe", "wordpiece"])
     p.add_argument("--max-train-examples", type=int_at_least(1), help="use only the first N training examples")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and report) malformed jsonl lines")

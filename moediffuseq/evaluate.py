@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from statistics import mean
 from typing import Optional, Sequence
+
+
+class EmptyHypothesesWarning(UserWarning):
+    """Every hypothesis is empty: every score is 0."""
+
 
 METRICS = ("bleu", "sacrebleu", "rouge1", "rouge2", "rougeL", "dist1", "self_bleu", "div4", "avg_len")
 
@@ -58,6 +64,10 @@ def evaluate_texts(hypotheses: Sequence[str], references: Sequence[str],
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
         raise ValueError("nothing to evaluate: no hypotheses")
+    if not any(h.strip() for h in hypotheses):
+        warnings.warn(EmptyHypothesesWarning(f"all {len(hypotheses)} hypotheses are empty, so every score is 0: "
+                                             "the model that wrote them generated nothing (undertrained?)"),
+                      stacklevel=2)
     hyp_tok = [h.split() for h in hypotheses]
     ref_tok = [r.split() for r in references]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)

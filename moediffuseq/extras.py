@@ -7,10 +7,11 @@ reads them from the installed package's metadata.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
 # the module a distribution is imported as, where it is not its name with "-" written "_"
 MODULE_OF_DISTRIBUTION = {"pyyaml": "yaml"}
@@ -34,11 +35,31 @@ def extra_of_module() -> dict[str, str]:
     return found
 
 
-def missing_extra_message(error: ModuleNotFoundError) -> Optional[str]:
-    """One line naming the pip command that installs the module ``error`` is about, or None when
-    the module is not one of the optional dependencies (then it is a real error)."""
+def install_hint(error: ModuleNotFoundError) -> Optional[str]:
+    """"this needs the optional package 'x': pip install "moediffuseq[extra]"" for the module
+    ``error`` is about, or None when it is not one of the optional dependencies (a real error)."""
     root = (error.name or "").split(".")[0]
     extra = extra_of_module().get(root)
     if extra is None:
         return None
-    return f"error: this needs the optional package '{root}': pip install \"moediffuseq[{extra}]\""
+    return f"this needs the optional package '{root}': pip install \"moediffuseq[{extra}]\""
+
+
+def missing_extra_message(error: ModuleNotFoundError) -> Optional[str]:
+    """One line naming the pip command that installs the module ``error`` is about, or None when
+    the module is not one of the optional dependencies (then it is a real error)."""
+    hint = install_hint(error)
+    return None if hint is None else f"error: {hint}"
+
+
+@contextlib.contextmanager
+def optional_dependencies() -> Iterator[None]:
+    """A block (or, as a decorator, a function) in which a missing optional package raises a
+    ModuleNotFoundError whose message is the pip line that installs it (``install_hint``)."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        hint = install_hint(e)
+        if hint is None or str(e) == hint:
+            raise
+        raise ModuleNotFoundError(hint, name=e.name) from None

@@ -23,12 +23,16 @@ def _shown(value: Any) -> str:
     return f"{value!r}"
 
 
-def integer(name: str, value: Any, minimum: Optional[int] = None) -> int:
+def integer(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """An integer in [minimum, maximum]: every size a config gives is bounded, so that a huge value
+    is refused here, with the bound, rather than by the allocator."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, f"must be an integer{f' >= {minimum}' if minimum is not None else ''}, "
                                 f"got {_shown(value)}")
     if minimum is not None and value < minimum:
         raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be <= {maximum:_}, got {value:_}")
     return value
 
 

@@ -27,6 +27,7 @@ from moediffuseq.data.packing import source_budget
 from moediffuseq.diffusion import NoiseSchedule
 from moediffuseq.diffusion.samplers import SamplerConfig, mbr_select, sample
 from moediffuseq.evaluate import sentence_bleu
+from moediffuseq.limits import read_text
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.run_log import progress_bar
 
@@ -36,16 +37,35 @@ StepCallback = Callable[[int, int, list[str]], None]  # (model call, step t, tex
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# every name a dtype argument takes: the short names above, torch's names and aliases
+DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16, "half": torch.float16}
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU kernels take
 
 
-def generation_dtype(device: torch.device, requested: Optional[str]) -> torch.dtype:
-    """The compute dtype of generation: ``requested`` ("fp32", "bf16", "fp16"), else bf16 on CUDA
-    (the CUDA attention kernels run in bf16/fp16 only) and fp32 on the CPU."""
-    if requested is None:
+def parse_dtype(value: str | torch.dtype | None) -> Optional[torch.dtype]:
+    """A dtype argument as a torch dtype: ``torch.bfloat16``, ``"bfloat16"``, ``"torch.bfloat16"`` or
+    ``"bf16"`` (likewise float32 / fp32 / float and float16 / fp16 / half); None stays None."""
+    if value is None or isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    name = value.lower().removeprefix("torch.") if isinstance(value, str) else None
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of float32, bfloat16 or float16 (a torch dtype or its name: "
+                         f"{', '.join(DTYPE_NAMES)}), got {value!r}")
+    return DTYPE_NAMES[name]
+
+
+def generation_dtype(device: torch.device, requested: str | torch.dtype | None) -> torch.dtype:
+    """The compute dtype of generation: ``requested`` (see ``parse_dtype``), else bf16 on CUDA
+    (the CUDA attention kernels run in bf16/fp16 only) and fp32 on the CPU. float16 on the CPU,
+    which its kernels do not take, is refused."""
+    dtype = parse_dtype(requested)
+    if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if requested not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {requested!r}")
-    return DTYPES[requested]
+    if device.type == "cpu" and dtype not in CPU_DTYPES:
+        raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported on the CPU, whose kernels "
+                         "take float32 and bfloat16: use bf16 or fp32 there (float16 runs on CUDA)")
+    return dtype
 
 
 @dataclass
@@ -55,12 +75,11 @@ class GenerationConfig:
     batch_size: int = 16
     target_len: Optional[int] = None   # target budget for source truncation (default: saved by training)
     seed: int = 0
-    dtype: Optional[str] = None        # "fp32", "bf16" or "fp16" autocast; default bf16 on CUDA, fp32 on CPU
+    dtype: str | torch.dtype | None = None  # autocast dtype (parse_dtype); default bf16 on CUDA, fp32 on CPU
     source_cache: Optional[bool] = None  # encode the source once per batch; None: on for the models that allow it
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        parse_dtype(self.dtype)
         if self.mbr < 1:
             raise ValueError(f"mbr must be >= 1, got {self.mbr}")
         if self.batch_size < 1:
@@ -103,7 +122,7 @@ def default_target_len(model_dir: str | os.PathLike | None, seq_len: int, span: 
         path = Path(model_dir) / GENERATION_FILE
         if path.is_file():
             try:
-                value = json.loads(path.read_text(encoding="utf-8"))["target_len"]
+                value = json.loads(read_text(path, "generation defaults file"))["target_len"]
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}: expected a JSON object with an integer 'target_len' "
                                  f"({type(e).__name__}: {e})") from None
@@ -124,13 +143,15 @@ def _decode(ids: Sequence[int], tokenizer: TextTokenizer) -> str:
 @torch.inference_mode()
 def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str], cfg: GenerationConfig,
              target_len: int, progress: bool = False, callback: Optional[StepCallback] = None,
-             record_steps: bool = False) -> list[Generation]:
+             record_steps: bool = False, generator: Optional[torch.Generator] = None) -> list[Generation]:
     """Generates one output per source (the MBR choice of ``cfg.mbr`` samples). The model runs
     under autocast in ``generation_dtype(device, cfg.dtype)``; the sampler state stays fp32.
 
     ``callback(call, t, texts)`` is called after every model call of each batch's first sample
     with the texts read from the current x0 prediction (one per source of the batch);
-    ``record_steps`` keeps them in ``Generation.steps``. Neither changes the outputs.
+    ``record_steps`` keeps them in ``Generation.steps``. Neither changes the outputs. The noise is
+    drawn from ``generator`` (on the model's device) when given, else from one seeded with
+    ``cfg.seed``.
 
     A source longer than a bounded target span leaves room for is truncated, with one warning
     per call. ``cfg.source_cache`` (default: whenever the model allows it) gives the same text
@@ -141,7 +162,11 @@ def generate(model: MoEDiffuSeq, tokenizer: TextTokenizer, sources: Sequence[str
     L, span = model.config.max_len, model.config.target_span
     cached = uses_source_cache(model, cfg.source_cache)
     schedule = NoiseSchedule.create(model.config.schedule, model.config.diffusion_steps)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    elif not isinstance(generator, torch.Generator) or generator.device.type != device.type:
+        raise ValueError(f"generator must be a torch.Generator on the model's device ({device.type}), got "
+                         f"{generator.device if isinstance(generator, torch.Generator) else type(generator).__name__}")
     encoded = tokenizer.encode_batch(list(sources), max_tokens=L - 2)  # more never fits
     rows = [pack_source(s, L, target_len, tokenizer.special, span) for s in encoded]
     if span is not None and (cut := sum(len(s) > source_budget(L, span) for s in encoded)):

@@ -12,25 +12,46 @@ from typing import Optional, Sequence
 from moediffuseq.data import Example, read_jsonl
 from moediffuseq.evaluate import decoded
 from moediffuseq.generate import GenerationConfig
+from moediffuseq.limits import lines
 from moediffuseq.pipeline import MoEDiffuSeqPipeline
 
 
 def read_sources(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[Example]:
     """The sources to generate for: a jsonl file (``{"src": ...}`` lines, ``trg`` optional: it is
     the reference when present), any other file as plain text with one source per line (blank
-    lines skipped), or ``-`` for standard input as plain text."""
+    lines skipped), or ``-`` for standard input as plain text. Every line is bounded
+    (``moediffuseq.limits.MAX_LINE_BYTES``); no source at all is an error."""
     if str(path) == "-":
-        return [Example(line.strip()) for line in sys.stdin if line.strip()]
+        examples = _text_sources(sys.stdin.buffer, "standard input")
+        if not examples:
+            raise ValueError("standard input holds no sources (it is empty or holds only blank lines)")
+        return examples
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if path.suffix == ".jsonl":
-        return read_jsonl(path, "skip" if skip_bad_lines else "raise", require_target=False).examples
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return [Example(line.strip()) for line in lines if line.strip()]
+        examples = read_jsonl(path, "skip" if skip_bad_lines else "raise", require_target=False).examples
+    else:
+        with path.open("rb") as f:
+            examples = _text_sources(f, path)
+    if not examples:
+        raise ValueError(f"{path} holds no sources (it is empty or holds only blank or skipped lines)")
+    return examples
+
+
+def _text_sources(f, name) -> list[Example]:
+    """One source per non-blank line of a binary stream, each line bounded (MAX_LINE_BYTES)."""
+    examples = []
+    for number, raw in lines(f, name):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+        if text:
+            examples.append(Example(text))
+    return examples
 
 
 def generate_file(model_dir: str | os.PathLike, input_path: Optional[str | os.PathLike],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from moediffuseq import fields
 from moediffuseq.diffusion.samplers import Conditioning
 from moediffuseq.diffusion.schedule import SCHEDULES
 from moediffuseq.hub_download import resolve_model_dir
+from moediffuseq.limits import MAX_VOCAB_SIZE, read_text
 from moediffuseq.nn import BlockSparseSelfAttention, DenseFeedForward, KVCache, MoEFeedForward
 from moediffuseq.ops.moe_ffn import ACTIVATIONS
 
@@ -36,6 +38,16 @@ WEIGHTS_FILE = "model.safetensors"
 # this library does not know (written by a newer moediffuseq) is refused with that said.
 FORMAT_VERSION = 1
 FORMAT_KEYS = ("format_version", "library_version")
+MODEL_TYPE = "moediffuseq"  # config.json's "model_type", as Hugging Face model directories name theirs
+
+
+# The largest value of every size field: far beyond any model this library trains, small enough
+# that a hostile config.json or --set cannot make a table, a loop or an allocation explode
+# before the memory check (moediffuseq.memory) sees the whole model.
+CONFIG_MAXIMA = {"vocab_size": MAX_VOCAB_SIZE, "max_len": 1 << 20, "d_emb": 1 << 16, "d_model": 1 << 16,
+                 "n_layers": 1024, "n_heads": 1024, "dilation": 1 << 20, "num_experts": 1024, "top_k": 1024,
+                 "d_expert": 1 << 18, "d_ff": 1 << 18, "diffusion_steps": 100_000, "window": 1 << 20,
+                 "global_target_max": 1 << 20}
 
 
 @dataclass
@@ -82,10 +94,10 @@ class MoEDiffuSeqConfig:
         ``--set`` is refused with its name before anything is built."""
         for name in ("vocab_size", "d_emb", "d_model", "n_layers", "n_heads", "dilation", "num_experts", "top_k",
                      "d_expert", "d_ff", "diffusion_steps"):
-            fields.integer(name, getattr(self, name), 1)
-        fields.integer("max_len", self.max_len, 5)  # [CLS] src [SEP] trg [SEP]
+            fields.integer(name, getattr(self, name), 1, CONFIG_MAXIMA[name])
+        fields.integer("max_len", self.max_len, 5, CONFIG_MAXIMA["max_len"])  # [CLS] src [SEP] trg [SEP]
         for name in ("window", "global_target_max"):
-            fields.integer(name, getattr(self, name), 0)
+            fields.integer(name, getattr(self, name), 0, CONFIG_MAXIMA[name])
         fields.choice("attention", self.attention, ("sparse", "dense"))
         fields.choice("ffn", self.ffn, ("moe", "dense"))
         fields.choice("activation", self.activation, ACTIVATIONS)
@@ -128,9 +140,13 @@ class MoEDiffuSeqConfig:
         """The ``config.json`` of a model directory, checked."""
         directory = Path(directory)
         try:
-            values = json.loads((directory / CONFIG_FILE).read_text())
+            values = json.loads(read_text(directory / CONFIG_FILE, "model config"))
             if not isinstance(values, dict):
                 raise TypeError(f"expected a JSON object, got {type(values).__name__}")
+            model_type = values.pop("model_type", MODEL_TYPE)  # directories written before it was recorded
+            if model_type != MODEL_TYPE:
+                raise FormatError(f"{directory / CONFIG_FILE} is the config of a {model_type!r} model, not of a "
+                                  f"MoE-DiffuSeq model (model_type {MODEL_TYPE!r})")
             written = {key: values.pop(key) for key in FORMAT_KEYS if key in values}
             if int(written.get("format_version", 1)) > FORMAT_VERSION:
                 from moediffuseq import __version__
@@ -167,6 +183,23 @@ PRESETS = {
     "base": dict(),
     "diffuseq": dict(attention="dense", ffn="dense", d_ff=3072, soft_absorbing=False, gamma=0.0),
 }
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refused with one line when it is a CUDA device this machine
+    does not have (a CPU-only torch, no GPU, or fewer GPUs than its index)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {str(device)!r}: CUDA is not available here ({build}, torch "
+                             f"{torch.__version__}): use device='cpu' (or 'auto')")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 class FormatError(ValueError):
@@ -408,15 +441,21 @@ class MoEDiffuSeq(nn.Module):
                             self.logits, self.config.self_conditioning, self.config.target_span)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """config.json (with the format and library versions) + model.safetensors (no pickle)."""
+        """config.json (with ``model_type``, the format and library versions) + model.safetensors (no
+        pickle)."""
         from moediffuseq import __version__
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        record = {**dataclasses.asdict(self.config), "format_version": FORMAT_VERSION, "library_version": __version__}
+        record = {"model_type": MODEL_TYPE, **dataclasses.asdict(self.config), "format_version": FORMAT_VERSION,
+                  "library_version": __version__}
         (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE))
+        # safetensors creates the file private (0600); a model directory is shared like any other file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(directory / WEIGHTS_FILE, 0o666 & ~umask)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu", revision: Optional[str] = None
@@ -425,6 +464,7 @@ class MoEDiffuSeq(nn.Module):
         Hub id ("user/name", at ``revision``; moediffuseq.hub_download). The config is checked against
         the tensor shapes in the weights file's header before anything is allocated, and weights
         holding NaN or inf are refused."""
+        check_device(map_location)
         directory = resolve_model_dir(directory, revision)
         config = MoEDiffuSeqConfig.load(directory)
         path = directory / WEIGHTS_FILE

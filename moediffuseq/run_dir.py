@@ -12,12 +12,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moediffuseq.checkpoint import find_checkpoint
+from moediffuseq.limits import read_text
 
 RUN_FILE = "run_config.json"  # the resolved configuration of a run, written when it starts
 
+# every name a run writes (the directories the trainer swaps in: checkpoint, model, best_model,
+# with their .old twins and .<name>.tmp-<pid> temporaries)
 _RUN_NAMES = {RUN_FILE, RUN_FILE + ".tmp", "tokenizer.json", "tokenizer.json.tmp", "metrics.csv", "metrics.csv.tmp",
-              "loss.png", "loss.png.tmp", "tensorboard", "checkpoint", "checkpoint.old", "model", "model.old"}
-_RUN_PATTERN = re.compile(r"^(checkpoint-\d+|\.checkpoint\.tmp-\d+|\.model\.tmp-\d+)$")
+              "loss.png", "loss.png.tmp", "tensorboard", "checkpoint", "checkpoint.old", "model", "model.old",
+              "best_model", "best_model.old"}
+_RUN_PATTERN = re.compile(r"^(checkpoint-\d+|\.(checkpoint|model|best_model)\.tmp-\d+)$")
 
 
 def run_files(out: Path, keep: Optional[Path] = None) -> list[Path]:
@@ -74,7 +78,7 @@ def previous_config(out: Path) -> dict:
     path = out / RUN_FILE
     if path.is_file():
         try:
-            resolved = json.loads(path.read_text())
+            resolved = json.loads(read_text(path, "run configuration"))
             if isinstance(resolved, dict) and isinstance(resolved.get("train"), dict):
                 resolved["train"] = upgrade_fields(resolved["train"])
             return resolved
@@ -82,8 +86,8 @@ def previous_config(out: Path) -> dict:
             raise ValueError(f"--resume: {path} is corrupt: {e}") from None
     directory = find_checkpoint(out / "checkpoint")
     try:
-        return {"train": upgrade_fields(json.loads((directory / "train_config.json").read_text())),
-                "model": json.loads((directory / "model" / "config.json").read_text())}
+        return {"train": upgrade_fields(json.loads(read_text(directory / "train_config.json", "train configuration"))),
+                "model": json.loads(read_text(directory / "model" / "config.json", "model config"))}
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"--resume: {directory} has no readable configuration: {e}") from None
 

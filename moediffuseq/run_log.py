@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -118,3 +119,30 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, initial
     interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
                 mininterval=0.5 if interactive else 30.0, leave=interactive)
+
+
+PLAIN_LOG_INTERVAL_S = 30.0  # seconds between the plain progress lines of a run without a progress bar
+
+
+class PlainProgress:
+    """Without a progress bar (``--no-progress``): one plain line, at most every
+    ``PLAIN_LOG_INTERVAL_S`` seconds, of the step, the loss, the speed and the time left."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
+        self.total, self.initial, self.enabled = total, initial, enabled
+        self.begin = self.last = time.perf_counter()
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < PLAIN_LOG_INTERVAL_S:
+            return
+        self.last = now
+        elapsed = now - self.begin
+        left = elapsed / max(step - self.initial, 1) * (self.total - step)
+        print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tokens/s  elapsed {_clock(elapsed)}  "
+              f"left {_clock(left)}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -8,6 +8,8 @@ Output directory layout:
     model/            the EMA weights, config.json, tokenizer.json, generation.json (final)
     checkpoint/       the latest training checkpoint (see moediffuseq.checkpoint);
                       checkpoint-<step>/ the earlier ones kept by keep_checkpoints
+    best_model/       keep_best: the EMA weights of the best validation so far
+    .lock             held while a run writes the directory (moediffuseq.run_lock)
     metrics.csv       train and validation rows; tensorboard/ when tensorboard is installed
     loss.png          the loss curve (when matplotlib is installed)
 """
@@ -27,17 +29,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moediffuseq.checkpoint import (checkpoint_step, find_checkpoint, read_state, save_checkpoint, write_directory,
-                                    write_state)
+from moediffuseq.checkpoint import (checkpoint_step, find_checkpoint, read_state, resume_checkpoint, save_checkpoint,
+                                    verify_checksums, write_directory, write_state)
 from moediffuseq.data import Seq2SeqDataset, TextTokenizer
 from moediffuseq.data.dataset import BatchStream
 from moediffuseq.diffusion import LossTerms, NoiseSchedule, diffusion_loss, make_timestep_draw
 from moediffuseq.distributed import DistributedContext
 from moediffuseq.generate import GENERATION_FILE, generation_defaults
 from moediffuseq.health import Diverged, check_healthy, is_non_finite_error, weights_finite
-from moediffuseq.interrupts import HeldInterrupts
+from moediffuseq.interrupts import HeldInterrupts, Terminated
+from moediffuseq.limits import read_text
 from moediffuseq.model import MoEDiffuSeq
-from moediffuseq.run_log import RunLog, progress_bar
+from moediffuseq.run_log import PlainProgress, RunLog, progress_bar
 from moediffuseq.train_config import TrainConfig, lr_factor
 from moediffuseq.validation import validation_bleu, validation_loss
 
@@ -140,9 +143,10 @@ class Trainer:
     def resume(self, allow_change: bool = False) -> int:
         """Loads ``out_dir/checkpoint``; returns the step it continues from. The checkpoint's model
         config must equal this run's unless ``allow_change`` (the weights must still fit)."""
-        directory = find_checkpoint(self.out_dir / "checkpoint")
+        directory = resume_checkpoint(self.out_dir / "checkpoint")
         if directory is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.out_dir / 'checkpoint'}")
+        verify_checksums(directory)
         state = read_state(directory)
         for target, name in ((self.model, "model"), (self.ema, "ema")):
             loaded = MoEDiffuSeq.from_pretrained(directory / name, map_location=str(self.device))
@@ -272,7 +276,7 @@ class Trainer:
 
         The order at every step boundary is: log, checkpoint (every ``save_every`` steps),
         validation (every ``eval_every``), and at the end: checkpoint, validation, export. On
-        Ctrl-C the checkpoint of the last completed step is written (a Ctrl-C during a step or a
+        Ctrl-C or SIGTERM the checkpoint of the last completed step is written (a Ctrl-C during a step or a
         checkpoint write takes effect when it is complete), so ``resume`` continues exactly, also
         from an interruption in the final validation or export: a validation missing from
         metrics.csv at the resumed step is run again."""
@@ -282,6 +286,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.log = RunLog(self.out_dir, resume_step=start_step if resume else None)
         bar = progress_bar(cfg.steps, "train", "step", enabled=cfg.progress and self.dist.is_main, initial=start_step)
+        plain = PlainProgress(cfg.steps, start_step, enabled=not cfg.progress and self.dist.is_main)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.model.config.max_len
         begin = last = time.perf_counter()
         last_step = self.step
@@ -299,6 +304,7 @@ class Trainer:
                             if self.log:
                                 self.log.log(self.step, "train", tokens_per_s=rate, elapsed_s=now - begin, **metrics)
                             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                            plain.update(self.step, metrics["loss"], rate)
                         bar.update(1)
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                         self.save()
@@ -310,25 +316,26 @@ class Trainer:
                 if self._validation_due(self.step):
                     self._evaluate(time.perf_counter() - begin)
                 return self._export()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 bar.close()
                 if self.dist.is_main:
-                    print(f"\n{self._save_on_interrupt()}", flush=True)
+                    what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+                    print(f"\n{self._save_on_interrupt(what)}", flush=True)
                 raise
             except Diverged as e:
                 bar.close()
                 raise Diverged(f"{e}. The run stopped; {self.last_good_checkpoint()}") from None
 
-    def _save_on_interrupt(self) -> str:
+    def _save_on_interrupt(self, what: str = "interrupted") -> str:
         if self._in_step:
-            return (f"interrupted twice in the middle of step {self.step + 1}: no checkpoint written; "
+            return (f"{what} twice in the middle of step {self.step + 1}: no checkpoint written; "
                     f"{self.last_good_checkpoint()}; continue with --resume")
         if self._saved_step != self.step:
             try:
                 self.save()
             except Diverged as e:
-                return f"interrupted at step {self.step}: {e}, not saved; {self.last_good_checkpoint()}"
-        return f"interrupted at step {self.step}: checkpoint saved to {self.out_dir / 'checkpoint'}; continue with --resume"
+                return f"{what} at step {self.step}: {e}, not saved; {self.last_good_checkpoint()}"
+        return f"{what} at step {self.step}: checkpoint saved to {self.out_dir / 'checkpoint'}; continue with --resume"
 
     def _validation_due(self, step: int) -> bool:
         """A validation belongs to ``step`` (every ``eval_every`` steps and the last) and is not in
@@ -355,7 +362,7 @@ class Trainer:
         OUT/best_model/best.json, so a resumed run compares with it)."""
         directory = self.out_dir / BEST_DIR
         record = directory / "best.json"
-        if record.is_file() and json.loads(record.read_text())["value"] >= value:
+        if record.is_file() and json.loads(read_text(record, "best-model record"))["value"] >= value:
             return
 
         def write(tmp: Path) -> None:

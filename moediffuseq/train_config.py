@@ -3,11 +3,19 @@ the names of its fields in earlier releases (still read from configuration files
 directories and checkpoints)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from moediffuseq import fields
 from moediffuseq.diffusion.timestep_draw import TIMESTEP_DRAWS
+
+
+# The largest value of every count: beyond any run, small enough that no loop or table it sizes explodes.
+TRAIN_MAXIMA = {"steps": 10**9, "batch_size": 1 << 20, "grad_accum": 1 << 16, "log_every": 10**9,
+                "keep_checkpoints": 1000, "warmup_steps": 10**9, "seed": 2**32 - 1, "eval_every": 10**9,
+                "eval_batches": 1 << 20, "bleu_examples": 1 << 20, "save_every": 10**9}
 
 
 @dataclass
@@ -35,11 +43,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            fields.integer(name, getattr(self, name), 1)
+            fields.integer(name, getattr(self, name), 1, TRAIN_MAXIMA[name])
         for name in ("warmup_steps", "seed", "eval_every", "eval_batches", "bleu_examples", "save_every"):
-            fields.integer(name, getattr(self, name), 0)
-        fields.number("lr", self.lr, 0.0, above=True)
-        fields.number("weight_decay", self.weight_decay, 0.0)
+            fields.integer(name, getattr(self, name), 0, TRAIN_MAXIMA[name])
+        # AdamW's first step is lr / (1 - beta1) = 10 lr: far past 1e6 it overflows float32 (a
+        # traceback); below, a rate too high shows as a diverged run, named with its step
+        fields.number("lr", self.lr, 0.0, 1e6, above=True)
+        fields.number("weight_decay", self.weight_decay, 0.0, 100.0)
         fields.number("clip_grad", self.clip_grad, 0.0)
         fields.number("ema_decay", self.ema_decay, 0.0, 1.0, below=True)
         fields.choice("lr_decay", self.lr_decay, ("linear", "cosine", "constant"))
@@ -67,6 +77,19 @@ def upgrade_fields(values: dict) -> dict:
                                  f"give {new!r} only")
             values[new] = values.pop(old)
     return values
+
+
+def fit_warmup(cfg: TrainConfig) -> tuple[TrainConfig, Optional[str]]:
+    """A warm-up longer than the run (the learning rate would never reach ``lr``: the default 500
+    steps in a short run) is shortened to a tenth of the run; returns the configuration and a
+    note saying so, or ``cfg`` and None."""
+    if cfg.warmup_steps <= cfg.steps:
+        return cfg, None
+    warmup = cfg.steps // 10
+    return dataclasses.replace(cfg, warmup_steps=warmup), (
+        f"note: the warm-up ({cfg.warmup_steps} steps) is longer than the run ({cfg.steps} steps), so the learning "
+        f"rate would never reach {cfg.lr}: warm-up shortened to {warmup} steps, a tenth of the run "
+        "(--warmup-steps sets it)")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

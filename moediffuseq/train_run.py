@@ -29,8 +29,9 @@ from moediffuseq.data.corpora import CORPORA
 from moediffuseq.data.packing import source_budget
 from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 from moediffuseq.distributed import DistributedContext
+from moediffuseq.memory import check_training_memory
 from moediffuseq.train import Trainer
-from moediffuseq.train_config import TrainConfig
+from moediffuseq.train_config import TrainConfig, fit_warmup
 
 
 @dataclass
@@ -84,33 +85,45 @@ def _data_record(config: TrainingRun, directory: Path) -> dict:
 
 
 def run(config: TrainingRun) -> Path:
-    """Trains ``config`` into ``config.out``; returns the directory of the final (EMA) model."""
-    from moediffuseq.checkpoint import find_checkpoint
-    from moediffuseq.data import Seq2SeqDataset, TextTokenizer, read_jsonl, split_path
-    from moediffuseq.run_dir import RUN_FILE, check_run_dir, config_changes, previous_config, write_json
+    """Trains ``config`` into ``config.out``; returns the directory of the final (EMA) model. The
+    main process holds the run directory's lock (``moediffuseq.run_lock``) for the whole run."""
+    from moediffuseq.run_lock import RunLock
 
     device = auto_device() if config.device == "auto" else config.device
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    ctx = DistributedContext.from_environment(torch.device(device))
+    if not ctx.is_main:
+        return _run(config, device, out, ctx)
+    with RunLock(out):
+        return _run(config, device, out, ctx)
+
+
+def _run(config: TrainingRun, device: str, out: Path, ctx: DistributedContext) -> Path:
+    from moediffuseq.checkpoint import resume_checkpoint
+    from moediffuseq.data import Seq2SeqDataset, TextTokenizer, read_jsonl, split_path
+    from moediffuseq.run_dir import RUN_FILE, check_run_dir, config_changes, previous_config, write_json
+
     existing = check_run_dir(out, config.resume, config.overwrite, config.allow_change, config.tokenizer)
     if config.tokenizer and not Path(config.tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer: file not found: {config.tokenizer}")
     if config.init_from is not None and config.tokenizer:
         raise ValueError("--init-from: the run takes the tokenizer of the model it starts from; drop --tokenizer")
-    ctx = DistributedContext.from_environment(torch.device(device))
-    if config.overwrite and ctx.is_main:
-        for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     directory = data_dir(config.data) if ctx.is_main else None
     if ctx.world_size > 1:  # the corpus is built once, by the main process
         holder = [str(directory)]
         dist.broadcast_object_list(holder, src=0)
         directory = Path(holder[0])
     on_error = "skip" if config.skip_bad_lines else "raise"
-    train_examples = read_jsonl(split_path(directory, "train"), on_error).examples[:config.max_train_examples]
+    train_path = split_path(directory, "train")
+    train_examples = read_jsonl(train_path, on_error).examples[:config.max_train_examples]
+    if not train_examples:
+        raise ValueError(f"--data: {train_path} holds no examples (empty, or only blank or skipped lines)")
     valid_path = split_path(directory, "valid")
     valid_examples = read_jsonl(valid_path, on_error).examples if valid_path.is_file() else None
 
-    checkpoint = find_checkpoint(out / "checkpoint") if config.resume else None
+    checkpoint = resume_checkpoint(out / "checkpoint") if config.resume else None
     run_tok = out / "tokenizer.json"
     if checkpoint is not None and (checkpoint / "tokenizer.json").is_file():
         tokenizer = TextTokenizer.load(checkpoint / "tokenizer.json")
@@ -138,16 +151,21 @@ def run(config: TrainingRun) -> Path:
         base = MoEDiffuSeqConfig.load(config.init_from) if config.init_from else MoEDiffuSeqConfig.preset("tiny")
     model_cfg = dataclasses.replace(base, vocab_size=len(tokenizer), pad_id=special.pad,
                                     special_ids=(special.cls, special.sep))
-    train_cfg = config.train
+    train_cfg, warmup_note = fit_warmup(config.train)
     resolved = {"data": _data_record(config, directory), "model": dataclasses.asdict(model_cfg),
                 "train": dataclasses.asdict(train_cfg)}
     if config.resume:
-        changes = config_changes(previous_config(out), resolved)
+        before = previous_config(out)
+        if warmup_note and (before.get("train") or {}).get("warmup_steps") == config.train.warmup_steps:
+            train_cfg, warmup_note = config.train, None  # a run recorded with the long warm-up keeps its schedule
+            resolved["train"] = dataclasses.asdict(train_cfg)
+        changes = config_changes(before, resolved)
         if changes and not config.allow_change:
             raise ValueError(f"--resume: this command changes the run's configuration: {', '.join(changes)}; "
                              "repeat the run's options, or pass --allow-change to continue with the new values")
         if changes and ctx.is_main:
             print(f"--allow-change: continuing with {', '.join(changes)}")
+    check_training_memory(model_cfg, train_cfg, device, len(train_examples) + len(valid_examples or ()))
     span = model_cfg.target_span
     train_set = Seq2SeqDataset(train_examples, tokenizer, model_cfg.max_len, span)
     valid_set = Seq2SeqDataset(valid_examples, tokenizer, model_cfg.max_len, span) if valid_examples else None
@@ -158,6 +176,9 @@ def run(config: TrainingRun) -> Path:
     if train_cfg.batch_size * ctx.world_size > len(train_set):
         raise ValueError(f"--batch-size {train_cfg.batch_size} x {ctx.world_size} process(es) is more than the "
                          f"{len(train_set)} training examples")
+    if config.overwrite and ctx.is_main:  # every check passed: the old run goes
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if ctx.is_main and (not config.resume or config.allow_change or not (out / RUN_FILE).is_file()):
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / RUN_FILE, resolved)
@@ -179,6 +200,8 @@ def run(config: TrainingRun) -> Path:
               + (f"; initialised from {config.init_from}" if config.init_from is not None else ""))
         if config.resume and checkpoint is None:
             print(f"--resume: no checkpoint in {out} yet: the run starts again from step 0")
+        if warmup_note:
+            print(warmup_note)
     trainer = Trainer(model, tokenizer, train_set, valid_set, train_cfg, out, device)
     model_dir = trainer.fit(resume=checkpoint is not None, allow_change=config.allow_change)
     if ctx.is_main:

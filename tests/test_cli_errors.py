@@ -147,6 +147,9 @@ CASES = [
     ("generate", "--seed", lambda f: generate(f, "--seed", "-3"), "--seed"),
     ("generate", "--device", lambda f: generate(f, "--device", "cuda:99"), "--device"),
     ("generate", "--dtype", lambda f: generate(f, "--dtype", "int8"), "--dtype"),
+    ("generate", "--dtype", lambda f: generate(f, "--dtype", "fp16"), "--dtype: dtype float16 is not supported on "
+     "the CPU, whose kernels take float32 and bfloat16: use bf16 or fp32"),
+    ("generate", "--dtype", lambda f: generate(f, "--dtype", "torch.float16"), "use bf16 or fp32"),
     ("generate", "--skip-bad-lines", lambda f: generate(f, "--skip-bad-lines=yes"), "--skip-bad-lines"),
     ("generate", "--text", lambda f: generate(f, "--text", "alpha"), "--text"),
     ("generate", "--text", lambda f: ["generate", "--model", str(f["model"]), "--text", "  ", "--device", "cpu"],

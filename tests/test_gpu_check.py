@@ -92,6 +92,8 @@ def test_a_hanging_stage_is_killed_when_time_before_the_margin_runs_out(tmp_path
     for name in STAGES[STAGES.index("smoke") + 1:]:
         assert rows[name][0] == "skipped" and "no time" in rows[name][3]
     assert elapsed < 15
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "- cut short or not run: smoke, tests, bench_attention" in summary
     check_results_dir(tmp_path)
 
 
@@ -198,3 +200,120 @@ def test_moe_bench_tells_the_cutlass_grouped_gemm_from_cublas_kernels():
     assert len(problems) == 2 and "moe_ffn_backward" in problems[0] and "cuBLAS" in problems[1]
     assert moe_profile.KernelProfile(inside=4, grouped={"moediffuseq::moe_ffn": 4}).problems("fwd") == []
     assert "no kernel" in moe_profile.KernelProfile().problems("fwd")[0]
+
+
+# The budget and the contents of one call ------------------------------------------------------------
+from bench import gpu_check_stages, gpu_check_wheels  # noqa: E402
+
+
+def test_the_stage_limits_add_up_to_the_deadline_less_the_margin():
+    """One call of at most 9 minutes on a fresh machine: if every stage before a stage uses its
+    whole limit, that stage still gets its own whole limit, the last one included."""
+    stages = gpu_check.stages("python3", Path("tables"))
+    assert gpu_check.DEFAULT_DEADLINE_S == gpu_check_stages.DEADLINE_S == 540
+    assert [s.name for s in stages] == list(gpu_check_stages.LIMITS_S)
+    assert all(s.limit_s == gpu_check_stages.LIMITS_S[s.name] for s in stages)
+    total = sum(s.limit_s for s in stages)
+    assert total + gpu_check_stages.MARGIN_S <= gpu_check_stages.DEADLINE_S, (total, gpu_check_stages.MARGIN_S)
+    left = gpu_check_stages.DEADLINE_S
+    for stage in stages:  # the runner's own arithmetic, stage by stage
+        assert gpu_check.stage_budget(stage.limit_s, left) == stage.limit_s, stage.name
+        left -= stage.limit_s
+    # what must come back first comes first
+    order = [s.name for s in stages]
+    assert order[:5] == ["environment", "build", "archs", "smoke", "tests"]
+    assert set(order[5:]) == {"bench_attention", "bench_moe", "bench_diffusion", "end_to_end", "sanitizer"}
+
+
+def test_a_call_asks_for_every_headline_row_and_the_sanitizer():
+    stages = {s.name: s for s in gpu_check.stages("python3", Path("tables"))}
+
+    def argv(name, label=None):
+        jobs = stages[name].jobs
+        return " ".join(next(j for j in jobs if label in (None, j.label)).argv)
+
+    assert "--lengths 8192 32768" in argv("bench_attention")
+    assert "--ops denoise_step" in argv("bench_diffusion")
+    assert "--quality-steps 0" in argv("end_to_end") and "--lengths 1024" in argv("end_to_end")
+    assert "bench.moe" in argv("bench_moe")
+    assert "--tool memcheck" in argv("sanitizer", "memcheck") and "--tool racecheck" in argv("sanitizer", "racecheck")
+    assert all("bench.gpu_sanitize_case" in " ".join(j.argv) for j in stages["sanitizer"].jobs)
+    tests = " ".join(" ".join(j.argv) for j in stages["tests"].jobs)
+    for name in ("test_kernels_exact_inputs.py", "test_block_sparse_attention_lse_round_trip.py",
+                 "test_block_sparse_attention.py", "test_moe_ffn.py", "test_cuda_streams.py"):
+        assert f"tests/{name}" in tests
+    for f in gpu_check_stages.CUDA_TEST_FILES + tuple(gpu_check_stages.WHOLE_TEST_FILES):
+        assert (ROOT / "tests" / f).is_file(), f
+
+
+def test_the_carried_wheels_cover_what_the_check_imports():
+    """Every third-party module the check's code imports is carried, on the GPU machine, or named as
+    never run; every carried module is imported or has a named importer."""
+    entry = gpu_check_wheels.ENTRY_FILES + tuple(
+        f"tests/{f}" for f in gpu_check_stages.CUDA_TEST_FILES + tuple(gpu_check_stages.WHOLE_TEST_FILES))
+    found = gpu_check_wheels.imports_of_the_check(entry)
+    carried = {module for _, _, module in gpu_check_wheels.WHEELS if module}
+    known = carried | gpu_check_wheels.MACHINE | set(gpu_check_wheels.NOT_RUN)
+    assert found - known == set(), f"imported by the check but neither carried, on the machine nor NOT_RUN: {found - known}"
+    assert carried - found <= set(gpu_check_wheels.INDIRECT), carried - found - set(gpu_check_wheels.INDIRECT)
+    assert {"cutlass_library", "expecttest", "hypothesis", "nltk", "pytest"} <= carried
+    assert len({gpu_check_wheels.normalize(d) for d, _, _ in gpu_check_wheels.WHEELS}) == len(gpu_check_wheels.WHEELS)
+
+
+def test_the_carried_wheels_bring_their_own_requirements():
+    """pip installs them with --no-deps: each carried wheel's requirements (Linux, CPython 3.12, no
+    extras; read from the installed metadata here) are carried, on the machine, or named."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    env = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    carried = {gpu_check_wheels.normalize(d) for d, _, _ in gpu_check_wheels.WHEELS}
+    allowed = carried | {gpu_check_wheels.normalize(d) for d in gpu_check_wheels.MACHINE_DISTS} | {
+        gpu_check_wheels.normalize(d) for d in gpu_check_wheels.DEPS_NOT_CARRIED}
+    checked = 0
+    for dist, version, _ in gpu_check_wheels.WHEELS:
+        try:
+            requires = importlib.metadata.requires(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        checked += 1
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(env):
+                assert gpu_check_wheels.normalize(req.name) in allowed, f"{dist} needs {req.name}, not carried"
+    assert checked >= len(gpu_check_wheels.WHEELS) // 2  # most are installed here (the test extras)
+
+
+def test_the_wheel_folder_check(tmp_path):
+    for dist, version, _ in gpu_check_wheels.WHEELS:
+        (tmp_path / f"{dist.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
+    assert gpu_check_wheels.check_wheel_dir(tmp_path) == []
+    (tmp_path / "nltk-3.10.4-py3-none-any.whl").unlink()
+    (tmp_path / "rich-13.0.0-py3-none-any.whl").write_bytes(b"")
+    (tmp_path / "pytest-8.0.0-py3-none-any.whl").write_bytes(b"")
+    problems = gpu_check_wheels.check_wheel_dir(tmp_path)
+    assert "missing nltk==3.10.4" in problems and "unexpected rich 13.0.0" in problems
+    assert any(p.startswith("pytest: wanted 9.2.0") for p in problems)
+    assert subprocess.run([sys.executable, "-m", "bench.gpu_check_wheels", "verify", str(tmp_path)], cwd=ROOT,
+                          capture_output=True).returncode == 1
+
+
+def test_the_fetched_wheel_folder_matches_the_pins():
+    """The .whl/ of this checkout (after `make gpu-wheels`) holds exactly the pinned wheels, for
+    CPython 3.12 on manylinux x86_64."""
+    folder = ROOT / ".whl"
+    if not folder.is_dir():
+        pytest.skip(".whl/ not fetched here (make gpu-wheels)")
+    assert gpu_check_wheels.check_wheel_dir(folder) == []
+    for wheel in folder.glob("*.whl"):
+        python_tag, abi, platform = wheel.stem.split("-")[-3:]
+        assert python_tag.startswith(("py3", "py2.py3", "cp312")) or abi == "abi3", wheel.name
+        assert platform == "any" or "x86_64" in platform and "linux" in platform, wheel.name
+
+
+def test_the_readme_gives_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "make gpu-wheels" in text and "bash bench/gpu_check.sh" in text

@@ -1,4 +1,5 @@
 """The MoE-DiffuSeq model: shapes, gradients everywhere, learning, save/load."""
+import dataclasses
 import json
 
 import pytest
@@ -144,19 +145,53 @@ def test_weights_with_nan_or_inf_are_refused(tmp_path):
         MoEDiffuSeq.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("field, value, why", [
-    ("n_layers", "abc", "n_layers must be an integer >= 1, got the string 'abc'"),
-    ("n_heads", 0, "n_heads must be >= 1, got 0"),
-    ("max_len", 0, "max_len must be >= 5, got 0"),
-    ("dropout", float("nan"), "dropout must be a finite number"),
-    ("pre_ln", "yes", "pre_ln must be true or false"),
-    ("schedule", "cubic", "schedule must be one of"),
-    ("top_k", 5, r"top_k \(5\) must be <= num_experts \(4\)"),
-    ("pad_id", 500, r"pad_id \(500\) must be < vocab_size"),
-])
-def test_every_config_field_is_checked(field, value, why):
+# one bad value per field of MoEDiffuSeqConfig, with the start of the error that names it
+BAD_CONFIG_VALUES = {
+    "vocab_size": (0, "vocab_size must be >= 1, got 0"),
+    "max_len": (4, "max_len must be >= 5, got 4"),
+    "target_span": (126, r"target_span \(126\) must be <= max_len - 3 = 125"),
+    "source_isolation": ("yes", "source_isolation must be true or false"),
+    "d_emb": (2.5, "d_emb must be an integer"),
+    "d_model": (-8, "d_model must be >= 1, got -8"),
+    "n_layers": ("abc", "n_layers must be an integer >= 1, got the string 'abc'"),
+    "n_heads": (0, "n_heads must be >= 1, got 0"),
+    "attention": ("full", "attention must be one of"),
+    "window": (-1, "window must be >= 0, got -1"),
+    "dilation": (0, "dilation must be >= 1, got 0"),
+    "global_target_max": (-3, "global_target_max must be >= 0, got -3"),
+    "ffn": ("sparse", "ffn must be one of"),
+    "num_experts": (0, "num_experts must be >= 1, got 0"),
+    "top_k": (5, r"top_k \(5\) must be <= num_experts \(4\)"),
+    "d_expert": (0, "d_expert must be >= 1, got 0"),
+    "d_ff": (None, "d_ff must be an integer"),
+    "activation": ("relu6", "activation must be one of"),
+    "capacity_factor": (0.0, "capacity_factor must be"),
+    "dropout": (float("nan"), "dropout must be a finite number"),
+    "pre_ln": ("yes", "pre_ln must be true or false"),
+    "soft_absorbing": (2, "soft_absorbing must be true or false"),
+    "gamma": (1.5, "gamma must be"),
+    "schedule": ("cubic", "schedule must be one of"),
+    "diffusion_steps": (0, "diffusion_steps must be >= 1, got 0"),
+    "mse_target_only": ("no", "mse_target_only must be true or false"),
+    "nll_target_only": (1.0, "nll_target_only must be true or false"),
+    "self_conditioning": ("true", "self_conditioning must be true or false"),
+    "load_balance_weight": (-0.1, "load_balance_weight must be"),
+    "z_loss_weight": (float("inf"), "z_loss_weight must be a finite number"),
+    "m_weight": (-1.0, "m_weight must be"),
+    "special_ids": ((1, 500), r"special_ids hold 500, not < vocab_size \(120\)"),
+    "pad_id": (500, r"pad_id \(500\) must be < vocab_size"),
+}
+
+
+def test_the_bad_values_cover_every_config_field():
+    assert set(BAD_CONFIG_VALUES) == {f.name for f in dataclasses.fields(MoEDiffuSeqConfig)}
+
+
+@pytest.mark.parametrize("field", list(BAD_CONFIG_VALUES))
+def test_every_config_field_is_checked(field):
+    value, why = BAD_CONFIG_VALUES[field]
     with pytest.raises(ValueError, match=why):
-        MoEDiffuSeqConfig.preset("tiny", vocab_size=120, **{field: value})
+        MoEDiffuSeqConfig.preset("tiny", **{"vocab_size": 120, field: value})
 
 
 def test_the_global_target_span_does_not_depend_on_the_padding_at_4096():

@@ -287,3 +287,41 @@ def test_the_cli_names_the_extra_a_command_needs(tmp_path):
     evaluate = _cli_without(["sacrebleu", "nltk", "rouge_score"], "evaluate", str(gens))
     assert evaluate.returncode == 2
     assert "pip install \"moediffuseq[eval]\"" in evaluate.stderr and "Traceback" not in evaluate.stderr
+
+
+def _install_check_plan(env_torch_spec):
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_SPEC"}
+    if env_torch_spec is not None:
+        env["TORCH_SPEC"] = env_torch_spec
+    result = subprocess.run(["bash", str(ROOT / "cmake" / "install_check.sh"), "--plan", sys.executable],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_install_check_empty_torch_spec_uses_the_installed_torch():
+    """TORCH_SPEC unset: the build's torch release; set: that one; set and empty: no download,
+    the installed torch through a fresh environment with the system's packages."""
+    release = torch.__version__.split("+")[0]
+    assert f"torch: torch=={release} (pip" in _install_check_plan(None)
+    assert "torch: torch==2.5.0 (pip" in _install_check_plan("torch==2.5.0")
+    assert "torch: the installed torch (fresh environment with --system-site-packages)" in _install_check_plan("")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_with_an_empty_torch_spec_installs_no_torch(tmp_path):
+    """`make test ... TORCH_SPEC=`: neither the install (into a new environment) nor install-check
+    downloads a torch (make -n: the recipes, nothing run)."""
+    def recipes(*spec):
+        result = subprocess.run(["make", "-n", "-C", str(ROOT), "install-check", f"VENV={tmp_path / 'venv'}",
+                                 *spec], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    default = recipes()
+    assert re.search(r"pip install .*\"torch==", default)
+    assert 'TORCH_SPEC="torch==' in default
+    empty = recipes("TORCH_SPEC=")
+    assert not re.search(r"pip install .*torch", empty), empty
+    assert 'TORCH_SPEC="" bash cmake/install_check.sh' in empty

@@ -144,3 +144,75 @@ def test_a_self_conditioned_model_generates_with_every_sampler_and_mbr(tmp_path,
     x = torch.randn(1, 24, 16)
     with pytest.raises(ValueError, match="self_conditioning"):
         MoEDiffuSeq(dataclasses.replace(cfg, self_conditioning=False))(x, torch.tensor([1]), None, x)
+
+
+def test_dtype_takes_torch_dtypes_and_their_names(model_dir):
+    from moediffuseq.generate import parse_dtype
+
+    for names, dtype in (((torch.bfloat16, "bfloat16", "bf16", "torch.bfloat16", "BFloat16"), torch.bfloat16),
+                         ((torch.float32, "float32", "fp32", "float", "torch.float32"), torch.float32),
+                         ((torch.float16, "float16", "fp16", "half"), torch.float16)):
+        assert all(parse_dtype(name) is dtype for name in names), names
+    for bad in ("int8", torch.int8, "bf32", 16):
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or float16"):
+            parse_dtype(bad)
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
+    bf16 = pipe(SOURCES, num_inference_steps=2, dtype="bf16", return_candidates=True)
+    for name in (torch.bfloat16, "bfloat16", "torch.bfloat16"):
+        assert pipe(SOURCES, num_inference_steps=2, dtype=name, return_candidates=True) == bf16
+    assert pipe(SOURCES, num_inference_steps=2, dtype=torch.float32) == pipe(SOURCES, num_inference_steps=2)
+    with pytest.raises(ValueError, match="float16 is not supported on the CPU"):
+        pipe(SOURCES, dtype=torch.float16)
+
+
+def test_arguments_have_diffusers_names_and_the_old_ones_as_aliases(model_dir):
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
+    expected = pipe(SOURCES, num_inference_steps=3, generator=7, batch_size=3)
+    assert pipe(SOURCES, steps=3, seed=7, batch_size=3) == expected
+    assert pipe(SOURCES, num_inference_steps=3, generator=torch.Generator().manual_seed(7), batch_size=3) == expected
+    assert pipe(SOURCES, num_inference_steps=3, batch_size=3) == pipe(SOURCES, num_inference_steps=3, generator=0,
+                                                                       batch_size=3)
+    with pytest.raises(TypeError, match="give num_inference_steps or steps"):
+        pipe(SOURCES, num_inference_steps=3, steps=3)
+    with pytest.raises(TypeError, match="give generator or seed"):
+        pipe(SOURCES, generator=1, seed=1)
+    with pytest.raises(TypeError, match="generator must be an int seed or a torch.Generator"):
+        pipe(SOURCES, generator="7")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_says_so(model_dir):
+    for load in (lambda: MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cuda"),
+                 lambda: MoEDiffuSeq.from_pretrained(model_dir, map_location="cuda")):
+        with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not available here \(.*\): use device='cpu'") \
+                as error:
+            load()
+        assert "corrupt" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_missing_optional_package_names_the_pip_line(model_dir, monkeypatch):
+    import sys
+
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
+    for name in [m for m in sys.modules if m == "nltk" or m.startswith("nltk.")] + ["nltk"]:
+        monkeypatch.setitem(sys.modules, name, None)  # MBR scores its candidates with nltk's BLEU
+    with pytest.raises(ModuleNotFoundError, match=r"""^this needs the optional package 'nltk': """
+                                                  r"""pip install "moediffuseq\[eval\]"$"""):
+        pipe(SOURCES, steps=2, mbr=2)
+
+
+def test_all_empty_outputs_warn_with_the_reason(model_dir, tmp_path):
+    from moediffuseq.pipeline import EmptyOutputWarning
+
+    pipe = MoEDiffuSeqPipeline.from_pretrained(model_dir, device="cpu")
+    with torch.no_grad():
+        pipe.model.lm_head_bias[pipe.tokenizer.special.sep] = 1e4  # [SEP] first: every text ends at once
+    with pytest.warns(EmptyOutputWarning, match=r"all 4 generated texts are empty: the model ends every text at "
+                                                r"once, as an untrained or undertrained model does: train it longer"):
+        assert pipe(SOURCES, num_inference_steps=2) == [""] * 4
+    run = tmp_path / "run"
+    pipe.save_pretrained(run / "model")
+    (run / "run_config.json").write_text(json.dumps({"train": {"steps": 200, "warmup_steps": 500, "lr": 1e-4}}))
+    with pytest.warns(EmptyOutputWarning, match=r"trained for 200 steps with a 500-step warm-up, so its learning "
+                                                r"rate never reached 0.0001: train longer than the warm-up"):
+        MoEDiffuSeqPipeline.from_pretrained(run / "model", device="cpu")(SOURCES, num_inference_steps=2)

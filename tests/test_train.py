@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moediffuseq.checkpoint import find_checkpoint, read_state
+from moediffuseq.checkpoint import checkpoint_step, find_checkpoint, read_state
 from moediffuseq.cli import main
 from moediffuseq.model import MoEDiffuSeq
 from moediffuseq.train import TrainConfig, Trainer, lr_factor
@@ -61,9 +61,11 @@ def test_cli_train_generate_evaluate(corpus, tmp_path, capsys):
     assert "| gens |" in capsys.readouterr().out
 
 
-def test_resume_after_interrupt_continues_exactly(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [[], ["--bf16"], ["--grad-accum", "2"]], ids=["fp32", "bf16", "grad-accum"])
+def test_resume_after_interrupt_continues_exactly(corpus, tmp_path, monkeypatch, options):
+    """On the CPU, in one process: fp32, bf16 autocast, and gradient accumulation over 2 batches."""
     straight = tmp_path / "straight"
-    assert main(train_argv(corpus, straight, 6)) == 0
+    assert main(train_argv(corpus, straight, 6, *options)) == 0
 
     interrupted = tmp_path / "interrupted"
     real_step = Trainer.train_step
@@ -74,10 +76,10 @@ def test_resume_after_interrupt_continues_exactly(corpus, tmp_path, monkeypatch)
         return real_step(self)
 
     monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
-    assert main(train_argv(corpus, interrupted, 6)) == 130  # Ctrl-C: checkpoint of step 4
+    assert main(train_argv(corpus, interrupted, 6, *options)) == 130  # Ctrl-C: checkpoint of step 4
     assert read_state(find_checkpoint(interrupted / "checkpoint"))["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert main(train_argv(corpus, interrupted, 6, "--resume")) == 0
+    assert main(train_argv(corpus, interrupted, 6, *options, "--resume")) == 0
     assert train_losses(interrupted) == train_losses(straight)  # bit-identical losses after the resume
     a = MoEDiffuSeq.from_pretrained(straight / "model").state_dict()
     b = MoEDiffuSeq.from_pretrained(interrupted / "model").state_dict()
@@ -387,3 +389,22 @@ def test_keep_best_exports_the_weights_of_the_best_validation(corpus, tmp_path):
     a = MoEDiffuSeq.from_pretrained(out / "model").state_dict()
     b = MoEDiffuSeq.from_pretrained(out / "best_model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_holds_the_ema_weights_of_the_best_step(corpus, tmp_path, monkeypatch):
+    """best_model/ (and the exported model/) hold the EMA weights of the step whose validation was
+    best, compared with that step's kept checkpoint, when the best is not the last step."""
+    bleu_at = {3: 0.9, 6: 0.1}  # the best validation at step 3 of 6
+    monkeypatch.setattr(Trainer, "validation_bleu", lambda self: bleu_at[self.step])
+    out = tmp_path / "best"
+    assert main(train_argv(corpus, out, 6, "--keep-best", "--keep-checkpoints", "2")) == 0
+    assert json.loads((out / "best_model" / "best.json").read_text())["step"] == 3
+    at_3 = out / "checkpoint-00000003"
+    assert checkpoint_step(at_3) == 3 and checkpoint_step(out / "checkpoint") == 6
+    ema_3 = MoEDiffuSeq.from_pretrained(at_3 / "ema").state_dict()
+    ema_6 = MoEDiffuSeq.from_pretrained(out / "checkpoint" / "ema").state_dict()
+    assert any(not torch.equal(ema_3[k], ema_6[k]) for k in ema_3)  # the two steps are told apart
+    for name in ("best_model", "model"):
+        kept = MoEDiffuSeq.from_pretrained(out / name).state_dict()
+        assert kept.keys() == ema_3.keys()
+        assert all(torch.equal(kept[k], ema_3[k]) for k in kept), name

@@ -233,3 +233,143 @@ def test_attention_refuses_what_it_cannot_express(case, kwargs, message):
     mask = kwargs.pop("attention_mask", None)
     with pytest.raises(ValueError, match=message):
         attention_forward(_Module(), q, kv, kv, mask, **kwargs)
+
+
+def tiny_llama(attn_implementation="moediffuseq", seed=13):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padding-mask"])
+def test_attention_drop_in_compiles_without_graph_breaks(padded):
+    """No data-dependent Python branch on the padding mask: zero graph breaks in dynamo's
+    explain, and fullgraph=True compiles and gives the eager logits, with and without padding."""
+    register()
+    model = tiny_llama()
+    ids, mask = padded_batch(97, 2, 24, seed=14)
+    mask = mask if padded else None
+
+    def logits(input_ids, attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    explained = torch._dynamo.explain(logits)(ids, mask)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(logits, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids, mask), logits(ids, mask), atol=1e-6, rtol=1e-6)
+
+
+def tiny_qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                            shared_expert_intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                            max_position_embeddings=256)
+    torch.manual_seed(15)
+    return Qwen2MoeForCausalLM(config).eval()
+
+
+def test_a_block_without_a_gate_module_round_trips_its_state_dict():
+    ffn = moe_block_from_hf(mixtral_block()).ffn
+    block = MoEBlock(ffn)
+    state = block.state_dict()
+    assert sorted(state) == ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
+    fresh = MoEBlock(MoEFeedForward(32, 48, 5, 2, activation="swiglu"))
+    fresh.load_state_dict(state, strict=True)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(21))
+    torch.testing.assert_close(fresh(x), block(x))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_replaced_blocks_keep_hugging_face_names_save_load_and_restore(family, tmp_path):
+    """After replace_moe_blocks: the state dict has transformers' names, layouts and values (the
+    router once), save_pretrained works and transformers' from_pretrained reads it into a plain
+    model, a transformers state dict loads strictly into a replaced model, and
+    restore_moe_blocks puts transformers' blocks back with the current weights."""
+    from moediffuseq.integrations.transformers import restore_moe_blocks
+
+    make = (lambda: tiny_mixtral("eager")) if family == "mixtral" else tiny_qwen2_moe
+    model = make()
+    randomize(model, 16, std=0.1)
+    ids = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        expect = model(ids).logits
+        hf_state = {k: v.clone() for k, v in model.state_dict().items()}
+        assert replace_moe_blocks(model) == 2
+        state = model.state_dict()
+        assert sorted(state) == sorted(hf_state)
+        for name in state:
+            assert torch.equal(state[name], hf_state[name]), name
+        model.save_pretrained(tmp_path / "replaced")
+        reloaded = type(model).from_pretrained(tmp_path / "replaced").eval()
+        assert not any(isinstance(m, MoEBlock) for m in reloaded.modules())
+        torch.testing.assert_close(reloaded(ids).logits, expect, atol=1e-5, rtol=1e-5)
+
+        fresh = make()
+        replace_moe_blocks(fresh)
+        fresh.load_state_dict(hf_state, strict=True)
+        torch.testing.assert_close(fresh(ids).logits, expect, atol=1e-5, rtol=1e-5)
+
+        block = fresh.model.layers[1].mlp
+        block.ffn.w1.mul_(1.5)  # changed after the replacement (trained): restored as it is now
+        block.gate.weight.mul_(-1.0)
+        x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(18))
+        changed = block(x)
+        assert restore_moe_blocks(fresh) == 2
+        assert not any(isinstance(m, MoEBlock) for m in fresh.modules())
+        restored = fresh.model.layers[1].mlp
+        assert type(restored).__name__.endswith("SparseMoeBlock")
+        out = restored(x)
+        torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, changed, atol=1e-5, rtol=1e-5)
+        assert sorted(fresh.state_dict()) == sorted(hf_state)
+        fresh.save_pretrained(tmp_path / "restored")
+
+
+def test_float16_attention_on_the_cpu_runs_like_transformers():
+    """model.half() on the CPU, whose kernels take float32 and bfloat16: the attention drop-in
+    computes in float32 and returns float16, within float16 rounding of transformers' own."""
+    register()
+    reference, ours = tiny_llama("eager").half(), tiny_llama("moediffuseq").half()
+    ids, mask = padded_batch(97, 2, 24, seed=19)
+    with torch.no_grad():
+        expect = reference(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert got.dtype == torch.float16
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expect[keep], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_float16_moe_block_on_the_cpu_runs_like_transformers(family):
+    block = (mixtral_block() if family == "mixtral" else qwen_block(True)).half()
+    ours = moe_block_from_hf(block)
+    x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(20)).half()
+    with torch.no_grad():
+        expect, got = block(x), ours(x)
+    expect = expect[0] if isinstance(expect, tuple) else expect
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, expect, atol=2e-3, rtol=2e-3)
+
+
+def test_without_transformers_register_names_the_extra(monkeypatch):
+    """The [hf] extra brings transformers (pyproject.toml's optional dependencies, the one list
+    moediffuseq.extras reads), and register() without it names the pip line."""
+    import sys
+    import tomllib
+
+    from utils import ROOT
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("transformers") for r in extras["hf"])
+    monkeypatch.setattr("moediffuseq.extras.extra_of_module", lambda: {"transformers": "hf"})  # as installed
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")] + ["transformers"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ModuleNotFoundError, match=r"""^this needs the optional package 'transformers': """
+                                                  r"""pip install "moediffuseq\[hf\]"$"""):
+        register()

@@ -7,6 +7,7 @@ at import time: ``cuda_ready`` is called by tests at run time only.
 """
 import functools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,10 @@ ERROR_FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, t
 
 @functools.lru_cache(maxsize=None)
 def cuda_ready() -> bool:
-    """True when a GPU is visible and the extension was built with its CUDA kernels.
+    """True when a GPU is visible and the extension was built with its CUDA kernels; False when
+    no GPU is visible. A GPU with a build that lacks the CUDA kernels fails the calling test
+    (every CUDA test would otherwise be skipped silently and a broken CUDA build look green),
+    unless MOEDIFFUSEQ_TESTS_CPU_BUILD_OK=1 says that build is meant.
 
     Called by tests at run time only (never at import or collection time).
     """
@@ -38,7 +42,13 @@ def cuda_ready() -> bool:
         return False
     import moediffuseq
 
-    return bool(moediffuseq.build_info().has_cuda)
+    if moediffuseq.build_info().has_cuda:
+        return True
+    if os.environ.get("MOEDIFFUSEQ_TESTS_CPU_BUILD_OK") == "1":
+        return False
+    pytest.fail("a GPU is visible but the moediffuseq extension was built without its CUDA kernels: rebuild with "
+                "MOEDIFFUSEQ_CUDA=ON (or set MOEDIFFUSEQ_TESTS_CPU_BUILD_OK=1 to skip the CUDA tests on purpose)",
+                pytrace=False)
 
 
 def skip_unless_ready(device: str) -> None:

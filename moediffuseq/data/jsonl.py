@@ -1,7 +1,8 @@
 """DiffuSeq's data format: ``train.jsonl`` / ``valid.jsonl`` / ``test.jsonl``, one
 ``{"src": "...", "trg": "..."}`` object per line.
 
-A malformed line is never dropped silently: with ``on_error="raise"`` (the default) the first
+Each line is read with a bound on its length (``moediffuseq.limits.MAX_LINE_BYTES``). A malformed
+line (not JSON, not UTF-8, a lone surrogate escape) is never dropped silently: with ``on_error="raise"`` (the default) the first
 one stops the load with its file and line number; with ``on_error="skip"`` every bad line is
 reported (file:line and why) through ``warnings`` and counted in the result.
 """
@@ -13,6 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
+
+from moediffuseq.limits import lines
 
 SPLITS = ("train", "valid", "test")
 
@@ -48,6 +51,11 @@ def _parse_line(line: str, require_target: bool) -> Example:
             raise DataFormatError(f"missing key {key!r} (keys: {sorted(obj)})")
         if not isinstance(obj[key], str):
             raise DataFormatError(f"{key!r} must be a string, got {type(obj[key]).__name__}")
+        try:
+            obj[key].encode("utf-8")
+        except UnicodeEncodeError as e:  # json reads a lone "\ud800" escape into a str no encoder takes
+            raise DataFormatError(f"{key!r} holds a lone surrogate escape ({obj[key][e.start]!r} at character "
+                                  f"{e.start}): not text") from None
     if not obj["src"].strip():
         raise DataFormatError("empty 'src'")
     return Example(obj["src"], obj.get("trg"))
@@ -62,21 +70,24 @@ def read_jsonl(path: str | os.PathLike, on_error: str = "raise", require_target:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     out = LoadedSplit([], path)
-    with path.open(encoding="utf-8-sig", errors="strict") as f:  # a byte-order mark is not text
-        try:
-            for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in lines(f, path):  # each line bounded (MAX_LINE_BYTES)
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not text
+                raw = raw[3:]
+            try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataFormatError(f"not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
-                try:
-                    out.examples.append(_parse_line(line, require_target))
-                except DataFormatError as e:
-                    where = f"{path}:{number}: {e}"
-                    if on_error == "raise":
-                        raise DataFormatError(f"{where} (pass on_error='skip' / --skip-bad-lines to skip "
-                                              "malformed lines)") from None
-                    out.skipped.append(where)
-        except UnicodeDecodeError as e:
-            raise DataFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                out.examples.append(_parse_line(line, require_target))
+            except DataFormatError as e:
+                where = f"{path}:{number}: {e}"
+                if on_error == "raise":
+                    raise DataFormatError(f"{where} (pass on_error='skip' / --skip-bad-lines to skip "
+                                          "malformed lines)") from None
+                out.skipped.append(where)
     if out.skipped:
         shown = "\n  ".join(out.skipped[:10]) + ("\n  ..." if len(out.skipped) > 10 else "")
         warnings.warn(f"{path}: skipped {len(out.skipped)} malformed line(s) of "

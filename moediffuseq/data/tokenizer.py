@@ -7,10 +7,17 @@ Special tokens and their fixed ids (the model's ``pad_id`` and ``special_ids``):
 ``bpe`` is byte-level BPE (lossless: code keeps its indentation and line breaks);
 ``wordpiece`` is cased BERT-style WordPiece on words and punctuation (text loses its layout:
 line breaks and indentation become single spaces), whose outputs read as words.
+
+Bounded work on any text: a run of more than ``MAX_WORD_CHARS`` non-whitespace characters (a
+minified file, a base64 blob, a hostile line) is tokenized in pieces of that many characters, so
+that no word handed to the tokenizer is longer (the BPE of one huge word takes time and memory
+far beyond its length, and the tokenizers library can panic on it); tokenizer training also
+sees at most ``MAX_TRAIN_TEXT_CHARS`` characters of each text.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
@@ -23,6 +30,23 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 _WHITESPACE = " \t\n\r"
+MAX_WORD_CHARS = 256            # longer runs of non-whitespace are cut into pieces this long
+MAX_TRAIN_TEXT_CHARS = 1 << 20  # characters of one text that tokenizer training sees
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
+
+
+def _cuts(text: str) -> list[int]:
+    """Where ``text`` is cut: every ``MAX_WORD_CHARS`` characters into each longer non-whitespace run
+    (positions counted from the run's start, so a prefix of a text is cut where the text is)."""
+    return [m.start() + k for m in _LONG_WORD.finditer(text) for k in range(MAX_WORD_CHARS, m.end() - m.start(),
+                                                                               MAX_WORD_CHARS)]
+
+
+def _pieces(text: str) -> tuple[list[str], list[int]]:
+    """``text`` cut at ``_cuts``: the pieces and the offset of each."""
+    starts = [0] + _cuts(text)
+    ends = starts[1:] + [len(text)]
+    return [text[a:b] for a, b in zip(starts, ends)], starts
 
 
 def _last_whitespace_run(text: str) -> int:
@@ -65,7 +89,22 @@ class TextTokenizer:
         return self.vocab_size
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._encode_cut([text])[0][0]
+
+    def _encode_cut(self, texts: Sequence[str]) -> list[tuple[list[int], list[int], int]]:
+        """(ids, end offset of each id, the last cut) of every text, its long words cut (``_pieces``)."""
+        cut = [_pieces(t) for t in texts]
+        encodings = iter(self.tokenizer.encode_batch([p for pieces, _ in cut for p in pieces],
+                                                     add_special_tokens=False))
+        out = []
+        for pieces, starts in cut:
+            ids, ends = [], []
+            for start in starts:
+                enc = next(encodings)
+                ids += enc.ids
+                ends += [start + end for _, end in enc.offsets]
+            out.append((ids, ends, starts[-1]))
+        return out
 
     def encode_batch(self, texts: Sequence[str], max_tokens: Optional[int] = None) -> list[list[int]]:
         """Token ids of every text; with ``max_tokens``, the first ``max_tokens`` ids (exactly those
@@ -73,20 +112,21 @@ class TextTokenizer:
         memory in proportion to ``max_tokens``, not to its length."""
         texts = list(texts)
         if max_tokens is None:
-            return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+            return [ids for ids, _, _ in self._encode_cut(texts)]
         out: list[Optional[list[int]]] = [None] * len(texts)
         todo, chars = list(range(len(texts))), 8 * max_tokens + 64
         while todo:
             pieces = [texts[i][:chars] for i in todo]
             again = []
-            for i, piece, enc in zip(todo, pieces, self.tokenizer.encode_batch(pieces, add_special_tokens=False)):
+            for i, piece, (piece_ids, ends, last_cut) in zip(todo, pieces, self._encode_cut(pieces)):
                 if len(piece) == len(texts[i]):
-                    out[i] = enc.ids[:max_tokens]
+                    out[i] = piece_ids[:max_tokens]
                     continue
-                # Pre-tokenizers never join text across whitespace: the tokens that end before the
-                # prefix's last whitespace run are those of the whole text.
-                safe = _last_whitespace_run(piece)
-                ids = [token for token, (_, end) in zip(enc.ids, enc.offsets) if end <= safe]
+                # Pre-tokenizers never join text across whitespace, and the pieces of a cut word are
+                # tokenized apart: the tokens that end before the prefix's last whitespace run (or
+                # its last cut) are those of the whole text.
+                safe = max(_last_whitespace_run(piece), last_cut)
+                ids = [token for token, end in zip(piece_ids, ends) if end <= safe]
                 if len(ids) >= max_tokens:
                     out[i] = ids[:max_tokens]
                 else:
@@ -110,11 +150,14 @@ class TextTokenizer:
         """From a tokenizer.json file, or a directory holding one."""
         from tokenizers import Tokenizer
 
+        from moediffuseq.limits import MAX_TOKENIZER_BYTES, check_file_size
+
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
+        check_file_size(path, "tokenizer file", MAX_TOKENIZER_BYTES)
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on malformed files
@@ -124,11 +167,16 @@ class TextTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 8192, kind: str = "bpe",
               min_frequency: int = 2) -> "TextTokenizer":
-        """Trains a tokenizer on ``texts`` (e.g. the sources and targets of the training split)."""
+        """Trains a tokenizer on ``texts`` (e.g. the sources and targets of the training split): the
+        first ``MAX_TRAIN_TEXT_CHARS`` characters of each, its long words cut as ``encode`` cuts them."""
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+        from moediffuseq.limits import MAX_VOCAB_SIZE
 
         if vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size must be > {len(SPECIAL_TOKENS)}, got {vocab_size}")
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be <= {MAX_VOCAB_SIZE:_}, got {vocab_size:_}")
         if kind == "bpe":
             tok = Tokenizer(models.BPE(unk_token="[UNK]"))
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -145,5 +193,5 @@ class TextTokenizer:
                                                 special_tokens=list(SPECIAL_TOKENS), show_progress=False)
         else:
             raise ValueError(f"tokenizer kind must be 'bpe' or 'wordpiece', got {kind!r}")
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator((p for t in texts for p in _pieces(t[:MAX_TRAIN_TEXT_CHARS])[0]), trainer=trainer)
         return cls(tok, f"<trained {kind}>")

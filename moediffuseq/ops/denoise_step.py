@@ -139,21 +139,23 @@ def denoise_step_ref(x_t: Tensor, x0_hat: Tensor, anchor: Tensor, target_mask: T
                      coef_xt: Coef, coef_x0: Coef, *, x0_prev: Optional[Tensor] = None,
                      coef_x0_prev: Optional[Coef] = None, noise: Optional[Tensor] = None,
                      coef_noise: Optional[Coef] = None, out: Optional[Tensor] = None) -> Tensor:
-    """The same update as a chain of plain PyTorch ops (float32 math)."""
+    """The same update as a chain of plain PyTorch ops, computed in float32, or in float64 when
+    x_t is float64 (the tests' reference); the float32 coefficients are the op's either way."""
     B = x_t.shape[0]
+    dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
 
-    def col(c):
-        return torch.as_tensor(c, dtype=torch.float32, device=x_t.device).expand(B)[:, None, None]  # (B, 1, 1)
+    def col(c):  # (B, 1, 1)
+        return torch.as_tensor(c, dtype=torch.float32, device=x_t.device).to(dtype).expand(B)[:, None, None]
 
     a, b = col(coef_xt), col(coef_x0)
     c = col(coef_x0_prev) if x0_prev is not None else 0.0
-    mf = m.float()
-    result = a * x_t.float() + b * x0_hat.float() + (1 - a - b - c) * mf
+    mf = m.to(dtype)
+    result = a * x_t.to(dtype) + b * x0_hat.to(dtype) + (1 - a - b - c) * mf
     if x0_prev is not None:
-        result = result + c * x0_prev.float()
+        result = result + c * x0_prev.to(dtype)
     if noise is not None:
-        result = result + col(coef_noise) * noise.float()
-    result = torch.where(target_mask[..., None], result, anchor.float()).to(x_t.dtype)
+        result = result + col(coef_noise) * noise.to(dtype)
+    result = torch.where(target_mask[..., None], result, anchor.to(dtype)).to(x_t.dtype)
     if out is None:
         return result
     return out.copy_(result)

@@ -51,9 +51,11 @@ torch.library.register_autograd("moediffuseq::moe_topk_softmax", _backward, setu
 
 
 def moe_topk_softmax_ref(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The contract the plain way: float32 softmax, stable descending sort, renormalise."""
-    probs = torch.softmax(logits.float(), dim=-1)  # (T, E)
+    """The contract the plain way: float32 softmax (float64 for float64 logits: the tests'
+    reference), stable descending sort, renormalise."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(logits.to(dtype), dim=-1)  # (T, E)
     # sort by logit (ties keep the lower index first: stable sort), read the probabilities
-    order = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]  # (T, k)
+    order = torch.sort(logits.to(dtype), dim=-1, descending=True, stable=True).indices[:, :k]  # (T, k)
     chosen = probs.gather(1, order)
     return chosen / chosen.sum(-1, keepdim=True), order

@@ -75,14 +75,15 @@ refuse_double_backward("soft_absorb_q_sample_backward", "soft_absorb_q_sample")
 def soft_absorb_q_sample_ref(x0: Tensor, m: Tensor, target_mask: Tensor, sqrt_ab: Tensor, sqrt_1mab: Tensor, *,
                              noise: Optional[Tensor] = None, uniform: Optional[Tensor] = None, gamma: float = 0.5,
                              generator: Optional[torch.Generator] = None) -> Tensor:
-    """The contract as plain PyTorch ops (float32 math, result in the dtype of x0); the same
-    draws as the op for the same generator."""
+    """The contract as plain PyTorch ops (float32 math, float64 when x0 is float64: the tests'
+    reference; result in the dtype of x0); the same draws as the op for the same generator."""
     x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, gamma = _op_args(
         x0, m, target_mask, sqrt_ab, sqrt_1mab, noise, uniform, gamma, generator)
-    a = sqrt_ab[:, None, None]  # (B, 1, 1)
-    s = sqrt_1mab[:, None, None]
-    mf = m.float()
-    noised = a * (x0.float() - mf) + s * noise.float() + mf  # (B, L, d)
+    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    a = sqrt_ab[:, None, None].to(dtype)  # (B, 1, 1)
+    s = sqrt_1mab[:, None, None].to(dtype)
+    mf = m.to(dtype)
+    noised = a * (x0.to(dtype) - mf) + s * noise.to(dtype) + mf  # (B, L, d)
     absorbed = target_mask & (uniform < gamma * sqrt_1mab[:, None])  # (B, L)
     out = torch.where(absorbed[..., None], mf.expand_as(noised), noised)
-    return torch.where(target_mask[..., None], out, x0.float()).to(x0.dtype)
+    return torch.where(target_mask[..., None], out, x0.to(dtype)).to(x0.dtype)

@@ -3,8 +3,9 @@
 // dK and dV of its 64 keys in registers over the query tiles that see them (the transposed lists
 // of attention/cuda/block_sparse_attention_tile_io.cuh), for each query head of its group
 // (grouped-query attention: no atomics on dK, dV), and adds dQ = scale dS K to a float32 buffer
-// with atomics. Probabilities are rebuilt from the saved log-sum-exp; delta = rowsum(dO * O)
-// comes from a preprocessing kernel.
+// with atomics. Probabilities are rebuilt from the saved (natural-log) log-sum-exp with the
+// forward's own roundings (see the P = exp(...) step); delta = rowsum(dO * O) comes from a
+// preprocessing kernel.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -35,7 +36,7 @@ struct BwdKernel {
     Elem dout[Tiles::kElems];  // also the staging tile of dV
     Elem p[PTiles::kElems];
     Elem ds[PTiles::kElems];
-    float lse[kBsaTile];  // of the query rows, log2 units; +inf drops a row
+    float lse[kBsaTile];  // of the query rows, natural log as saved; +inf drops a row
     float delta[kBsaTile];
     int kpos[kBsaTile];
     int qpos[kBsaTile];
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
       const bool keep = pos >= 0 && !(geometry && flags.is_global(pos));
       ss.qpos[tid] = pos;
       ss.qkeep[tid] = keep;
-      ss.lse[tid] = keep ? lse[pos] * kLog2e : INFINITY;  // +inf: probabilities 0
+      ss.lse[tid] = keep ? lse[pos] : INFINITY;  // +inf: probabilities 0
       ss.delta[tid] = keep ? delta[pos] : 0.f;
     }
     __syncthreads();
@@ -228,8 +229,14 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
         if (geometry) ok = ok && band_pair((t0 + row) - (c0 + col), w, causal);
         if (by_position) ok = ok && ss.kpos[col] <= ss.qpos[row];
       }
-      // <= 0 in exact arithmetic; clamped so that rounding at a huge scale cannot overflow
-      const float prob = ok ? exp2f(fminf(acc_s(i) * scale_log2 - ss.lse[row], 0.f)) : 0.f;
+      // The forward rounds the score to log2 units (s2 = S * scale_log2) and saves
+      // lse = fl(fl(max s2 * ln2) + log(sum)). Replaying those roundings (the same MMA gives the
+      // same S bit for bit; __f*_rn are never fused) makes s2 * ln2 - lse exact for the row's
+      // maximum, so its probability survives a huge scale, where the ulp of the score dwarfs
+      // log(sum) and a log2 <-> ln round trip of lse is off by ulps of the score. <= 0 in exact
+      // arithmetic; clamped so that rounding cannot overflow.
+      const float s_ln = __fmul_rn(__fmul_rn(acc_s(i), scale_log2), kLn2);
+      const float prob = ok ? exp2f(__fmul_rn(fminf(__fsub_rn(s_ln, ss.lse[row]), 0.f), kLog2e)) : 0.f;
       tSsP(i) = static_cast<Elem>(prob);
       tSsdS(i) = static_cast<Elem>(prob * (acc_dp(i) - ss.delta[row]));
     }
@@ -248,6 +255,10 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
       if (ss.qkeep[row]) atomicAdd(dq_accum + static_cast<int64_t>(ss.qpos[row]) * D + col, acc_dq(i) * p.scale);
     }
   }
+
+  // With no query tile (a causal split of global keys whose query range is empty) the K and V
+  // copies are still in flight: wait for them before the CTA can exit or reuse shared memory.
+  cp_async_wait<0>();
 
   if (dense.partial) {
     // Part of the query tiles: add to the float32 sums that block_sparse_attention_finish_keys_kernel writes out.

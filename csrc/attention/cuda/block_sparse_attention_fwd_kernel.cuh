@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     for (int r = 0; r < 2; ++r) {
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s_rc); ++c) {
-        float s = s_rc(r, c) * scale_log2;
+        float s = __fmul_rn(s_rc(r, c), scale_log2);  // rounded as the backward replays it
         if (need_mask) {
           const int row = get<0>(cS(r, c)), col = get<1>(cS(r, c));
           bool ok = ss.kkeep[col];
@@ -276,7 +276,8 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     for (int c = 0; c < size<1>(acc_o_rc); ++c) acc_o_rc(r, c) *= inv_sum;
     const int row = get<0>(cS(r, 0));
     if ((tid & 3) == 0 && ss.qwrite[row]) {
-      lse[ss.qpos[row]] = row_sum[r] > 0.f ? row_max[r] * kLn2 + logf(row_sum[r]) : INFINITY;
+      // two roundings, never fused: the backward rebuilds the row maximum's term exactly
+      lse[ss.qpos[row]] = row_sum[r] > 0.f ? __fadd_rn(__fmul_rn(row_max[r], kLn2), logf(row_sum[r])) : INFINITY;
     }
   }
   __syncthreads();  // every warp is past its last read of sQ

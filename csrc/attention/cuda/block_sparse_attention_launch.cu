@@ -108,7 +108,8 @@ __global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const Bsa
       }
       out[c] = static_cast<Elem>(acc * inv);
     }
-    if (lane == 0) p.lse[bh * L + pos] = sum > 0.f ? max_all * kBsaLn2 + logf(sum) : INFINITY;
+    // rounded as the forward kernel's lse (the backward replays these roundings)
+    if (lane == 0) p.lse[bh * L + pos] = sum > 0.f ? __fadd_rn(__fmul_rn(max_all, kBsaLn2), logf(sum)) : INFINITY;
   }
 }
 

@@ -4,8 +4,8 @@
 #define MOEDIFFUSEQ_DECLARE_GROUPED_GEMM(DTYPE, LAYOUT)                                                  \
   const char* moe_grouped_gemm_refusal_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, int, int);    \
   size_t moe_grouped_gemm_workspace_size_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, int, int); \
-  const char* moe_grouped_gemm_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, void*, size_t, int, int, \
-                                                  cudaStream_t);
+  const char* moe_grouped_gemm_##DTYPE##_##LAYOUT(int, const GroupedGemmProblem*, void*, size_t, void*, size_t, \
+                                                  int, int, cudaStream_t);
 
 namespace moediffuseq::cuda {
 
@@ -45,12 +45,12 @@ size_t moe_grouped_gemm_workspace_size(DType dtype, GemmLayout layout, int group
 }
 
 const char* moe_grouped_gemm(DType dtype, GemmLayout layout, int groups, const GroupedGemmProblem* problems,
-                             void* workspace, size_t workspace_bytes, int device, int sm_count,
-                             cudaStream_t stream) {
+                             void* workspace, size_t workspace_bytes, void* host_staging, size_t host_bytes,
+                             int device, int sm_count, cudaStream_t stream) {
   if (groups == 0) return nullptr;
   if (dtype == DType::kFloat32) return "float32 operands have no tensor-core grouped GEMM";
-  MOEDIFFUSEQ_GROUPED_GEMM_CASES(moe_grouped_gemm, groups, problems, workspace, workspace_bytes, device, sm_count,
-                                 stream)
+  MOEDIFFUSEQ_GROUPED_GEMM_CASES(moe_grouped_gemm, groups, problems, workspace, workspace_bytes, host_staging,
+                                 host_bytes, device, sm_count, stream)
   return "unknown layout";
 }
 

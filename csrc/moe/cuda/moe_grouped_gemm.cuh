@@ -4,7 +4,10 @@
 //   mainloop: TMA + warp-specialised cooperative WGMMA, fp32 accumulators;
 //   epilogue: D = acc (no source operand), written by TMA in the element type.
 // Group sizes come from the host: the problem shapes, operand pointers and strides are packed
-// into one host buffer and copied into the head of the device workspace.
+// into one caller-given host staging buffer, which must be pinned (page-locked) memory so that
+// the copy into the head of the device workspace is truly asynchronous (from pageable memory
+// cudaMemcpyAsync stages the bytes and may synchronise the host on every launch), and which the
+// caller keeps from reuse until the copy has run (an event on the stream).
 #pragma once
 
 // Device-side asserts inside the WGMMA main loop serialise the tensor-core pipeline (ptxas
@@ -181,12 +184,13 @@ struct MoeGroupedGemm {
   }
 
   static const char* run(int groups, const GroupedGemmProblem* problems, void* workspace, size_t workspace_bytes,
-                         int device, int sm_count, cudaStream_t stream) {
+                         void* host_staging, size_t host_bytes, int device, int sm_count, cudaStream_t stream) {
     const Arrays arrays(groups);
+    if (host_staging == nullptr || host_bytes < arrays.bytes) return "host staging buffer missing or too small";
     const std::vector<Shape> shapes = shapes_of(groups, problems);
-    std::vector<uint8_t> host(arrays.bytes);
+    uint8_t* host = static_cast<uint8_t*>(host_staging);
     auto fill = [&](size_t offset, int g, const auto& value) {
-      std::memcpy(host.data() + offset + g * sizeof(value), &value, sizeof(value));
+      std::memcpy(host + offset + g * sizeof(value), &value, sizeof(value));
     };
     for (int g = 0; g < groups; ++g) {
       const GroupedGemmProblem& p = problems[g];
@@ -204,8 +208,8 @@ struct MoeGroupedGemm {
     Gemm gemm;
     if (workspace_bytes < arrays.bytes + Gemm::get_workspace_size(args)) return "workspace too small";
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "problem not supported (alignment)";
-    // From pageable memory the copy is staged before it returns: `host` may go out of scope.
-    if (cudaMemcpyAsync(base, host.data(), arrays.bytes, cudaMemcpyHostToDevice, stream) != cudaSuccess) {
+    // Pinned source: the copy is only enqueued, the caller keeps `host_staging` until it has run.
+    if (cudaMemcpyAsync(base, host, arrays.bytes, cudaMemcpyHostToDevice, stream) != cudaSuccess) {
       return "copy of the problem arrays failed";
     }
     if (gemm.initialize(args, base + arrays.bytes, stream) != cutlass::Status::kSuccess) return "initialize failed";
@@ -228,9 +232,9 @@ struct MoeGroupedGemm {
     return MoeGroupedGemm<DType::DTYPE, GemmLayout::LAYOUT>::workspace_size(groups, p, device, sm_count); \
   }                                                                                                   \
   const char* moe_grouped_gemm_##DTYPE##_##LAYOUT(int groups, const GroupedGemmProblem* p, void* ws,   \
-                                                  size_t bytes, int device, int sm_count,             \
-                                                  cudaStream_t stream) {                              \
-    return MoeGroupedGemm<DType::DTYPE, GemmLayout::LAYOUT>::run(groups, p, ws, bytes, device, sm_count, \
-                                                                 stream);                             \
+                                                  size_t bytes, void* host, size_t host_bytes,        \
+                                                  int device, int sm_count, cudaStream_t stream) {    \
+    return MoeGroupedGemm<DType::DTYPE, GemmLayout::LAYOUT>::run(groups, p, ws, bytes, host, host_bytes, \
+                                                                 device, sm_count, stream);           \
   }                                                                                                   \
   }

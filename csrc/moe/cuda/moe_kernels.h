@@ -29,7 +29,9 @@ cudaError_t launch_moe_activation_backward(const MoeActivationParams& p, cudaStr
 // with float32 accumulation; the group sizes come from the host (every m, n, k >= 1).
 // moe_grouped_gemm_workspace_size: device bytes the run needs (problem, pointer and stride
 // arrays plus the CUTLASS workspace). moe_grouped_gemm: returns nullptr on success, else a
-// message naming the failed step.
+// message naming the failed step; `host_staging` (at least workspace_bytes) is pinned host
+// memory that packs the problem arrays for an asynchronous copy, and the caller must keep it from
+// reuse until that copy has run on `stream` (record an event).
 // moe_grouped_gemm_refusal: nullptr when the kernel takes the problems, else why not
 // (float32: always refused; 16-bit: the alignment rules above, checked by CUTLASS's
 // can_implement, whose status string is returned).
@@ -38,7 +40,7 @@ const char* moe_grouped_gemm_refusal(DType dtype, GemmLayout layout, int groups,
 size_t moe_grouped_gemm_workspace_size(DType dtype, GemmLayout layout, int groups,
                                        const GroupedGemmProblem* problems, int device, int sm_count);
 const char* moe_grouped_gemm(DType dtype, GemmLayout layout, int groups, const GroupedGemmProblem* problems,
-                             void* workspace, size_t workspace_bytes, int device, int sm_count,
-                             cudaStream_t stream);
+                             void* workspace, size_t workspace_bytes, void* host_staging, size_t host_bytes,
+                             int device, int sm_count, cudaStream_t stream);
 
 }  // namespace moediffuseq::cuda

@@ -16,6 +16,7 @@
 // environment it is an error: the switch that tests and the GPU check set.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CachingHostAllocator.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <climits>
@@ -153,8 +154,15 @@ void grouped_gemm(std::vector<MoeGemm>& gemms, GemmLayout layout, const MoeShape
   }
   const size_t bytes = moe_grouped_gemm_workspace_size(dtype, layout, groups, problems.data(), device, sms);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-  const char* err = moe_grouped_gemm(dtype, layout, groups, problems.data(), workspace.data_ptr(), bytes, device, sms,
-                                     current_stream());
+  // The problem arrays go through pinned memory from torch's caching host allocator: the copy is
+  // asynchronous (no host synchronisation per launch, five launches per MoE backward) and the
+  // event recorded after it keeps the block from reuse until the copy has run.
+  at::HostAllocator* host_allocator = at::getHostAllocator(at::kCUDA);
+  c10::DataPtr staging = host_allocator->allocate(bytes);
+  const cudaStream_t stream = current_stream();
+  const char* err = moe_grouped_gemm(dtype, layout, groups, problems.data(), workspace.data_ptr(), bytes,
+                                     staging.get(), bytes, device, sms, stream);
+  host_allocator->record_event(staging.get(), staging.get_context(), at::cuda::getCurrentCUDAStream().unwrap());
   TORCH_CHECK(err == nullptr, op, ": grouped GEMM: ", err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
