@@ -89,6 +89,10 @@ CUDA_BAD_INPUTS = [
      r"support head dimensions 64 and 128"),
     ("mask on CPU", lambda a: a.update(global_mask=torch.zeros(2, 16, dtype=torch.bool)),
      r"global_mask must be on the device of q"),
+    ("source_lengths on CPU", lambda a: a.update(source_lengths=torch.tensor([3, 4])),
+     r"source_lengths must be on the device of q"),
+    ("source length beyond L on CUDA", lambda a: a.update(source_lengths=torch.tensor([3, 17], device="cuda")),
+     r"source_lengths must lie in \[0, L\] = \[0, 16\]"),
 ]
 
 

@@ -287,3 +287,19 @@ def test_torch_compile_fullgraph(device, backend):
     torch.testing.assert_close(out_comp, out_eager)
     for a, b in zip(grads_comp, grads_eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case,kw,message", [
+    ("offset past the keys", dict(query_offset=40), r"query_offset \+ L_q must be <= L"),
+    ("negative offset", dict(query_offset=-1), r"query_offset must be >= 0"),
+    ("source_lengths dtype", dict(source_lengths=torch.zeros(2, dtype=torch.int32)), r"source_lengths must be an int64"),
+    ("source_lengths per batch", dict(source_lengths=torch.zeros(3, dtype=torch.int64)), r"shape \(B,\) = \(2,\)"),
+], ids=lambda x: x if isinstance(x, str) and " " in x else "")
+def test_fake_kernel_names_bad_arguments(case, kw, message):
+    """The fake kernel (meta tensors, torch.compile's tracing) names the same problems."""
+    q, k, v = (torch.empty(2, 2, n, 8, device="meta") for n in (10, 45, 45))
+    kw = dict(kw)
+    if "source_lengths" in kw:
+        kw["source_lengths"] = kw["source_lengths"].to("meta")
+    with pytest.raises(RuntimeError, match=message):
+        block_sparse_attention(q, k, v, window=2, **kw)

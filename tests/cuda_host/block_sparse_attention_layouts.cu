@@ -83,19 +83,28 @@ int main() {
     }
   }
   // Dense tiles: dense_ctas() CTAs cover every (list tile, other-side tile) pair exactly once,
-  // and only the first kBsaSplitTiles list tiles are split.
+  // and only the first kBsaSplitTiles list tiles are split; the list (global rows or keys) and
+  // the other side (keys or query rows) may differ in length (query rows at an offset).
   for (int L : {1, 64, 65, 4096, 8191, 131072}) {
-    for (int splits : {1, 2, 3, 16, moediffuseq::cuda::bsa_cuda_num_splits(L)}) {
-      const int total = int(moediffuseq::ResidueSubsequences::blocks_of(L, kBsaTile));
-      std::map<std::pair<int, int>, int> covered;
-      for (int x = 0; x < int(moediffuseq::cuda::dense_ctas(L, splits)); ++x) {
-        const auto t = moediffuseq::cuda::dense_tile(x, L, splits);
-        if (t.partial != (splits > 1 && t.tile < moediffuseq::cuda::kBsaSplitTiles)) errors++;
-        for (int j = t.first; j < t.end; ++j) covered[{t.tile, j}]++;
+    for (int list_len : {L, (L + 1) / 2, 1}) {
+      for (int splits : {1, 2, 3, 16, moediffuseq::cuda::bsa_cuda_num_splits(L)}) {
+        for (bool list_is_shorter : {false, true}) {
+          const int other_len = list_is_shorter ? L : list_len, rows = list_is_shorter ? list_len : L;
+          const int list_tiles = int(moediffuseq::ResidueSubsequences::blocks_of(rows, kBsaTile));
+          const int other_tiles = int(moediffuseq::ResidueSubsequences::blocks_of(other_len, kBsaTile));
+          std::map<std::pair<int, int>, int> covered;
+          for (int x = 0; x < int(moediffuseq::cuda::dense_ctas(rows, splits)); ++x) {
+            const auto t = moediffuseq::cuda::dense_tile(x, rows, other_len, splits);
+            if (t.partial != (splits > 1 && t.tile < moediffuseq::cuda::kBsaSplitTiles)) errors++;
+            for (int j = t.first; j < t.end; ++j) covered[{t.tile, j}]++;
+          }
+          bool ok = int(covered.size()) == list_tiles * other_tiles;
+          for (auto& [key, n] : covered) ok = ok && n == 1 && key.first < list_tiles && key.second < other_tiles;
+          if (!ok && errors++ < 5) {
+            printf("dense tiles list %d other %d splits %d: %zu pairs\n", rows, other_len, splits, covered.size());
+          }
+        }
       }
-      bool ok = int(covered.size()) == total * total;
-      for (auto& [key, n] : covered) ok = ok && n == 1 && key.first < total && key.second < total;
-      if (!ok && errors++ < 5) printf("dense tiles L %d splits %d: %zu pairs\n", L, splits, covered.size());
     }
   }
   printf("block_sparse_attention layouts and tiles: %s (%d errors)\n", errors ? "FAIL" : "ok", errors);

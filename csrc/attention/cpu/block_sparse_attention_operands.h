@@ -37,7 +37,8 @@ class HeadOperands {
   }
 
   // Rebuilds the operands for a key/value head of batch b given its K and V, (L x D) with
-  // leading dimensions ldk and ldv.
+  // leading dimensions ldk and ldv: the keys the plan's queries reach through their windows
+  // (BlockSparsePlan::key_begin, key_end) and the global keys.
   void build(const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t b) {
     const ResidueSubsequences& order = plan_.order;
     const int64_t d = order.d, D = D_;
@@ -50,14 +51,17 @@ class HeadOperands {
     const T* rows_src = set_ == kForwardOperands ? v : k;  // the operand used row-wise
     const int64_t ld_src = set_ == kForwardOperands ? ldv : ldk;
     for (int64_t r = 0; r < std::min(d, order.L); ++r) {
-      const int64_t off = order.offset(r), len = order.length(r);
-      pack_transposed(k + r * ldk, d * ldk, len, D, kt_.data() + (kPairPacked<T> ? 2 * off : off), ldt_);
+      // the slots [first, end) of the keys the queries reach; first even (a row pair)
+      const int64_t first = order.slots_below(plan_.key_begin, r) / 2 * 2, end = order.slots_below(plan_.key_end, r);
+      if (end <= first) continue;
+      const int64_t col = order.offset(r) + first, n = end - first, src = (r + d * first);
+      pack_transposed(k + src * ldk, d * ldk, n, D, kt_.data() + (kPairPacked<T> ? 2 * col : col), ldt_);
       if (set_ == kBackwardOperands) {
-        pack_transposed(v + r * ldv, d * ldv, len, D, vt_.data() + (kPairPacked<T> ? 2 * off : off), ldt_);
+        pack_transposed(v + src * ldv, d * ldv, n, D, vt_.data() + (kPairPacked<T> ? 2 * col : col), ldt_);
       }
       if constexpr (kPairPacked<T>) {
-        pack_rows(rows_src + r * ld_src, d * ld_src, len, D, rows_.data() + plan_.pair_offset[r] * packed_ld<T>(D),
-                  packed_ld<T>(D));
+        pack_rows(rows_src + src * ld_src, d * ld_src, n, D,
+                  rows_.data() + (plan_.pair_offset[r] + first / 2) * packed_ld<T>(D), packed_ld<T>(D));
       }
     }
     if (G == 0) return;

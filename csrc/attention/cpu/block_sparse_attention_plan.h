@@ -48,6 +48,9 @@ struct BlockSparsePlan {
   int64_t window = 0;
   bool causal = false;
   int64_t q_begin = 0, q_end = 0;  // positions of the query rows: row i - q_begin is position i
+  // The key positions [key_begin, key_end) that windowed queries reach (all keys when some query
+  // row is global); the per-head operands are built for these only (and the global keys).
+  int64_t key_begin = 0, key_end = 0;
   std::vector<int64_t> source_length;  // (B) S_b; 0 without isolation (every query is a target)
   std::vector<uint8_t> key_class;            // (B, L), residue order
   std::vector<int64_t> global_keys;          // (B, max_global_keys) natural positions
@@ -155,6 +158,13 @@ inline BlockSparsePlan make_plan(const BlockSparseAttentionParams& p) {
   for (int64_t r = 0; r < std::min(d, L); ++r) {
     const auto [first, end] = plan.query_slots(r);
     for (int64_t t0 = first; t0 < end; t0 += kBlockQ) plan.blocks.emplace_back(r, t0);
+  }
+  plan.key_begin = 0;
+  plan.key_end = L;
+  if (plan.max_global_queries == 0) {  // windows reach w * d positions on each side (w, d <= L)
+    const int64_t reach = plan.window * d;
+    plan.key_begin = std::max<int64_t>(0, plan.q_begin - reach);
+    plan.key_end = std::min(L, plan.q_end + reach);
   }
   plan.pair_offset.assign(d + 1, 0);
   for (int64_t r = 0; r < d; ++r) plan.pair_offset[r + 1] = plan.pair_offset[r] + (plan.order.length(r) + 1) / 2;

@@ -5,7 +5,8 @@
 // (grouped-query attention: no atomics on dK, dV), and adds dQ = scale dS K to a float32 buffer
 // with atomics. Probabilities are rebuilt from the saved (natural-log) log-sum-exp with the
 // forward's own roundings (see the P = exp(...) step); delta = rowsum(dO * O) comes from a
-// preprocessing kernel.
+// preprocessing kernel. Query rows at an offset: the tiles hold key positions; q, grad_out,
+// lse, delta and dQ are read and written at row position - query_offset.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -39,7 +40,8 @@ struct BwdKernel {
     float lse[kBsaTile];  // of the query rows, natural log as saved; +inf drops a row
     float delta[kBsaTile];
     int kpos[kBsaTile];
-    int qpos[kBsaTile];
+    int qrow[kBsaTile];    // rows of q, grad_out, lse, delta and dQ (-1: none)
+    int qlimit[kBsaTile];  // the last key position each row may see (bsa_key_limit)
     bool kkeep[kBsaTile];
     bool kwrite[kBsaTile];
     bool qkeep[kBsaTile];
@@ -64,7 +66,9 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   const int tid = threadIdx.x;
   const int b = blockIdx.z, hk = blockIdx.y;
   const int L = static_cast<int>(p.seqlen), d = static_cast<int>(p.dilation), w = static_cast<int>(p.window);
+  const int Lq = static_cast<int>(p.q_len), offset = static_cast<int>(p.query_offset);
   const bool causal = p.causal;
+  const int S = source_length(p, b);
   const int group = static_cast<int>(p.heads / p.kv_heads);  // query heads hk * group .. per key/value head
   const int64_t bhk = static_cast<int64_t>(b) * p.kv_heads + hk;
   const Elem* k = static_cast<const Elem*>(p.k) + p.k_strides.at(b, hk, 0);
@@ -75,32 +79,35 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
   const GlobalList global_rows = global_list(p, ws, b, /*keys=*/false);
 
   // The keys of this CTA and the query tiles that see them: first n_first band query tiles
-  // (or, for global keys, every query tile), then n_second tiles of the global-row list.
+  // (or, for global keys, every query tile of the L_q rows), then n_second tiles of the
+  // global-row list from entry g_first on; all of them from the first query that may see the
+  // first key (first_query_seeing).
   const bool band = static_cast<int>(blockIdx.x) < num_band_tiles;
   TileRows krows;
   DenseTile dense;
-  int residue = 0, c0 = 0, lo = 0, hi = 0, n_first, n_second;
+  int residue = 0, c0 = 0, lo = 0, hi = 0, n_first, n_second, g_first = 0;
   if (band) {
-    const BandTile tile = band_tile(blockIdx.x, L, d, w, causal, /*queries_of_keys=*/true);
+    const BandTile tile = band_key_tile(blockIdx.x, p, S);
     residue = tile.residue;
     c0 = tile.first;
     lo = tile.lo;
     hi = tile.hi;
     krows = strided_rows(residue, d, c0, tile.len);
+    g_first = count_below(global_rows.positions, global_rows.count, first_query_seeing(residue + d * c0, S, causal));
     n_first = tiles_of(hi - lo);
-    n_second = tiles_of(global_rows.count);
+    n_second = tiles_of(global_rows.count - g_first);
   } else {
-    dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
+    dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, Lq, ws.num_splits);
     const int g0 = dense.tile * kBsaTile;
     const GlobalList keys = global_list(p, ws, b, /*keys=*/true);
     if (g0 >= keys.count) return;  // the whole CTA: fewer global keys than launched tiles
     krows = gathered_rows(keys.positions, g0, keys.count);
-    if (causal) causal_query_tiles(dense, keys.positions[g0]);
+    causal_query_tiles(dense, dense_first_row(first_query_seeing(keys.positions[g0], S, causal), offset, Lq));
     n_first = dense.end - dense.first;
     n_second = 0;
   }
 
-  bool key_dropped = false;
+  bool key_dropped = false, target_key = false;
   if (tid < kBsaTile) {
     const int pos = krows.position(tid);
     const bool valid = pos >= 0;
@@ -110,8 +117,10 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     ss.kkeep[tid] = valid && (band ? !flags.is_padded(pos) && !flags.is_global(pos) : true);
     ss.kwrite[tid] = valid && (!band || !global_key);
     key_dropped = !ss.kkeep[tid];
+    target_key = valid && pos >= S;
   }
   const bool any_key_dropped = __syncthreads_or(key_dropped);
+  const bool any_target_key = __syncthreads_or(target_key);
   load_tile_async<D, kLd, kThreads>(ss.k, k, p.k_strides.row, ss.kpos, tid);
   load_tile_async<D, kLd, kThreads>(ss.v, v, p.v_strides.row, ss.kpos, tid);
   cp_async_commit();
@@ -174,9 +183,9 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
     const Elem* q = static_cast<const Elem*>(p.q) + p.q_strides.at(b, h, 0);
     const Elem* dout = static_cast<const Elem*>(p.grad_out) + p.grad_out_strides.at(b, h, 0);
-    float* dq_accum = ws.grad_q_accum + bh * L * D;
-    const float* lse = p.lse + bh * L;
-    const float* delta = ws.delta + bh * L;
+    float* dq_accum = ws.grad_q_accum + bh * Lq * D;
+    const float* lse = p.lse + bh * Lq;
+    const float* delta = ws.delta + bh * Lq;
     TileRows qrows;
     bool geometry = false;
     int t0 = 0;
@@ -186,28 +195,34 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
         qrows = strided_rows(residue, d, t0, hi);
         geometry = true;
       } else {
-        qrows = strided_rows(0, 1, (dense.first + j) * kBsaTile, L);
+        qrows = strided_rows(offset, 1, (dense.first + j) * kBsaTile, Lq);  // rows offset + s
       }
     } else {
-      qrows = gathered_rows(global_rows.positions, (j - n_first) * kBsaTile, global_rows.count);
+      qrows = gathered_rows(global_rows.positions, g_first + (j - n_first) * kBsaTile, global_rows.count);
     }
     __syncthreads();  // the previous query tile is no longer read
+    bool source_row = false;
     if (tid < kBsaTile) {
       const int pos = qrows.position(tid);
       // Global rows of a band tile are taken by the global-row tiles.
       const bool keep = pos >= 0 && !(geometry && flags.is_global(pos));
-      ss.qpos[tid] = pos;
+      const int row = pos >= 0 ? pos - offset : -1;
+      ss.qrow[tid] = row;
+      ss.qlimit[tid] = pos >= 0 ? static_cast<int>(bsa_key_limit(pos, S, L, causal)) : -1;
       ss.qkeep[tid] = keep;
-      ss.lse[tid] = keep ? lse[pos] : INFINITY;  // +inf: probabilities 0
-      ss.delta[tid] = keep ? delta[pos] : 0.f;
+      ss.lse[tid] = keep ? lse[row] : INFINITY;  // +inf: probabilities 0
+      ss.delta[tid] = keep ? delta[row] : 0.f;
+      source_row = keep && pos < S;
     }
-    __syncthreads();
-    // Causal pairs of band tiles are part of their geometry; other tiles compare positions.
-    const bool by_position = causal && !geometry;
+    // a source row and a target key: pairs past a row's key limit are masked
+    const bool crosses = __syncthreads_or(source_row) && any_target_key;
+    // Causal pairs of band tiles are part of their geometry; other tiles, and tiles across the
+    // source end, compare key positions with each row's key limit.
+    const bool by_position = (causal && !geometry) || crosses;
     const bool need_mask =
         any_key_dropped || by_position || (geometry && !band_block_full(t0, c0, kBsaTile, w, causal));
-    load_tile_async<D, kLd, kThreads>(ss.q, q, p.q_strides.row, ss.qpos, tid);
-    load_tile_async<D, kLd, kThreads>(ss.dout, dout, p.grad_out_strides.row, ss.qpos, tid);
+    load_tile_async<D, kLd, kThreads>(ss.q, q, p.q_strides.row, ss.qrow, tid);
+    load_tile_async<D, kLd, kThreads>(ss.dout, dout, p.grad_out_strides.row, ss.qrow, tid);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -227,7 +242,7 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
       if (need_mask) {
         ok = ss.kkeep[col];
         if (geometry) ok = ok && band_pair((t0 + row) - (c0 + col), w, causal);
-        if (by_position) ok = ok && ss.kpos[col] <= ss.qpos[row];
+        if (by_position) ok = ok && ss.kpos[col] <= ss.qlimit[row];
       }
       // The forward rounds the score to log2 units (s2 = S * scale_log2) and saves
       // lse = fl(fl(max s2 * ln2) + log(sum)). Replaying those roundings (the same MMA gives the
@@ -252,7 +267,7 @@ __global__ void __launch_bounds__(BwdKernel<Elem, D>::kThreads)
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {
       const int row = get<0>(cQ(i)), col = get<1>(cQ(i));
-      if (ss.qkeep[row]) atomicAdd(dq_accum + static_cast<int64_t>(ss.qpos[row]) * D + col, acc_dq(i) * p.scale);
+      if (ss.qkeep[row]) atomicAdd(dq_accum + static_cast<int64_t>(ss.qrow[row]) * D + col, acc_dq(i) * p.scale);
     }
   }
 
@@ -295,7 +310,7 @@ cudaError_t run_block_sparse_attention_bwd(const BlockSparseAttentionParams& p, 
   using K = BwdKernel<Elem, D>;
   // one CTA per key/value head: it sums dK and dV over the query heads of its group
   return launch_tiles(block_sparse_attention_bwd_kernel<Elem, D>, K::kThreads, sizeof(typename K::Shared), p.kv_heads,
-                      p, ws, stream);
+                      p, ws, /*backward=*/true, stream);
 }
 
 }  // namespace moediffuseq::cuda

@@ -34,7 +34,7 @@ DType dtype_of(const at::Tensor& q) {
 }
 
 // Buffers of the global tokens, only when there is a global mask: the lists ((B, L) int32
-// each and the (2 B) counts) and the buffers of the split dense tiles (BsaWorkspace).
+// each, L the key length, and the (2 B) counts) and the buffers of the split dense tiles (BsaWorkspace).
 struct GlobalBuffers {
   at::Tensor queries, keys, counts, split_a, split_b;
   void fill(BsaWorkspace& ws, const BlockSparseAttentionParams& p, const at::Tensor& q, bool backward) {
@@ -47,7 +47,8 @@ struct GlobalBuffers {
     ws.global_queries = queries.data_ptr<int>();
     ws.global_keys = keys.data_ptr<int>();
     ws.num_global = counts.data_ptr<int>();
-    ws.num_splits = bsa_cuda_num_splits(L);
+    // the split side: the keys of the global rows (forward), the query rows of the global keys (backward)
+    ws.num_splits = bsa_cuda_num_splits(backward ? p.q_len : L);
     if (ws.num_splits <= 1) return;
     const auto fopts = q.options().dtype(at::kFloat);
     if (backward) {
@@ -67,8 +68,8 @@ struct GlobalBuffers {
 void check(const at::Tensor& q, const at::Tensor& k) {
   TORCH_CHECK(bsa_cuda_supports_head_dim(q.size(3)),
               "block_sparse_attention: the CUDA kernels support head dimensions 64 and 128, got D = ", q.size(3));
-  TORCH_CHECK(q.size(2) < (int64_t(1) << 30), "block_sparse_attention: sequence length too large for the CUDA "
-              "kernels, got L = ", q.size(2));
+  TORCH_CHECK(k.size(2) < (int64_t(1) << 30), "block_sparse_attention: sequence length too large for the CUDA "
+              "kernels, got L = ", k.size(2));
   // the kernels put heads on gridDim.y and batches on gridDim.z, each limited to 65535
   TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535 && k.size(1) <= 65535,
               "block_sparse_attention: the CUDA kernels take at most 65535 batches and 65535 heads, got B = ",
@@ -81,16 +82,7 @@ at::Tensor readable(const at::Tensor& t) {
   return rows_aligned(c) ? c : c.clone(at::MemoryFormat::Contiguous);
 }
 
-// Source isolation and query rows at an offset: not in the CUDA kernels yet (the CPU kernels
-// have them).
-void check_whole_rows(const BlockSparseAttentionParams& p) {
-  TORCH_CHECK(p.q_len == p.seqlen && p.query_offset == 0 && p.source_lengths == nullptr,
-              "block_sparse_attention: source_lengths and query rows at an offset (L_q < L) are not supported by "
-              "the CUDA kernels yet; run this call on the CPU");
-}
-
 void forward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
-  check_whole_rows(p);
   BsaWorkspace ws;
   GlobalBuffers buffers;
   buffers.fill(ws, p, q, /*backward=*/false);
@@ -99,10 +91,9 @@ void forward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
 
 void backward(const BlockSparseAttentionParams& p, const at::Tensor& q) {
   // dQ (and the split dK, dV) are sums of float atomics: not bitwise reproducible run to run
-  check_whole_rows(p);
   at::globalContext().alertNotDeterministic("block_sparse_attention_backward (CUDA)");
-  at::Tensor grad_q_accum = at::zeros({p.batch, p.heads, p.seqlen, p.head_dim}, q.options().dtype(at::kFloat));
-  at::Tensor delta = at::empty({p.batch, p.heads, p.seqlen}, q.options().dtype(at::kFloat));
+  at::Tensor grad_q_accum = at::zeros({p.batch, p.heads, p.q_len, p.head_dim}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   BsaWorkspace ws;
   ws.grad_q_accum = grad_q_accum.data_ptr<float>();
   ws.delta = delta.data_ptr<float>();

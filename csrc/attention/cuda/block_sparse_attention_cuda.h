@@ -13,11 +13,11 @@ namespace moediffuseq::cuda {
 
 // Device buffers besides the tensors of BlockSparseAttentionParams (all on the current device).
 struct BsaWorkspace {
-  int* global_queries = nullptr;  // (B, L): positions of the global rows of batch b, compact
+  int* global_queries = nullptr;  // (B, L): positions of the global query rows of batch b, compact
   int* global_keys = nullptr;     // (B, L): positions of the global, not padded keys, compact
   int* num_global = nullptr;      // (2 B): [b] global rows, [B + b] global keys
-  float* grad_q_accum = nullptr;  // backward: (B, H, L, D) float32, zero on entry
-  float* delta = nullptr;         // backward: (B, H, L) rowsum(grad_out * out)
+  float* grad_q_accum = nullptr;  // backward: (B, H, L_q, D) float32, zero on entry
+  float* delta = nullptr;         // backward: (B, H, L_q) rowsum(grad_out * out)
 
   // Splitting of the dense parts (global rows x all keys, global keys x all queries) over
   // num_splits CTAs per 64-row tile, for the first kBsaSplitTiles tiles of each list; with

@@ -3,8 +3,10 @@
 // query rows, keeps Q in registers, and runs an online softmax over the key tiles that the
 // tile decomposition of attention/cuda/block_sparse_attention_tile_io.cuh assigns to its query
 // tile. Element masks are applied only to key tiles that need them (partial, padded, global,
-// off-band or, under causal, future pairs); full band tiles skip them. Grouped-query heads read
-// the key/value head h / (H / H_kv); every tensor is addressed through its strides.
+// off-band or, under causal or across the source end, pairs past a row's key limit); full band
+// tiles skip them. Grouped-query heads read the key/value head h / (H / H_kv); every tensor is
+// addressed through its strides. Query rows at an offset: the tiles hold key positions, q, out
+// and lse are read and written at row position - query_offset.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -31,7 +33,9 @@ struct FwdKernel {
     Elem q[Tiles::kElems];  // also the staging tile of the output
     Elem k[Tiles::kElems];
     Elem v[Tiles::kElems];
-    int qpos[kBsaTile];
+    int qpos[kBsaTile];    // key positions of the query rows
+    int qrow[kBsaTile];    // their rows of q, out and lse (-1: none)
+    int qlimit[kBsaTile];  // the last key position each row may see (bsa_key_limit)
     int kpos[kBsaTile];
     bool qwrite[kBsaTile];
     bool kkeep[kBsaTile];
@@ -39,8 +43,8 @@ struct FwdKernel {
 };
 
 // p.window and p.dilation are at most p.seqlen here (clamped by the launcher).
-// grid = (band tiles + dense CTAs, H, B); blockIdx.x < num_band_tiles is a band query tile, else (part of) a tile of
-// global rows, whose partial results go to ws.split_out when it is split.
+// grid = (band tiles + dense CTAs, H, B); blockIdx.x < num_band_tiles is a band query tile (of the L_q query rows), else
+// (part of) a tile of global rows, whose partial results go to ws.split_out when it is split.
 template <typename Elem, int D>
 __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     block_sparse_attention_fwd_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws, int num_band_tiles) {
@@ -55,39 +59,47 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   const int tid = threadIdx.x;
   const int b = blockIdx.z, h = blockIdx.y;
   const int L = static_cast<int>(p.seqlen), d = static_cast<int>(p.dilation), w = static_cast<int>(p.window);
+  const int Lq = static_cast<int>(p.q_len), offset = static_cast<int>(p.query_offset);
   const bool causal = p.causal;
+  const int S = source_length(p, b);
   const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
   const int hk = h / static_cast<int>(p.heads / p.kv_heads);  // grouped-query: the key/value head
   const Elem* q = static_cast<const Elem*>(p.q) + p.q_strides.at(b, h, 0);
   const Elem* k = static_cast<const Elem*>(p.k) + p.k_strides.at(b, hk, 0);
   const Elem* v = static_cast<const Elem*>(p.v) + p.v_strides.at(b, hk, 0);
   Elem* out = static_cast<Elem*>(p.out_mut) + p.out_strides.at(b, h, 0);
-  float* lse = p.lse + bh * L;
+  float* lse = p.lse + bh * Lq;
   const PositionFlags flags = position_flags(p, b);
   const GlobalList global_keys = global_list(p, ws, b, /*keys=*/true);
 
   // The query rows and the key tiles they visit: first n_first band tiles (or, for global
-  // rows, every key tile), then n_second tiles of the global-key list.
+  // rows, every key tile), then n_second tiles of the global-key list; all of them up to the
+  // key limit of the last row (key_end: dense key tiles, key_count: global keys).
   const bool band = static_cast<int>(blockIdx.x) < num_band_tiles;
   TileRows qrows;
   DenseTile dense;
-  int residue = 0, t0 = 0, lo = 0, hi = 0, n_first, n_second;
+  int residue = 0, t0 = 0, lo = 0, hi = 0, n_first, n_second, key_end = L, key_count = 0;
   if (band) {
-    const BandTile tile = band_tile(blockIdx.x, L, d, w, causal, /*queries_of_keys=*/false);
+    const BandTile tile = band_query_tile(blockIdx.x, p, S);
     residue = tile.residue;
     t0 = tile.first;
     lo = tile.lo;
     hi = tile.hi;
     qrows = strided_rows(residue, d, t0, tile.len);
+    const int last = residue + d * ((t0 + kBsaTile < tile.len ? t0 + kBsaTile : tile.len) - 1);
+    key_count = count_below(global_keys.positions, global_keys.count,
+                            static_cast<int64_t>(bsa_key_limit(last, S, L, causal)) + 1);
     n_first = tiles_of(hi - lo);
-    n_second = tiles_of(global_keys.count);
+    n_second = tiles_of(key_count);
   } else {
-    dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, L, ws.num_splits);
+    dense = dense_tile(static_cast<int>(blockIdx.x) - num_band_tiles, Lq, L, ws.num_splits);
     const int g0 = dense.tile * kBsaTile;
     const GlobalList rows = global_list(p, ws, b, /*keys=*/false);
     if (g0 >= rows.count) return;  // the whole CTA: fewer global rows than launched tiles
     qrows = gathered_rows(rows.positions, g0, rows.count);
-    if (causal) causal_key_tiles(dense, rows.positions[(g0 + kBsaTile < rows.count ? g0 + kBsaTile : rows.count) - 1]);
+    const int last = rows.positions[(g0 + kBsaTile < rows.count ? g0 + kBsaTile : rows.count) - 1];
+    key_end = static_cast<int>(bsa_key_limit(last, S, L, causal)) + 1;
+    causal_key_tiles(dense, key_end - 1);
     n_first = dense.end - dense.first;
     n_second = 0;
   }
@@ -95,11 +107,14 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   if (tid < kBsaTile) {
     const int pos = qrows.position(tid);
     ss.qpos[tid] = pos;
+    ss.qrow[tid] = pos >= 0 ? pos - offset : -1;
+    ss.qlimit[tid] = pos >= 0 ? static_cast<int>(bsa_key_limit(pos, S, L, causal)) : -1;
     // Global rows of a band tile are computed but written by their own (dense) tile.
     ss.qwrite[tid] = pos >= 0 && (!band || !flags.is_global(pos));
   }
   __syncthreads();
-  load_tile_async<D, kLd, kThreads>(ss.q, q, p.q_strides.row, ss.qpos, tid);
+  const int first_query = ss.qpos[0];  // rows ascend; the first one exists
+  load_tile_async<D, kLd, kThreads>(ss.q, q, p.q_strides.row, ss.qrow, tid);
   cp_async_commit();
 
   typename K::TiledMma mma;
@@ -151,13 +166,13 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
         krows = strided_rows(residue, d, c0, hi);
         geometry = true;
       } else {
-        krows = strided_rows(0, 1, (dense.first + j) * kBsaTile, L);
+        krows = strided_rows(0, 1, (dense.first + j) * kBsaTile, key_end);
       }
     } else {
-      krows = gathered_rows(global_keys.positions, (j - n_first) * kBsaTile, global_keys.count);
+      krows = gathered_rows(global_keys.positions, (j - n_first) * kBsaTile, key_count);
     }
     __syncthreads();  // the previous tile's K and V are no longer read
-    bool drop = false;
+    bool drop = false, target_key = false;
     if (tid < kBsaTile) {
       const int pos = krows.position(tid);
       bool keep = pos >= 0;
@@ -168,10 +183,13 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
       ss.kpos[tid] = pos;
       ss.kkeep[tid] = keep;
       drop = !keep;
+      target_key = pos >= 0 && crosses_source(first_query, pos, S);
     }
     const bool any_dropped = __syncthreads_or(drop);
-    // Causal pairs of band tiles are part of their geometry; other tiles compare positions.
-    const bool by_position = causal && !geometry;
+    const bool crosses = __syncthreads_or(target_key);  // a source row and a target key
+    // Causal pairs of band tiles are part of their geometry; other tiles, and tiles across the
+    // source end, compare key positions with each row's key limit.
+    const bool by_position = (causal && !geometry) || crosses;
     const bool need_mask = any_dropped || by_position || (geometry && !band_block_full(t0, c0, kBsaTile, w, causal));
     load_tile_async<D, kLd, kThreads>(ss.k, k, p.k_strides.row, ss.kpos, tid);
     cp_async_commit();
@@ -200,7 +218,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
           const int row = get<0>(cS(r, c)), col = get<1>(cS(r, c));
           bool ok = ss.kkeep[col];
           if (geometry) ok = ok && band_pair((t0 + row) - (c0 + col), w, causal);
-          if (by_position) ok = ok && ss.kpos[col] <= ss.qpos[row];
+          if (by_position) ok = ok && ss.kpos[col] <= ss.qlimit[row];
           s = ok ? s : -INFINITY;
         }
         s_rc(r, c) = s;
@@ -277,7 +295,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
     const int row = get<0>(cS(r, 0));
     if ((tid & 3) == 0 && ss.qwrite[row]) {
       // two roundings, never fused: the backward rebuilds the row maximum's term exactly
-      lse[ss.qpos[row]] = row_sum[r] > 0.f ? __fadd_rn(__fmul_rn(row_max[r], kLn2), logf(row_sum[r])) : INFINITY;
+      lse[ss.qrow[row]] = row_sum[r] > 0.f ? __fadd_rn(__fmul_rn(row_max[r], kLn2), logf(row_sum[r])) : INFINITY;
     }
   }
   __syncthreads();  // every warp is past its last read of sQ
@@ -285,7 +303,7 @@ __global__ void __launch_bounds__(FwdKernel<Elem, D>::kThreads)
   CUTE_UNROLL
   for (int i = 0; i < size(acc_o); ++i) tOsO(i) = static_cast<Elem>(acc_o(i));
   __syncthreads();
-  store_tile<D, kLd, kThreads>(out, p.out_strides.row, ss.q, ss.qpos, ss.qwrite, tid);
+  store_tile<D, kLd, kThreads>(out, p.out_strides.row, ss.q, ss.qrow, ss.qwrite, tid);
 }
 
 template <typename Elem, int D>
@@ -293,7 +311,7 @@ cudaError_t run_block_sparse_attention_fwd(const BlockSparseAttentionParams& p, 
                                            cudaStream_t stream) {
   using K = FwdKernel<Elem, D>;
   return launch_tiles(block_sparse_attention_fwd_kernel<Elem, D>, K::kThreads, sizeof(typename K::Shared), p.heads, p,
-                      ws, stream);
+                      ws, /*backward=*/false, stream);
 }
 
 }  // namespace moediffuseq::cuda

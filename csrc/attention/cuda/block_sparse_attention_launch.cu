@@ -19,11 +19,12 @@ namespace {
 constexpr int kListThreads = 512;
 constexpr float kBsaLn2 = 0.6931471805599453f;
 
-// One CTA per batch element: the positions of its global rows, and of its global keys that
-// are not padded, in increasing order, and their counts. O(L) work, no host synchronisation.
+// One CTA per batch element: the positions of its global rows (those among the query rows
+// [q_begin, q_end)), and of its global keys that are not padded, in increasing order, and their
+// counts. O(L) work, no host synchronisation.
 __global__ void __launch_bounds__(kListThreads)
-    build_global_lists_kernel(const bool* global_mask, const bool* key_padding_mask, int batch, int L,
-                              int* global_queries, int* global_keys, int* num_global) {
+    build_global_lists_kernel(const bool* global_mask, const bool* key_padding_mask, int batch, int L, int q_begin,
+                              int q_end, int* global_queries, int* global_keys, int* num_global) {
   using Scan = cub::BlockScan<int, kListThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int base_rows, base_keys;
@@ -36,8 +37,9 @@ __global__ void __launch_bounds__(kListThreads)
   __syncthreads();
   for (int start = 0; start < L; start += kListThreads) {
     const int i = start + threadIdx.x;
-    const bool is_row = i < L && g[i];
-    const bool is_key = is_row && !(pad && pad[i]);
+    const bool global = i < L && g[i];
+    const bool is_row = global && i >= q_begin && i < q_end;
+    const bool is_key = global && !(pad && pad[i]);
     // Both counts in one scan: rows in the low 16 bits, keys above (at most 512 each per chunk).
     int offset, total;
     Scan(scan_storage).ExclusiveSum(int(is_row) | (int(is_key) << 16), offset, total);
@@ -56,9 +58,9 @@ __global__ void __launch_bounds__(kListThreads)
   }
 }
 
-// Row (b, h, l) of a logical (B, H, L, D) tensor from its flat index b H L + h L + l.
-__device__ __forceinline__ int64_t row_offset(const BsaStrides& s, int64_t row, int64_t heads, int64_t seqlen) {
-  const int64_t l = row % seqlen, bh = row / seqlen;
+// Row (b, h, l) of a logical (B, H, L_q, D) tensor from its flat index b H L_q + h L_q + l.
+__device__ __forceinline__ int64_t row_offset(const BsaStrides& s, int64_t row, int64_t heads, int64_t q_len) {
+  const int64_t l = row % q_len, bh = row / q_len;
   return s.at(bh / heads, bh % heads, l);
 }
 
@@ -68,8 +70,8 @@ __global__ void bsa_delta_kernel(const BlockSparseAttentionParams p, float* delt
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32, D = static_cast<int>(p.head_dim);
-  const Elem* grad_out = static_cast<const Elem*>(p.grad_out) + row_offset(p.grad_out_strides, row, p.heads, p.seqlen);
-  const Elem* out = static_cast<const Elem*>(p.out) + row_offset(p.out_strides, row, p.heads, p.seqlen);
+  const Elem* grad_out = static_cast<const Elem*>(p.grad_out) + row_offset(p.grad_out_strides, row, p.heads, p.q_len);
+  const Elem* out = static_cast<const Elem*>(p.out) + row_offset(p.out_strides, row, p.heads, p.q_len);
   float sum = 0.f;
   for (int c = lane; c < D; c += 32) sum += static_cast<float>(grad_out[c]) * static_cast<float>(out[c]);
   for (int m = 16; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
@@ -82,14 +84,15 @@ template <typename Elem>
 __global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const BsaWorkspace ws) {
   const int tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int L = static_cast<int>(p.seqlen), D = static_cast<int>(p.head_dim), S = ws.num_splits;
+  const int64_t Lq = p.q_len, offset = p.query_offset;
   const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
   const int num_rows = ws.num_global[b];
   const int lane = threadIdx.x % 32;
-  for (int row = threadIdx.x / 32; row < kBsaTile; row += blockDim.x / 32) {
-    const int g = tile * kBsaTile + row;
+  for (int tile_row = threadIdx.x / 32; tile_row < kBsaTile; tile_row += blockDim.x / 32) {
+    const int g = tile * kBsaTile + tile_row;
     if (g >= num_rows) break;
-    const int pos = ws.global_queries[static_cast<int64_t>(b) * L + g];
-    const int64_t first = (bh * kBsaSplitTiles + tile) * S * kBsaTile + row;  // slot of split 0
+    const int64_t row = ws.global_queries[static_cast<int64_t>(b) * L + g] - offset;  // of out and lse
+    const int64_t first = (bh * kBsaSplitTiles + tile) * S * kBsaTile + tile_row;  // slot of split 0
     float max_all = -INFINITY;
     for (int s = 0; s < S; ++s) max_all = fmaxf(max_all, ws.split_max_sum[(first + s * kBsaTile) * 2]);
     const float shift = max_all == -INFINITY ? 0.f : max_all;
@@ -99,7 +102,7 @@ __global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const Bsa
       sum += ms[1] * exp2f(ms[0] - shift);
     }
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    Elem* out = static_cast<Elem*>(p.out_mut) + p.out_strides.at(b, h, pos);
+    Elem* out = static_cast<Elem*>(p.out_mut) + p.out_strides.at(b, h, row);
     for (int c = lane; c < D; c += 32) {
       float acc = 0.f;
       for (int s = 0; s < S; ++s) {
@@ -109,7 +112,7 @@ __global__ void bsa_combine_kernel(const BlockSparseAttentionParams p, const Bsa
       out[c] = static_cast<Elem>(acc * inv);
     }
     // rounded as the forward kernel's lse (the backward replays these roundings)
-    if (lane == 0) p.lse[bh * L + pos] = sum > 0.f ? __fadd_rn(__fmul_rn(max_all, kBsaLn2), logf(sum)) : INFINITY;
+    if (lane == 0) p.lse[bh * Lq + row] = sum > 0.f ? __fadd_rn(__fmul_rn(max_all, kBsaLn2), logf(sum)) : INFINITY;
   }
 }
 
@@ -132,27 +135,28 @@ __global__ void bsa_finish_keys_kernel(const BlockSparseAttentionParams p, const
   }
 }
 
-// Tiles of the compact lists that are split (see dense_tile).
-unsigned split_tiles(const BlockSparseAttentionParams& p, const BsaWorkspace& ws) {
-  if (!p.global_mask || ws.num_splits <= 1) return 0;
-  return static_cast<unsigned>(std::min<int64_t>(kBsaSplitTiles, ResidueSubsequences::blocks_of(p.seqlen, kBsaTile)));
+// Tiles of the compact list of a direction that are split (see dense_tile).
+unsigned split_tiles(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, bool backward) {
+  if (!p.global_mask) return 0;
+  return static_cast<unsigned>(split_list_tiles(dense_list_len(p, backward), ws.num_splits));
 }
 
-// grad_q (through its strides) <- the contiguous (B, H, L, D) float32 accumulator.
+// grad_q (through its strides) <- the contiguous (B, H, L_q, D) float32 accumulator.
 template <typename Elem>
 __global__ void bsa_convert_kernel(const BlockSparseAttentionParams p, const float* in, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x, D = p.head_dim;
   Elem* out = static_cast<Elem*>(p.grad_q);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[row_offset(p.grad_q_strides, i / D, p.heads, p.seqlen) + i % D] = static_cast<Elem>(in[i]);
+    out[row_offset(p.grad_q_strides, i / D, p.heads, p.q_len) + i % D] = static_cast<Elem>(in[i]);
   }
 }
 
 cudaError_t build_global_lists(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
   if (!p.global_mask) return cudaSuccess;
   build_global_lists_kernel<<<static_cast<unsigned>(p.batch), kListThreads, 0, stream>>>(
-      p.global_mask, p.key_padding_mask, static_cast<int>(p.batch), static_cast<int>(p.seqlen), ws.global_queries,
-      ws.global_keys, ws.num_global);
+      p.global_mask, p.key_padding_mask, static_cast<int>(p.batch), static_cast<int>(p.seqlen),
+      static_cast<int>(p.query_offset), static_cast<int>(p.query_offset + p.q_len), ws.global_queries, ws.global_keys,
+      ws.num_global);
   return cudaGetLastError();
 }
 
@@ -191,7 +195,7 @@ template <typename Elem>
 cudaError_t dispatch_fwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
   cudaError_t err = run_head_dim<Elem, false>(p, ws, stream);
   if (err != cudaSuccess) return err;
-  if (const unsigned tiles = split_tiles(p, ws)) {
+  if (const unsigned tiles = split_tiles(p, ws, /*backward=*/false)) {
     bsa_combine_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.heads), static_cast<unsigned>(p.batch)), 256, 0,
                                stream>>>(p, ws);
     err = cudaGetLastError();
@@ -201,7 +205,7 @@ cudaError_t dispatch_fwd(const BlockSparseAttentionParams& p, const BsaWorkspace
 
 template <typename Elem>
 cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace& ws, cudaStream_t stream) {
-  const int64_t rows = p.batch * p.heads * p.seqlen;
+  const int64_t rows = p.batch * p.heads * p.q_len;
   const int warps_per_block = 8;
   bsa_delta_kernel<Elem><<<static_cast<unsigned>((rows + warps_per_block - 1) / warps_per_block), 32 * warps_per_block,
                            0, stream>>>(p, ws.delta, rows);
@@ -209,7 +213,7 @@ cudaError_t dispatch_bwd(const BlockSparseAttentionParams& p, const BsaWorkspace
   if (err != cudaSuccess) return err;
   err = run_head_dim<Elem, true>(p, ws, stream);
   if (err != cudaSuccess) return err;
-  if (const unsigned tiles = split_tiles(p, ws)) {
+  if (const unsigned tiles = split_tiles(p, ws, /*backward=*/true)) {
     bsa_finish_keys_kernel<Elem><<<dim3(tiles, static_cast<unsigned>(p.kv_heads), static_cast<unsigned>(p.batch)), 256,
                                    0, stream>>>(p, ws);
     err = cudaGetLastError();

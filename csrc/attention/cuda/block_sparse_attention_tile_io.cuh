@@ -14,6 +14,13 @@
 // (g-keys and g-rows together; causal: up to its last row). The backward runs per key tile: a
 // band key tile visits the band query tiles of band_queries() and the tiles of the global-query
 // list; a tile of the global-key list visits every query tile (causal: from its first key on).
+// Query rows at an offset: the query rows are the positions [offset, offset + L_q); the
+// forward's band tiles tile their residue subsequences (band_query_tile), the backward clips
+// the query slots of a key tile to them (band_key_tile), and the dense parts take the L_q rows.
+// Source isolation (S = the batch's source length, 0 without): every part is clipped to the
+// keys up to the last row's key limit (bsa_key_limit) and to the queries that may see its
+// first key (first_query_seeing), so a tile of source queries never loads a target key; only
+// a pair of tiles with a source query and a target key (crosses_source) masks pair by pair.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -129,8 +136,77 @@ MOEDIFFUSEQ_HOST_DEVICE BandTile band_tile(int64_t x, int64_t L, int64_t d, int6
   return t;
 }
 
-// Tiles of 64 rows that n rows take.
-MOEDIFFUSEQ_HOST_DEVICE int tiles_of(int64_t n) { return static_cast<int>(ResidueSubsequences::blocks_of(n, kBsaTile)); }
+// Tiles of 64 rows that n rows take (0 for n <= 0).
+MOEDIFFUSEQ_HOST_DEVICE int tiles_of(int64_t n) {
+  return n > 0 ? static_cast<int>(ResidueSubsequences::blocks_of(n, kBsaTile)) : 0;
+}
+
+// The first query position that may see key position j: causal queries start at j, and a
+// target key (j >= S) is seen by target queries only.
+MOEDIFFUSEQ_HOST_DEVICE int64_t first_query_seeing(int64_t j, int64_t S, bool causal) {
+  int64_t first = causal ? j : 0;
+  if (j >= S && S > first) first = S;
+  return first;
+}
+
+// Whether a tile pair holds a source query and a target key (queries from position qmin on,
+// keys up to position kmax): then its pairs are masked by each row's key limit.
+MOEDIFFUSEQ_HOST_DEVICE bool crosses_source(int64_t qmin, int64_t kmax, int64_t S) { return qmin < S && kmax >= S; }
+
+// Entries of an ascending list below `bound` (a lower bound).
+MOEDIFFUSEQ_HOST_DEVICE int count_below(const int* list, int count, int64_t bound) {
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (list[mid] < bound) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Forward band tile x: 64 query slots of one residue subsequence of the query rows, and the
+// key slots [lo, hi) they visit (band_keys, then clipped to the last row's key limit). Tile x
+// of the (L_q, d) decomposition of the rows, relative residue r' (positions offset + r' + d t'),
+// is absolute residue (offset + r') mod d from slot (offset + r') / d on. `len` is the end slot
+// of the query rows of the residue.
+MOEDIFFUSEQ_HOST_DEVICE BandTile band_query_tile(int64_t x, const BlockSparseAttentionParams& p, int64_t S) {
+  const int64_t d = p.dilation, offset = p.query_offset;
+  const ResidueSubsequences rows{p.q_len, d}, keys{p.seqlen, d};
+  int64_t rel, t;
+  rows.decode(x, kBsaTile, rel, t);
+  const int64_t r = (offset + rel) % d, shift = (offset + rel) / d, n = rows.length(rel);
+  const int64_t first = shift + t, end = shift + (t + kBsaTile < n ? t + kBsaTile : n);
+  int64_t lo, hi;
+  band_keys(keys.length(r), first, end, p.window, p.causal, lo, hi);
+  const int64_t top = keys.slots_below(bsa_key_limit(r + d * (end - 1), S, p.seqlen, p.causal) + 1, r);
+  if (hi > top) hi = top;
+  BandTile tile;
+  tile.residue = static_cast<int>(r);
+  tile.first = static_cast<int>(first);
+  tile.len = static_cast<int>(shift + n);
+  tile.lo = static_cast<int>(lo);
+  tile.hi = static_cast<int>(hi > lo ? hi : lo);
+  return tile;
+}
+
+// Backward band tile x: 64 key slots of one residue subsequence, and the query slots [lo, hi)
+// that see them (band_queries, clipped to the query rows and to the queries that may see its
+// first key). `len` is the end slot of the keys of the residue.
+MOEDIFFUSEQ_HOST_DEVICE BandTile band_key_tile(int64_t x, const BlockSparseAttentionParams& p, int64_t S) {
+  BandTile tile = band_tile(x, p.seqlen, p.dilation, p.window, p.causal, /*queries_of_keys=*/true);
+  const ResidueSubsequences keys{p.seqlen, p.dilation};
+  const int64_t r = tile.residue, first_key = r + p.dilation * tile.first;
+  const int64_t q_first = first_query_seeing(first_key, S, /*causal=*/false);  // band_queries has the causal part
+  const int64_t lo = keys.slots_below(q_first > p.query_offset ? q_first : p.query_offset, r);
+  const int64_t hi = keys.slots_below(p.query_offset + p.q_len, r);
+  if (tile.lo < lo) tile.lo = static_cast<int>(lo);
+  if (tile.hi > hi) tile.hi = static_cast<int>(hi);
+  if (tile.hi < tile.lo) tile.hi = tile.lo;
+  return tile;
+}
 
 // Per-position flags of batch b (masks may be null).
 struct PositionFlags {
@@ -139,6 +215,11 @@ struct PositionFlags {
   __device__ __forceinline__ bool is_global(int p) const { return global && global[p]; }
   __device__ __forceinline__ bool is_padded(int p) const { return padded && padded[p]; }
 };
+
+// The source length of batch b (0 without isolation).
+__device__ __forceinline__ int source_length(const BlockSparseAttentionParams& p, int b) {
+  return p.source_lengths ? static_cast<int>(p.source_lengths[b]) : 0;
+}
 
 __device__ __forceinline__ PositionFlags position_flags(const BlockSparseAttentionParams& p, int b) {
   PositionFlags flags;
@@ -164,8 +245,9 @@ __device__ __forceinline__ GlobalList global_list(const BlockSparseAttentionPara
 }
 
 // The dense parts: the CTAs past the band tiles take the tiles of a compact list (global rows
-// in the forward, global keys in the backward) against every tile of the other side. The
-// first kBsaSplitTiles tiles of the list run as num_splits CTAs each (split = which part of the
+// in the forward, at most L_q; global keys in the backward, at most L) against every tile of
+// the other side (forward: the L keys; backward: the L_q query rows). The first
+// kBsaSplitTiles tiles of the list run as num_splits CTAs each (split = which part of the
 // other side's tiles), the others as one CTA each.
 struct DenseTile {
   int tile = 0;     // tile of the compact list: rows [64 tile, 64 tile + 64)
@@ -175,9 +257,15 @@ struct DenseTile {
   int end = 0;
 };
 
-MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int seqlen, int num_splits) {
-  const int total = tiles_of(seqlen);
-  const int split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
+// Tiles of the compact list (of at most list_len entries) that are split.
+MOEDIFFUSEQ_HOST_DEVICE int split_list_tiles(int64_t list_len, int num_splits) {
+  const int total = tiles_of(list_len);
+  return num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
+}
+
+MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int64_t list_len, int64_t other_len, int num_splits) {
+  const int total = tiles_of(other_len);
+  const int split_tiles = split_list_tiles(list_len, num_splits);
   DenseTile t;
   if (x < split_tiles * num_splits) {
     t.tile = x / num_splits;
@@ -194,32 +282,51 @@ MOEDIFFUSEQ_HOST_DEVICE DenseTile dense_tile(int x, int seqlen, int num_splits) 
   return t;
 }
 
-// Causal: the tiles of the other side that a dense tile needs. Its rows (forward: global
-// queries up to position last_query) see key tiles [0, last_query / 64]; its keys (backward:
-// global keys from position first_key on) are seen by query tiles [first_key / 64, total).
-MOEDIFFUSEQ_HOST_DEVICE void causal_key_tiles(DenseTile& t, int last_query) {
-  const int end = last_query / kBsaTile + 1;
+// The tiles of the other side that a dense tile needs. Its rows (forward: global queries whose
+// last row may see keys up to position key_limit) see key tiles [0, key_limit / 64]; its keys
+// (backward: global keys first seen by query row first_row, a row index) are seen by query
+// tiles [first_row / 64, total).
+MOEDIFFUSEQ_HOST_DEVICE void causal_key_tiles(DenseTile& t, int key_limit) {
+  const int end = key_limit / kBsaTile + 1;
   if (t.end > end) t.end = end > t.first ? end : t.first;
 }
-MOEDIFFUSEQ_HOST_DEVICE void causal_query_tiles(DenseTile& t, int first_key) {
-  const int first = first_key / kBsaTile;
+MOEDIFFUSEQ_HOST_DEVICE void causal_query_tiles(DenseTile& t, int first_row) {
+  const int first = first_row / kBsaTile;
   if (t.first < first) t.first = first < t.end ? first : t.end;
 }
 
-// CTAs past the band tiles: one per dense tile that is not split, num_splits per split one.
-inline int64_t dense_ctas(int64_t seqlen, int num_splits) {
-  const int64_t total = ResidueSubsequences::blocks_of(seqlen, kBsaTile);
-  const int64_t split_tiles = num_splits > 1 ? (total < kBsaSplitTiles ? total : kBsaSplitTiles) : 0;
-  return split_tiles * num_splits + (total - split_tiles);
+// The query row (of the L_q rows at `offset`) from which the query tiles of a global-key tile
+// start: that of the first query that may see its first key (first_query_seeing), or past the
+// last tile when no query row may.
+MOEDIFFUSEQ_HOST_DEVICE int dense_first_row(int64_t first_query, int64_t offset, int64_t q_len) {
+  const int64_t row = first_query - offset;
+  if (row >= q_len) return tiles_of(q_len) * kBsaTile;
+  return row > 0 ? static_cast<int>(row) : 0;
+}
+
+// CTAs past the band tiles: one per dense tile of the list that is not split, num_splits per
+// split one.
+MOEDIFFUSEQ_HOST_DEVICE int64_t dense_ctas(int64_t list_len, int num_splits) {
+  const int64_t split_tiles = split_list_tiles(list_len, num_splits);
+  return split_tiles * num_splits + (tiles_of(list_len) - split_tiles);
+}
+
+// Band tiles of a direction: the query tiles of the L_q rows (forward) or the key tiles of the
+// L keys (backward); and the length of the dense list: global rows (forward) or keys (backward).
+MOEDIFFUSEQ_HOST_DEVICE int64_t band_tiles_of(const BlockSparseAttentionParams& p, bool backward) {
+  return ResidueSubsequences{backward ? p.seqlen : p.q_len, p.dilation}.num_blocks(kBsaTile);
+}
+MOEDIFFUSEQ_HOST_DEVICE int64_t dense_list_len(const BlockSparseAttentionParams& p, bool backward) {
+  return backward ? p.seqlen : p.q_len;
 }
 
 // Launches a forward or backward kernel over grid (band tiles + dense CTAs, heads, B), with
 // `smem` bytes of dynamic shared memory; the kernel takes (params, workspace, band tiles).
 template <typename Kernel>
 cudaError_t launch_tiles(Kernel kernel, int threads, int smem, int64_t heads, const BlockSparseAttentionParams& p,
-                         const BsaWorkspace& ws, cudaStream_t stream) {
-  const int64_t band_tiles = ResidueSubsequences{p.seqlen, p.dilation}.num_blocks(kBsaTile);
-  const int64_t global_ctas = p.global_mask ? dense_ctas(p.seqlen, ws.num_splits) : 0;
+                         const BsaWorkspace& ws, bool backward, cudaStream_t stream) {
+  const int64_t band_tiles = band_tiles_of(p, backward);
+  const int64_t global_ctas = p.global_mask ? dense_ctas(dense_list_len(p, backward), ws.num_splits) : 0;
   const dim3 grid(static_cast<unsigned>(band_tiles + global_ctas), static_cast<unsigned>(heads),
                   static_cast<unsigned>(p.batch));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
