@@ -224,7 +224,7 @@ class _Module(torch.nn.Module):
 
 @pytest.mark.parametrize("case,kwargs,message", [
     ("4-D mask", dict(attention_mask=torch.zeros(1, 1, 8, 8, dtype=torch.bool)), r"4-D attention mask"),
-    ("KV cache", dict(key_len=3), r"query length 8 != key length 3"),
+    ("cross-attention", dict(key_len=3), r"query length 8 > key length 3"),
     ("softcap", dict(softcap=30.0), r"softcap is not supported"),
 ])
 def test_attention_refuses_what_it_cannot_express(case, kwargs, message):
@@ -373,3 +373,30 @@ def test_without_transformers_register_names_the_extra(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match=r"""^this needs the optional package 'transformers': """
                                                   r"""pip install "moediffuseq\[hf\]"$"""):
         register()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_cached_generate_gives_the_greedy_tokens_of_sdpa(family):
+    """model.generate() with its KV cache: every decoding step's single query row runs against
+    the cached keys (query_offset = L_k - 1), with left padding; Mistral's sliding window (7)
+    is shorter than the prompt plus the new tokens."""
+    register()
+    if family == "llama":
+        make = lambda impl: tiny_llama(impl)  # noqa: E731
+    else:
+        from transformers import MistralConfig, MistralForCausalLM
+
+        def make(impl):
+            config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, sliding_window=7,
+                                   max_position_embeddings=256, attn_implementation=impl)
+            torch.manual_seed(6)
+            return MistralForCausalLM(config).eval()
+    ids, mask = padded_batch(97, 2, 12, seed=3, left=True)
+    tokens = {}
+    for impl in ("sdpa", "moediffuseq"):
+        with torch.no_grad():
+            tokens[impl] = make(impl).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                               pad_token_id=0)
+    assert tokens["moediffuseq"].shape == (2, 22)
+    assert torch.equal(tokens["moediffuseq"], tokens["sdpa"])

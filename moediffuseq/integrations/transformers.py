@@ -12,15 +12,17 @@ registries, so ``AutoModel.from_config(config, attn_implementation="moediffuseq"
   * the 2-D padding mask (1 = token) -> ``key_padding_mask``;
   * grouped key/value heads, ``scaling`` -> ``scale``; the (B, H, L, D) query/key/value views go
     in as (B, L, H, D) strided views (layout "blhd"), and the output comes back as the
-    (B, L, H, D) tensor the model expects.
+    (B, L, H, D) tensor the model expects;
+  * a query shorter than the keys (decoding with a KV cache: ``model.generate()``) -> the query
+    rows are the last positions of the key sequence (``query_offset = L_k - L_q``).
 
 The function has no Python branch on tensor values, so a model using it compiles with
 ``torch.compile(fullgraph=True)``, with or without a padding mask. float16 on the CPU (which the
 CPU kernels do not take) is computed in float32 and returned as float16.
 
-Refused with a ValueError naming the reason: a 4-D (custom) attention mask, a query length that
-differs from the key length (decoding with a KV cache: use "sdpa" for generation), attention
-dropout while training, logit soft-capping, attention sinks and position biases.
+Refused with a ValueError naming the reason: a 4-D (custom) attention mask, a query longer than
+the keys (cross-attention), attention dropout while training, logit soft-capping, attention
+sinks and position biases.
 
 MoE: ``moe_block_from_hf(block)`` builds a ``MoEBlock`` from a Mixtral-style
 (``MixtralSparseMoeBlock``) or Qwen-MoE-style (``Qwen2MoeSparseMoeBlock``, with its shared
@@ -66,18 +68,20 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                       attention_mask: Optional[Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                       sliding_window: Optional[int] = None, is_causal: Optional[bool] = None,
                       **kwargs) -> tuple[Tensor, None]:
-    """transformers' attention-function signature: query (B, H, L, D), key and value
-    (B, H_kv, L, D) -> ((B, L, H, D), None)."""
+    """transformers' attention-function signature: query (B, H, L_q, D), key and value
+    (B, H_kv, L, D) with L_q <= L, the query rows being the last L_q positions of the keys (all
+    of them without a cache) -> ((B, L_q, H, D), None)."""
     for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise ValueError(f"moediffuseq attention: {name} is not supported")
     if dropout and module.training:
         raise ValueError(f"moediffuseq attention: attention dropout ({dropout}) is not supported while training; "
                          "set the config's attention_dropout to 0")
-    B, H, L, D = query.shape
-    if key.shape[2] != L:
-        raise ValueError(f"moediffuseq attention: query length {L} != key length {key.shape[2]} (a KV cache or "
-                         "cross-attention); it runs whole sequences only: use attn_implementation='sdpa' to generate")
+    B, H, Lq, D = query.shape
+    L = key.shape[2]
+    if Lq > L:
+        raise ValueError(f"moediffuseq attention: query length {Lq} > key length {L} (cross-attention?); the "
+                         "query rows must be the last positions of the key sequence")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = L if sliding_window is None else max(int(sliding_window) - 1, 0)
     dtype = query.dtype
@@ -86,8 +90,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     out = block_sparse_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),  # (B, L, heads, D) views
         window=window, key_padding_mask=_key_padding_mask_from(attention_mask, B, L), scale=scaling,
-        causal=bool(causal), layout="blhd",
-    )  # (B, L, H, D)
+        causal=bool(causal), layout="blhd", query_offset=L - Lq,
+    )  # (B, L_q, H, D)
     return out.to(dtype), None
 
 
