@@ -12,6 +12,9 @@
 # torch and nvcc the same command builds the CUDA wheel. Writes OUT_DIR/moediffuseq-*.tar.gz and
 # the repaired OUT_DIR/moediffuseq-*-manylinux_*.whl (the unrepaired wheel is kept in
 # OUT_DIR/raw/), and prints the wheel's path last. MAX_JOBS: parallel compile jobs (default 2).
+# MOEDIFFUSEQ_CPU_ISA: the CPU kernels' vector ISA, here avx2 unless set: a wheel runs on other
+# machines than the one that built it (auto would take the builder's AVX-512; the import of a
+# wheel built for an ISA the CPU lacks stops with a message rather than an illegal instruction).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:?usage: build_wheel.sh BUILD_PYTHON [OUT_DIR]}
@@ -28,7 +31,7 @@ done
   || { tail -20 "$WORK/sdist.log" >&2; exit 1; }
 SDIST=$(ls "$OUT"/moediffuseq-*.tar.gz)
 step "sdist $(basename "$SDIST")"
-MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip wheel --no-build-isolation --no-deps --wheel-dir "$OUT/raw" "$SDIST" \
+MOEDIFFUSEQ_CPU_ISA=${MOEDIFFUSEQ_CPU_ISA:-avx2} MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip wheel --no-build-isolation --no-deps --wheel-dir "$OUT/raw" "$SDIST" \
   >"$WORK/wheel.log" 2>&1 || { tail -30 "$WORK/wheel.log" >&2; exit 1; }
 RAW=$(ls "$OUT"/raw/moediffuseq-*.whl)
 step "wheel $(basename "$RAW") built from the sdist"

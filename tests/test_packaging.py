@@ -111,6 +111,16 @@ def test_sdist_carries_the_tests_and_what_they_import(tmp_path):
     assert {p.relative_to(ROOT).as_posix() for p in (ROOT / "bench").glob("*.py")} <= names
 
 
+def test_readme_links_work_off_the_repository():
+    """The README is the package page too, where a relative link leads nowhere: files are named
+    by their path (shipped in the sdist), links are absolute."""
+    readme = (ROOT / "README.md").read_text()
+    relative = re.findall(r"\]\((?!https?://|#)([^)]*)\)", readme)
+    assert not relative, f"relative links in README.md: {relative}"
+    for path in re.findall(r"`((?:bench|cmake|csrc|tests)/[\w./-]+\.(?:md|txt|py|sh))`", readme):
+        assert (ROOT / path).is_file(), f"README.md names {path}, which is not in this tree"
+
+
 def _backend(code: str, **env) -> subprocess.CompletedProcess:
     """Python code run with the build backend (cmake/moediffuseq_build.py) importable."""
     environ = {**{k: v for k, v in os.environ.items() if k not in ("MOEDIFFUSEQ_CUDA", "CMAKE_ARGS")}, **env}
@@ -297,6 +307,28 @@ def test_a_build_for_another_torch_gets_one_clear_message(built, runtime, cuda, 
         assert message is None
     else:
         assert problem in message and "pip install --no-build-isolation --force-reinstall" in message
+
+
+@pytest.mark.parametrize("isa,flags,lacking", [
+    ("avx512_bf16", "avx2 fma f16c avx512f avx512bw avx512vl avx512dq", "avx512_bf16"),
+    ("avx512", "avx2 fma f16c", "avx512f, avx512bw, avx512vl, avx512dq"),
+    ("avx2", "sse4_2 avx", "avx2, fma, f16c"),
+    ("avx2", "avx2 fma f16c", None),
+    ("default", "sse2", None),
+])
+def test_a_build_for_another_cpu_gets_one_clear_message(isa, flags, lacking):
+    """A wheel built for AVX-512 would stop at its first op with an illegal instruction on a
+    CPU without it; the import says so first."""
+    from moediffuseq.build_info import cpu_flags, cpu_mismatch
+
+    built = {"torch": torch.__version__, "torch_cuda": "", "cuda_kernels": False, "cpu_isa": isa}
+    message = cpu_mismatch(built, frozenset(flags.split()))
+    if lacking is None:
+        assert message is None
+    else:
+        assert f"built for {isa}, which this CPU lacks ({lacking})" in message and "MOEDIFFUSEQ_CPU_ISA" in message
+    assert cpu_mismatch(built, None) is None and cpu_mismatch({"torch": "2.13.0"}, frozenset()) is None
+    assert cpu_mismatch({**built, "cpu_isa": moediffuseq.build_info().cpu_isa}, cpu_flags()) is None
 
 
 def test_import_checks_the_build_record_before_loading_the_extension(tmp_path):
