@@ -1,6 +1,7 @@
 """What a user installs: a complete source distribution, the metadata (dependencies split into
 extras, one version, an SPDX license), and a clear word when an optional package is missing."""
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -137,15 +138,19 @@ def test_cutlass_is_a_requirement_of_the_cuda_build_only():
 
     assert "nvidia-cutlass" not in requirement_names("build-requirements.txt")
     assert requirement_names("cuda-requirements.txt") == ["nvidia-cutlass"]
-    code = "print(backend.get_requires_for_build_wheel()); print(backend.builds_cuda_kernels())"
-    cpu = _backend(code, MOEDIFFUSEQ_CUDA="OFF")
-    assert cpu.returncode == 0, cpu.stderr
-    assert "nvidia-cutlass" not in cpu.stdout and "'cmake>=3.25'" in cpu.stdout and cpu.stdout.endswith("False\n")
-    forced = _backend(code, CMAKE_ARGS="-DMOEDIFFUSEQ_CUDA=ON")
-    assert "'nvidia-cutlass==" in forced.stdout and forced.stdout.endswith("True\n"), forced.stderr
+    code = """import json, os
+asked = {}
+for name, env in [("off", {"MOEDIFFUSEQ_CUDA": "OFF"}), ("on", {"CMAKE_ARGS": "-DMOEDIFFUSEQ_CUDA=ON"}), ("auto", {})]:
+    os.environ.pop("MOEDIFFUSEQ_CUDA", None), os.environ.pop("CMAKE_ARGS", None), os.environ.update(env)
+    asked[name] = [" ".join(backend.get_requires_for_build_wheel()), backend.builds_cuda_kernels()]
+print(json.dumps(asked))"""
+    run = _backend(code)
+    assert run.returncode == 0, run.stderr
+    asked = json.loads(run.stdout.splitlines()[-1])  # setuptools prints its own lines first
+    assert "nvidia-cutlass" not in asked["off"][0] and "cmake>=3.25" in asked["off"][0] and asked["off"][1] is False
+    assert "nvidia-cutlass==" in asked["on"][0] and asked["on"][1] is True
     if not torch.version.cuda:  # AUTO with a CPU torch: the CPU build, nvcc or not
-        auto = _backend(code)
-        assert "nvidia-cutlass" not in auto.stdout and auto.stdout.endswith("False\n"), auto.stderr
+        assert "nvidia-cutlass" not in asked["auto"][0] and asked["auto"][1] is False
     cli = subprocess.run([sys.executable, "cmake/moediffuseq_build.py", "--requirements"], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, "MOEDIFFUSEQ_CUDA": "OFF"})
     assert cli.stdout.split() == ["-r", "cmake/build-requirements.txt"], cli.stderr
