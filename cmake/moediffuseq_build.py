@@ -17,8 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import build_meta as _setuptools
-from setuptools.build_meta import *  # noqa: F401,F403  (every other hook as setuptools has it)
+try:
+    from setuptools import build_meta as _setuptools
+    from setuptools.build_meta import *  # noqa: F401,F403  (every other hook as setuptools has it)
+except ImportError:  # `python cmake/moediffuseq_build.py --requirements` in a venv without setuptools yet
+    if __name__ != "__main__":
+        raise
 
 HERE = Path(__file__).parent
 

@@ -151,7 +151,10 @@ print(json.dumps(asked))"""
     assert "nvidia-cutlass==" in asked["on"][0] and asked["on"][1] is True
     if not torch.version.cuda:  # AUTO with a CPU torch: the CPU build, nvcc or not
         assert "nvidia-cutlass" not in asked["auto"][0] and asked["auto"][1] is False
-    cli = subprocess.run([sys.executable, "cmake/moediffuseq_build.py", "--requirements"], cwd=ROOT, capture_output=True,
+    # make install asks before it installs the build tools: a new venv may have no setuptools yet
+    no_setuptools = ("import runpy, sys; sys.modules['setuptools'] = None; sys.argv[1:] = ['--requirements']; "
+                     "runpy.run_path('cmake/moediffuseq_build.py', run_name='__main__')")
+    cli = subprocess.run([sys.executable, "-c", no_setuptools], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, "MOEDIFFUSEQ_CUDA": "OFF"})
     assert cli.stdout.split() == ["-r", "cmake/build-requirements.txt"], cli.stderr
     cli = subprocess.run([sys.executable, "cmake/moediffuseq_build.py", "--requirements"], cwd=ROOT, capture_output=True,
