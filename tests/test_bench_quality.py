@@ -6,7 +6,7 @@ import time
 
 from utils import ROOT
 
-sys.path.insert(0, str(ROOT))  # the bench package, as ``python -m bench.quality`` from the root sees it
+sys.path.append(str(ROOT))  # the bench package, found last: an installed moediffuseq still wins
 from bench.quality import slug, train_round_robin  # noqa: E402
 
 

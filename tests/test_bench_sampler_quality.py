@@ -3,7 +3,6 @@ table it writes, the sampler specs it takes, and its errors on bad specs and on 
 it cannot find the test data of."""
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from moediffuseq.data import TextTokenizer
 from moediffuseq.model import MoEDiffuSeq, MoEDiffuSeqConfig
 from moediffuseq.pipeline import MoEDiffuSeqPipeline
-from utils import ROOT
+from utils import ROOT, bench_command
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"
 
@@ -35,7 +34,7 @@ def run_dir(tmp_path_factory):
 
 
 def bench(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "bench.sampler_quality", *map(str, args)], cwd=cwd,
+    return subprocess.run([*bench_command("bench.sampler_quality"), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 

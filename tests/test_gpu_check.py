@@ -15,7 +15,7 @@ import pytest
 
 from utils import ROOT
 
-sys.path.insert(0, str(ROOT))  # the bench package, as ``python -m bench.gpu_check`` from the root sees it
+sys.path.append(str(ROOT))  # the bench package, found last: an installed moediffuseq still wins
 from bench import gpu_check  # noqa: E402
 
 STAGES = [stage.name for stage in gpu_check.stages("python3", Path("tables"))]

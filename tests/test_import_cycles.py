@@ -1,9 +1,12 @@
 """No import cycle among the modules of the package, counting imports inside functions too: each
 module's dependencies form a tree that can be read (and imported) bottom up."""
 import ast
+import importlib.util
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "moediffuseq"
+# the package the tests run against (its compiled _C included): the checkout's, or the installed
+# one when the tests run from an unpacked source distribution, whose sources have no _C
+PACKAGE = Path(importlib.util.find_spec("moediffuseq").origin).parent
 
 
 def _modules() -> dict[str, Path]:

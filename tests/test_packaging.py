@@ -1,11 +1,13 @@
 """What a user installs: a complete source distribution, the metadata (dependencies split into
 extras, one version, an SPDX license), and a clear word when an optional package is missing."""
 import importlib.metadata
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tomllib
 from pathlib import Path
@@ -53,12 +55,23 @@ def test_one_version_an_spdx_license_and_typing_marker():
     assert (Path(moediffuseq.__file__).parent / "py.typed").is_file()
 
 
+def _source_files() -> list[str]:
+    """The checkout's files (tracked and new, not ignored); in an unpacked source distribution,
+    which has no git, its files less the build's leftovers."""
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                                check=True, capture_output=True).stdout.decode().split("\0")
+        return list(filter(None, listed))
+    leftovers = ("build/", ".pytest_cache/", ".hypothesis/", "moediffuseq.egg-info/", "bench/out/", "runs/")
+    return [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
+            if p.is_file() and not p.relative_to(ROOT).as_posix().startswith(leftovers)
+            and "__pycache__" not in p.parts and p.suffix not in (".so", ".pyc") and p.name != "_build_config.json"]
+
+
 def _source_tree_copy(destination: Path) -> Path:
     """The checkout's files (tracked and new, not ignored), without build leftovers such as an
     egg-info folder, whose stale file list setuptools would reuse."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                            check=True, capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
+    for name in _source_files():
         if (ROOT / name).is_file():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, destination / name)
@@ -78,6 +91,174 @@ def test_sdist_holds_everything_a_build_needs(tmp_path):
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert sources <= names, sorted(sources - names)
     assert not any(n.endswith(".so") or "__pycache__" in n for n in names)
+
+
+def test_sdist_carries_the_tests_and_what_they_import(tmp_path):
+    """From the unpacked sdist every test module can be collected: bench/, which some import
+    and the README names (bench/RESULTS.md), is in it; its outputs are not."""
+    tree = _source_tree_copy(tmp_path / "src")
+    (tree / "bench" / "out").mkdir(exist_ok=True)
+    (tree / "bench" / "out" / "table.md").write_text("a local result\n")
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(tree)],
+                   check=True, capture_output=True)
+    (sdist,) = tmp_path.glob("moediffuseq-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert {"bench/__init__.py", "bench/RESULTS.md", "bench/gpu_smoke.py", "tests/utils.py"} <= names
+    assert not any(n.startswith("bench/out") for n in names)
+    imported = {m for test in (ROOT / "tests").glob("*.py")
+                for m in re.findall(r"^(?:from|import) (bench)\b", test.read_text(), re.M)}
+    assert imported == {"bench"}
+    assert {p.relative_to(ROOT).as_posix() for p in (ROOT / "bench").glob("*.py")} <= names
+
+
+def test_readme_links_work_off_the_repository():
+    """The README is the package page too, where a relative link leads nowhere: files are named
+    by their path (shipped in the sdist), links are absolute."""
+    readme = (ROOT / "README.md").read_text()
+    relative = re.findall(r"\]\((?!https?://|#)([^)]*)\)", readme)
+    assert not relative, f"relative links in README.md: {relative}"
+    for path in re.findall(r"`((?:bench|cmake|csrc|tests)/[\w./-]+\.(?:md|txt|py|sh))`", readme):
+        assert (ROOT / path).is_file(), f"README.md names {path}, which is not in this tree"
+
+
+def _backend(code: str, **env) -> subprocess.CompletedProcess:
+    """Python code run with the build backend (cmake/moediffuseq_build.py) importable."""
+    environ = {**{k: v for k, v in os.environ.items() if k not in ("MOEDIFFUSEQ_CUDA", "CMAKE_ARGS")}, **env}
+    return subprocess.run([sys.executable, "-c", f"import moediffuseq_build as backend\n{code}"],
+                          cwd=ROOT / "cmake", env=environ, capture_output=True, text=True, timeout=120)
+
+
+def test_cutlass_is_a_requirement_of_the_cuda_build_only():
+    """nvidia-cutlass (and the cuda-python, scipy, networkx it brings) is asked for only when
+    the CUDA kernels will be built: not by the CPU build, nor by `make install` for it."""
+    def requirement_names(name):
+        return [_requirement_name(line) for line in (ROOT / "cmake" / name).read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    assert "nvidia-cutlass" not in requirement_names("build-requirements.txt")
+    assert requirement_names("cuda-requirements.txt") == ["nvidia-cutlass"]
+    code = """import json, os
+asked = {}
+for name, env in [("off", {"MOEDIFFUSEQ_CUDA": "OFF"}), ("on", {"CMAKE_ARGS": "-DMOEDIFFUSEQ_CUDA=ON"}), ("auto", {})]:
+    os.environ.pop("MOEDIFFUSEQ_CUDA", None), os.environ.pop("CMAKE_ARGS", None), os.environ.update(env)
+    asked[name] = [" ".join(backend.get_requires_for_build_wheel()), backend.builds_cuda_kernels()]
+print(json.dumps(asked))"""
+    run = _backend(code)
+    assert run.returncode == 0, run.stderr
+    asked = json.loads(run.stdout.splitlines()[-1])  # setuptools prints its own lines first
+    assert "nvidia-cutlass" not in asked["off"][0] and "cmake>=3.25" in asked["off"][0] and asked["off"][1] is False
+    assert "nvidia-cutlass==" in asked["on"][0] and asked["on"][1] is True
+    if not torch.version.cuda:  # AUTO with a CPU torch: the CPU build, nvcc or not
+        assert "nvidia-cutlass" not in asked["auto"][0] and asked["auto"][1] is False
+    # make install asks before it installs the build tools: a new venv may have no setuptools yet
+    no_setuptools = ("import runpy, sys; sys.modules['setuptools'] = None; sys.argv[1:] = ['--requirements']; "
+                     "runpy.run_path('cmake/moediffuseq_build.py', run_name='__main__')")
+    cli = subprocess.run([sys.executable, "-c", no_setuptools], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "MOEDIFFUSEQ_CUDA": "OFF"})
+    assert cli.stdout.split() == ["-r", "cmake/build-requirements.txt"], cli.stderr
+    cli = subprocess.run([sys.executable, "cmake/moediffuseq_build.py", "--requirements"], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "MOEDIFFUSEQ_CUDA": "ON"})
+    assert cli.stdout.split() == ["-r", "cmake/build-requirements.txt", "-r", "cmake/cuda-requirements.txt"]
+
+
+def test_make_installs_cutlass_for_the_cuda_targets_only(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def commands(*targets):
+        return subprocess.run(["make", "-n", "-B", *targets, f"VENV={tmp_path / 'venv'}", "NVCC=/usr/bin/true",
+                               "CUDA_TORCH_PYTHON=/opt/cuda-torch/bin/python"], cwd=ROOT, env=env, check=True,
+                              capture_output=True, text=True).stdout
+
+    install = commands("install")
+    assert "cmake/moediffuseq_build.py --requirements" in install and "cuda-requirements" not in install
+    assert "cuda-requirements" not in install.replace("moediffuseq_build.py --requirements", "")
+    for target in ("cuda-check", "cuda-build"):
+        lines = [line for line in commands(target).replace("\\\n", " ").splitlines() if "cuda-requirements" in line]
+        assert lines and "-r cmake/cuda-requirements.txt" in lines[0], (target, lines)
+
+
+HIDE_CUTLASS = "import sys\nsys.modules['cutlass_library'] = None  # not installed\n"
+
+
+def test_the_cpu_build_configures_without_cutlass(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(HIDE_CUTLASS)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    probe = subprocess.run([sys.executable, "-c", "import cutlass_library"], env=env, capture_output=True)
+    assert probe.returncode != 0, "CUTLASS is still importable"
+    result = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-GNinja",
+                             f"-DPython_EXECUTABLE={sys.executable}", "-DMOEDIFFUSEQ_CUDA=OFF"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "CUTLASS" not in result.stdout + result.stderr
+
+
+def _stripped_environment(tmp_path, hide: tuple[str, ...], old_setuptools: bool = False) -> dict:
+    """A virtual environment that sees this Python's packages less those named in ``hide`` (by
+    the start of their folder names), and a PATH that has cmake and ninja unless hidden too; with
+    ``old_setuptools`` the installed setuptools' metadata says 70.0.0. Returns the python and env."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    seen = tmp_path / "site"
+    seen.mkdir()
+    hide = hide + (("setuptools-",) if old_setuptools else ())
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if entry.suffix != ".pth" and not entry.name.lower().startswith(hide):
+            (seen / entry.name).symlink_to(entry)
+    if old_setuptools:
+        (seen / "setuptools-70.0.0.dist-info").mkdir()
+        (seen / "setuptools-70.0.0.dist-info" / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: setuptools\nVersion: 70.0.0\n")
+    (next((venv / "lib").glob("python3*")) / "site-packages" / "seen.pth").write_text(f"{seen}\n")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("cmake", "ninja"):
+        found = shutil.which(tool, path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        if tool not in hide and found:
+            (tools / tool).symlink_to(found)
+    return {"python": str(venv / "bin" / "python"),
+            "env": {"PATH": f"{venv / 'bin'}:{tools}", "HOME": str(tmp_path), "MOEDIFFUSEQ_CUDA": "OFF"}}
+
+
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory):
+    return _source_tree_copy(tmp_path_factory.mktemp("tree") / "src")
+
+
+@pytest.mark.parametrize("hide,old_setuptools,expected", [
+    (("cmake", "ninja"), False, ['cmake>=3.25 (not found)', 'ninja (not found)', '"cmake>=3.25" ninja']),
+    (("pybind11",), False, ['pybind11>=2.12 (not found)', 'pip install "pybind11>=2.12"']),
+    ((), True, ['setuptools>=77 (found 70.0.0)', 'pip install "setuptools>=77"']),
+    (("torch",), False, ["torch is not importable in this build environment", "pip install torch"]),
+], ids=["cmake-ninja", "pybind11", "old-setuptools", "torch"])
+def test_a_missing_build_tool_is_named_with_its_pip_command(tmp_path, source_copy, hide, old_setuptools, expected):
+    """Without build isolation and with a tool missing, the backend stops before CMake (and
+    before setuptools reads pyproject.toml) with a short message and the command that fixes it."""
+    stripped = _stripped_environment(tmp_path, hide, old_setuptools)
+    result = subprocess.run([stripped["python"], "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                             "--wheel-dir", str(tmp_path / "dist"), str(source_copy)], env=stripped["env"],
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for part in expected:
+        assert part in output, output[-3000:]
+    if hide != ("torch",):
+        assert f"{stripped['python']} -m pip install" in output
+        assert re.search(r"\[2 lines of output\]", output), output[-3000:]
+    assert "CMake" not in output and "Traceback" not in output and "project.license" not in output
+
+
+def test_setup_py_checks_the_tools_before_cmake(tmp_path, source_copy):
+    stripped = _stripped_environment(tmp_path, ("pybind11",))
+    result = subprocess.run([stripped["python"], str(source_copy / "setup.py"), "build_ext"], cwd=source_copy,
+                            env=stripped["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-2:] == [
+        "moediffuseq: the build needs pybind11>=2.12 (not found); install with:",
+        f'    {stripped["python"]} -m pip install "pybind11>=2.12"'], result.stderr[-3000:]
+    assert "CMake" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("module", sorted(extra_of_module()))
@@ -134,6 +315,28 @@ def test_a_build_for_another_torch_gets_one_clear_message(built, runtime, cuda, 
         assert message is None
     else:
         assert problem in message and "pip install --no-build-isolation --force-reinstall" in message
+
+
+@pytest.mark.parametrize("isa,flags,lacking", [
+    ("avx512_bf16", "avx2 fma f16c avx512f avx512bw avx512vl avx512dq", "avx512_bf16"),
+    ("avx512", "avx2 fma f16c", "avx512f, avx512bw, avx512vl, avx512dq"),
+    ("avx2", "sse4_2 avx", "avx2, fma, f16c"),
+    ("avx2", "avx2 fma f16c", None),
+    ("default", "sse2", None),
+])
+def test_a_build_for_another_cpu_gets_one_clear_message(isa, flags, lacking):
+    """A wheel built for AVX-512 would stop at its first op with an illegal instruction on a
+    CPU without it; the import says so first."""
+    from moediffuseq.build_info import cpu_flags, cpu_mismatch
+
+    built = {"torch": torch.__version__, "torch_cuda": "", "cuda_kernels": False, "cpu_isa": isa}
+    message = cpu_mismatch(built, frozenset(flags.split()))
+    if lacking is None:
+        assert message is None
+    else:
+        assert f"built for {isa}, which this CPU lacks ({lacking})" in message and "MOEDIFFUSEQ_CPU_ISA" in message
+    assert cpu_mismatch(built, None) is None and cpu_mismatch({"torch": "2.13.0"}, frozenset()) is None
+    assert cpu_mismatch({**built, "cpu_isa": moediffuseq.build_info().cpu_isa}, cpu_flags()) is None
 
 
 def test_import_checks_the_build_record_before_loading_the_extension(tmp_path):

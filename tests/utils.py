@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,16 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
+
+
+def bench_command(module: str) -> list[str]:
+    """``python -m <module>`` (a bench module) as from the repository root, except that the
+    moediffuseq the tests run against is imported first: the installed one when the tests run
+    from an unpacked source distribution, whose moediffuseq/ sources (no compiled _C) would
+    otherwise shadow it. Arguments follow the returned command."""
+    code = ("import runpy, sys; sys.path[:1] = []; import moediffuseq; "
+            f"sys.path.append({str(ROOT)!r}); runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code]
 README = ROOT / "README.md"
 
 DEVICES = ("cpu", "cuda")
