@@ -159,20 +159,22 @@ def padded_batch(vocab, B, L, seed, left=False):
     return ids, mask
 
 
+def tiny_mistral(attn_implementation):
+    """Mistral with a sliding window of 7 and grouped key/value heads."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=7,
+                           max_position_embeddings=256, attn_implementation=attn_implementation)
+    torch.manual_seed(6)
+    return MistralForCausalLM(config).eval()
+
+
 def test_sliding_window_decoder_matches_eager():
     """Mistral (causal, sliding window 7, grouped key/value heads), left padding: logits and
     every parameter's gradient against transformers' eager attention."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    def make(impl):
-        config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, sliding_window=7,
-                               max_position_embeddings=256, attn_implementation=impl)
-        torch.manual_seed(6)
-        return MistralForCausalLM(config).eval()
-
     ids, mask = padded_batch(97, 2, 40, seed=7, left=True)
-    compare_implementations(make, ids, mask)
+    compare_implementations(tiny_mistral, ids, mask)
 
 
 def test_full_attention_decoder_matches_eager():
@@ -381,17 +383,7 @@ def test_cached_generate_gives_the_greedy_tokens_of_sdpa(family):
     the cached keys (query_offset = L_k - 1), with left padding; Mistral's sliding window (7)
     is shorter than the prompt plus the new tokens."""
     register()
-    if family == "llama":
-        make = lambda impl: tiny_llama(impl)  # noqa: E731
-    else:
-        from transformers import MistralConfig, MistralForCausalLM
-
-        def make(impl):
-            config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, sliding_window=7,
-                                   max_position_embeddings=256, attn_implementation=impl)
-            torch.manual_seed(6)
-            return MistralForCausalLM(config).eval()
+    make = tiny_llama if family == "llama" else tiny_mistral
     ids, mask = padded_batch(97, 2, 12, seed=3, left=True)
     tokens = {}
     for impl in ("sdpa", "moediffuseq"):
