@@ -110,6 +110,7 @@ bench: install
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.diffusion
 	$(BIN)/python -m bench.sampling
+	$(BIN)/python -m bench.source_cache
 	$(BIN)/python -m bench.end_to_end
 
 clean:
