@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 PLAN_ONLY=0
 if [ "${1:-}" = "--plan" ]; then PLAN_ONLY=1; shift; fi
 PY=${1:?usage: install_check.sh [--plan] BUILD_PYTHON [OUT_DIR]}
+PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute: the checks below run from other folders
 OUT=${2:-build/install-check}
 TORCH_SPEC=${TORCH_SPEC-torch==$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')}
 if [ -n "$TORCH_SPEC" ]; then
