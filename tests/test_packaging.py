@@ -526,5 +526,5 @@ def test_make_with_an_empty_torch_spec_installs_no_torch(tmp_path):
     assert re.search(r"pip install .*\"torch==", default)
     assert 'TORCH_SPEC="torch==' in default
     empty = recipes("TORCH_SPEC=")
-    assert not re.search(r"pip install .*torch", empty), empty
+    assert not re.search(r"pip install[^\n]*\btorch\b", empty), empty  # (tmp_path's name holds "_torch_")
     assert 'TORCH_SPEC="" bash cmake/install_check.sh' in empty
