@@ -156,6 +156,7 @@ CASES = [
      "--text"),
     ("generate", "--input", lambda f: ["generate", "--model", str(f["model"]), "--device", "cpu"], "--input"),
     ("generate", "--show-steps", lambda f: generate(f, "--show-steps=1"), "--show-steps"),
+    ("generate", "no_source_cache", lambda f: generate(f, "--no-source-cache=1"), "--no-source-cache"),
     ("evaluate", "generations", lambda f: evaluate(f, gens=[f["root"] / "none.jsonl"]), "none.jsonl"),
     ("evaluate", "generations", lambda f: evaluate(f, gens=[f["string-candidates"]]), "'candidates'"),
     ("evaluate", "generations", lambda f: evaluate(f, gens=[f["null-reference"]]), "'reference'"),
