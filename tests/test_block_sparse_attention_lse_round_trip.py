@@ -36,7 +36,7 @@ KERNEL_LINES = {
     ],
     "csrc/attention/cuda/block_sparse_attention_bwd_kernel.cuh": [
         "const float scale_log2 = p.scale * kLog2e;",
-        "ss.lse[tid] = keep ? lse[pos] : INFINITY;",
+        "ss.lse[tid] = keep ? lse[row] : INFINITY;",
         "const float s_ln = __fmul_rn(__fmul_rn(acc_s(i), scale_log2), kLn2);",
         "exp2f(__fmul_rn(fminf(__fsub_rn(s_ln, ss.lse[row]), 0.f), kLog2e))",
     ],
